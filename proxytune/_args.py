@@ -1,0 +1,221 @@
+"""Checking and normalising the arguments of the public ops.
+
+Every public op turns its loose arguments (scalars or per-row tensors, sequences of experts) into one
+:class:`SampleArgs` of ``[B]`` tensors on the logits' device, so backends only compute. Shape, dtype and
+device checks never sync. Value checks on tensors (NaN logits, out-of-range per-row parameters) read the
+tensors on the host and run only when ``validate=True``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+__all__ = ["SampleArgs", "Scalar", "PerRow", "normalize"]
+
+Scalar = Union[int, float]
+PerRow = Union[int, float, torch.Tensor]
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT64_MIN, _UINT64_END = -(2**63), 2**64
+
+
+@dataclass(frozen=True)
+class SampleArgs:
+    """Normalised op arguments. Logits keep their dtype; every parameter is ``[B]`` (weights ``[P, B]``)."""
+
+    base: torch.Tensor  # [B, Vb]
+    experts: tuple[torch.Tensor, ...]  # P x [B, Vx]
+    anti_experts: tuple[torch.Tensor, ...]  # P x [B, Vx]
+    weights: torch.Tensor  # [P, B] fp32
+    temperature: torch.Tensor  # [B] fp32, 0 = greedy
+    top_k: torch.Tensor  # [B] int64, 0 = off
+    top_p: torch.Tensor  # [B] fp32, 1 = off
+    min_p: torch.Tensor  # [B] fp32, 0 = off
+    seed: torch.Tensor  # [B] int64
+    step: torch.Tensor  # [B] int64
+    vocab_size: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.base.shape[0]
+
+
+def _check_logits(name: str, x: object, device: torch.device | None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of logits [B, V], got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [B, V], got shape {tuple(x.shape)}")
+    if x.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but base is on {device}; put all logits on one device")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary (shape {tuple(x.shape)})")
+    return x
+
+
+def _as_tensor_sequence(name: str, xs: object) -> tuple[object, ...]:
+    if isinstance(xs, torch.Tensor):
+        raise TypeError(f"{name} must be a sequence of [B, V] tensors, not a single tensor; wrap it: [{name[:-1]}]")
+    try:
+        return tuple(xs)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of [B, V] tensors, got {type(xs).__name__}") from None
+
+
+def _per_row(
+    name: str, value: object, batch: int, device: torch.device, dtype: torch.dtype, integer: bool
+) -> torch.Tensor:
+    """A scalar or ``[B]`` tensor as a ``[B]`` tensor of ``dtype`` on ``device`` (no host sync)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name} must be a number or a [B] tensor, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+        if not integer and not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.dim() == 0:
+            return value.to(device=device, dtype=dtype).expand(batch)
+        if value.dim() != 1 or value.shape[0] != batch:
+            raise ValueError(f"{name} must be a scalar or a [B] = [{batch}] tensor, got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the logits are on {device}")
+        return value.to(dtype)
+    if integer:
+        if not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        value = int(value)
+        if not _INT64_MIN <= value < _UINT64_END:
+            raise ValueError(f"{name}={value} does not fit in 64 bits")
+        if value >= 2**63:  # a uint64 word: keep its bits
+            value -= 2**64
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def _weights(weights: object, n_pairs: int, batch: int, device: torch.device) -> torch.Tensor:
+    """Weights as ``[P, B]`` fp32: one scalar/[B] for all pairs, a sequence with one per pair, or [P, B]."""
+    if isinstance(weights, torch.Tensor) and weights.dim() == 2:
+        if tuple(weights.shape) != (n_pairs, batch):
+            raise ValueError(f"weights as a 2-D tensor must be [P, B] = [{n_pairs}, {batch}], got {tuple(weights.shape)}")
+        if not weights.is_floating_point():
+            raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
+        if weights.device != device:
+            raise ValueError(f"weights is on {weights.device} but the logits are on {device}")
+        return weights.to(torch.float32)
+    if isinstance(weights, (list, tuple)):
+        if len(weights) != n_pairs:
+            raise ValueError(f"weights has {len(weights)} entries but there are {n_pairs} expert pairs")
+        rows = [_per_row(f"weights[{i}]", w, batch, device, torch.float32, False) for i, w in enumerate(weights)]
+        return torch.stack(rows) if rows else torch.empty(0, batch, device=device)
+    return _per_row("weights", weights, batch, device, torch.float32, False).expand(n_pairs, batch)
+
+
+def _check_scalar_ranges(temperature, top_k, top_p, min_p, weights) -> None:
+    """Range checks for Python scalars: free, so always done."""
+    if isinstance(temperature, numbers.Real) and not (0 <= temperature < float("inf")):
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
+    if isinstance(top_k, numbers.Integral) and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if isinstance(top_p, numbers.Real) and not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if isinstance(min_p, numbers.Real) and not (0 <= min_p < 1):
+        raise ValueError(f"min_p must be in [0, 1) (0 = off), got {min_p}")
+    for w in weights if isinstance(weights, (list, tuple)) else [weights]:
+        if isinstance(w, numbers.Real) and not abs(w) < float("inf"):
+            raise ValueError(f"weights must be finite, got {w}")
+
+
+def _check_tensor_values(args: SampleArgs) -> None:
+    """Range checks for per-row tensors and finite-or--inf checks for the logits (host syncs)."""
+    checks = [
+        ("temperature", ~((args.temperature >= 0) & (args.temperature < float("inf"))), "finite and >= 0"),
+        ("top_k", args.top_k < 0, ">= 0"),
+        ("top_p", ~((args.top_p > 0) & (args.top_p <= 1)), "in (0, 1]"),
+        ("min_p", ~((args.min_p >= 0) & (args.min_p < 1)), "in [0, 1)"),
+        ("weights", ~torch.isfinite(args.weights).all(dim=0), "finite"),
+    ]
+    for name, bad, rule in checks:
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            values = args.weights[:, row].tolist() if name == "weights" else getattr(args, name)[row].item()
+            raise ValueError(f"{name} must be {rule}; row {row} has {values}")
+    named = [("base", args.base)]
+    named += [(f"experts[{i}]", x) for i, x in enumerate(args.experts)]
+    named += [(f"anti_experts[{i}]", x) for i, x in enumerate(args.anti_experts)]
+    for name, x in named:
+        x = x[:, : args.vocab_size]  # columns past the common vocabulary are ignored
+        bad = torch.isnan(x) | torch.isposinf(x)
+        if bool(bad.any()):
+            row, col = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"{name} has {x[row, col].item()} at row {row}, token {col}; logits must be finite or -inf "
+                "(pass validate=False to treat such entries as masked)"
+            )
+
+
+def normalize(
+    base: object,
+    experts: object,
+    anti_experts: object,
+    *,
+    weights: object,
+    temperature: object,
+    top_k: object,
+    top_p: object,
+    min_p: object,
+    seed: object,
+    step: object,
+    vocab_size: object,
+    validate: bool,
+) -> SampleArgs:
+    """Check the public ops' arguments and normalise them into :class:`SampleArgs`.
+
+    ``seed=None`` draws a fresh seed from torch's default CPU generator (no device sync). With
+    ``validate=True`` value checks on tensors sync with the device; with ``validate=False`` only the free
+    checks (types, shapes, devices, Python scalar ranges) run.
+    """
+    base = _check_logits("base", base, None)
+    device = base.device
+    experts = tuple(_check_logits(f"experts[{i}]", x, device) for i, x in enumerate(_as_tensor_sequence("experts", experts)))
+    antis = tuple(
+        _check_logits(f"anti_experts[{i}]", x, device) for i, x in enumerate(_as_tensor_sequence("anti_experts", anti_experts))
+    )
+    if len(experts) != len(antis):
+        raise ValueError(f"got {len(experts)} experts but {len(antis)} anti_experts; they come in pairs")
+    batch = base.shape[0]
+    for name, x in [(f"experts[{i}]", x) for i, x in enumerate(experts)] + [
+        (f"anti_experts[{i}]", x) for i, x in enumerate(antis)
+    ]:
+        if x.shape[0] != batch:
+            raise ValueError(f"{name} has batch size {x.shape[0]} but base has {batch}")
+    min_width = min(x.shape[1] for x in (base, *experts, *antis))
+    if vocab_size is None:
+        vocab_size = min_width
+    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
+        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    elif not 1 <= vocab_size <= min_width:
+        raise ValueError(f"vocab_size must be in [1, {min_width}] (the narrowest logits' width), got {vocab_size}")
+
+    _check_scalar_ranges(temperature, top_k, top_p, min_p, weights)
+    if seed is None:
+        seed = int(torch.randint(_INT64_MIN, 2**63 - 1, ()))
+    args = SampleArgs(
+        base=base,
+        experts=experts,
+        anti_experts=antis,
+        weights=_weights(weights, len(experts), batch, device),
+        temperature=_per_row("temperature", temperature, batch, device, torch.float32, False),
+        top_k=_per_row("top_k", top_k, batch, device, torch.int64, True),
+        top_p=_per_row("top_p", top_p, batch, device, torch.float32, False),
+        min_p=_per_row("min_p", min_p, batch, device, torch.float32, False),
+        seed=_per_row("seed", seed, batch, device, torch.int64, True),
+        step=_per_row("step", step, batch, device, torch.int64, True),
+        vocab_size=int(vocab_size),
+    )
+    if validate:
+        _check_tensor_values(args)
+    return args
