@@ -32,9 +32,11 @@ class Backend:
     sample: Callable[[SampleArgs], tuple[torch.Tensor, torch.Tensor]]  # -> (ids int64 [B], logprobs fp32 [B])
     combine: Callable[[SampleArgs], torch.Tensor]  # -> fp32 [B, V]
     why_unavailable: Callable[[], Optional[str]] = lambda: None  # None when usable
+    auto_device_types: Optional[tuple[str, ...]] = None  # where auto may pick it; default device_types
 
-    def serves(self, device: torch.device) -> bool:
-        return "*" in self.device_types or device.type in self.device_types
+    def serves(self, device: torch.device, auto: bool = False) -> bool:
+        types = self.auto_device_types if auto and self.auto_device_types is not None else self.device_types
+        return "*" in types or device.type in types
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -54,7 +56,7 @@ def resolve(name: str, device: torch.device) -> Backend:
     """The backend to run for ``name`` (a registered name or ``"auto"``) on ``device``."""
     if name == "auto":
         for backend in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
-            if not backend.serves(device):
+            if not backend.serves(device, auto=True):
                 continue
             reason = backend.why_unavailable()
             if reason is None:
