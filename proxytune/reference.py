@@ -66,8 +66,8 @@ def keep_mask_reference(
     # exclusive cumulative mass is < p. p >= 1 disables (the cumulative sum may round up to 1 early).
     q_sorted = torch.softmax(torch.where(z_sorted >= kth, z_sorted, neg_inf), dim=1)
     mass_above = torch.nn.functional.pad(torch.cumsum(q_sorted, dim=1)[:, :-1], (1, 0))
-    n_nucleus = (mass_above < top_p.to(s.dtype)[:, None]).sum(dim=1, keepdim=True).clamp(min=1)
-    cut = z_sorted.gather(1, n_nucleus - 1)
+    n_nucleus = (mass_above < top_p.to(s.dtype)[:, None]).sum(dim=1, keepdim=True)  # 0 only if p <= 0 or NaN
+    cut = torch.where(n_nucleus > 0, z_sorted.gather(1, (n_nucleus - 1).clamp(min=0)), float("inf"))
     keep &= (z >= cut) | (top_p >= 1)[:, None]
 
     # min-p: keep q_j >= min_p * max q, i.e. exp(z_j) >= min_p since max z = 0.
