@@ -9,7 +9,8 @@ PYTHON=${PYTHON:-python3}
 
 stamp=.setup-stamp
 want=$( { command -v "$PYTHON"; "$PYTHON" -c 'import sys; print(sys.executable, sys.version)';
-          cat pyproject.toml setup.py; find csrc -type f 2>/dev/null | sort | xargs -r cat; } | sha256sum | cut -d' ' -f1)
+          cat pyproject.toml setup.py; if [ -d csrc ]; then find csrc -type f | sort | xargs -r cat; fi; } |
+        sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PYTHON" -c 'import proxytune' 2>/dev/null; then
   exit 0
 fi
