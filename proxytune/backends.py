@@ -90,3 +90,7 @@ def _reference_combine(args: SampleArgs) -> torch.Tensor:
 
 
 register(Backend("reference", ("*",), 0, _reference_sample, _reference_combine))
+
+from proxytune._triton_backend import make_backend as _make_triton_backend  # noqa: E402  (after Backend exists)
+
+register(_make_triton_backend())

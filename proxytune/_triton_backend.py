@@ -1,0 +1,55 @@
+"""The ``triton`` backend: the fused one-launch sampler of :mod:`proxytune.kernels` behind the backend API.
+
+Serves CUDA tensors (and ``auto`` picks it there); serves CPU tensors only when triton runs in its numpy
+interpreter (``TRITON_INTERPRET=1``), which is how the default test suite checks it on machines without a
+GPU. Importing this module imports neither triton nor the kernels and touches no GPU: the kernels module
+is imported on first use (triton reads ``TRITON_INTERPRET`` when it decorates the kernels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from proxytune._args import SampleArgs
+from proxytune.reference import combine_reference
+
+__all__ = ["make_backend", "interpreting"]
+
+
+def interpreting() -> bool:
+    """True when triton runs kernels in its numpy interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _why_unavailable() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not interpreting() and not torch.cuda.is_available():
+        return "no CUDA GPU (CPU tensors need TRITON_INTERPRET=1, triton's interpreter)"
+    return None
+
+
+def _sample(args: SampleArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    from proxytune.kernels.launch import proxy_sample
+
+    return proxy_sample(
+        args.base, args.experts, args.anti_experts, args.weights, args.temperature, args.top_k,
+        args.top_p, args.min_p, args.seed, args.step, args.vocab_size,
+    )  # fmt: skip
+
+
+def _combine(args: SampleArgs) -> torch.Tensor:
+    # The combination alone is one elementwise expression; the fused kernel never materialises it.
+    return combine_reference(args.base, args.experts, args.anti_experts, args.weights, args.vocab_size)
+
+
+def make_backend():
+    """The backend record. ``device_types`` includes "cpu" only if the interpreter is on at this call."""
+    from proxytune.backends import Backend
+
+    device_types = ("cuda", "cpu") if interpreting() else ("cuda",)
+    return Backend("triton", device_types, 20, _sample, _combine, _why_unavailable, auto_device_types=("cuda",))
