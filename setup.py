@@ -24,7 +24,9 @@ if sources and os.environ.get("PROXYTUNE_NO_EXT") != "1":
             CppExtension(
                 "proxytune._C",
                 sources,
-                extra_compile_args=["-O3", "-std=c++17", *openmp],
+                # -ffp-contract=off: round like the reference (no fused multiply-add); -fno-trapping-math lets
+                # the compiler vectorise float selects (it changes no result).
+                extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", *openmp],
                 extra_link_args=openmp,
             )
         ]

@@ -94,3 +94,9 @@ register(Backend("reference", ("*",), 0, _reference_sample, _reference_combine))
 from proxytune._triton_backend import make_backend as _make_triton_backend  # noqa: E402  (after Backend exists)
 
 register(_make_triton_backend())
+
+from proxytune import _cpu_backend  # noqa: E402  (the C++ extension loads lazily, on first use)
+
+register(
+    Backend("cpu", ("cpu",), 10, _cpu_backend.sample_cpu, _cpu_backend.combine_cpu, _cpu_backend.why_unavailable)
+)

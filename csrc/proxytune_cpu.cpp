@@ -1,0 +1,868 @@
+// The proxy-tuning sampling op for CPU tensors: `proxytune::sample` and `proxytune::combine`.
+//
+// Computes exactly the function of proxytune/reference.py (docs/semantics.md): the same fp32 combination
+// (built with -ffp-contract=off so no multiply-add is fused), the same Philox-4x32-10 uniforms, filters and
+// tie rules, Gumbel-max over the kept set. Only exp/log may differ from torch's by an ulp, and sums are
+// accumulated in a different order (see "Floating point across backends" in the semantics page).
+//
+// Per row:
+//   pass 1  s = base + sum_i w_i (e_i - a_i) in fp32, streamed in L1-sized blocks into a row scratch buffer,
+//           with the maximum of every 64-token sub-block (and the row maximum m, first index).
+//   pass 2  z = (s - m) / T in place, S = sum exp(z), and the mass above a ladder of z thresholds.
+//   select  a value threshold c_lo that provably bounds the kept set (top-k: the k-th largest sub-block
+//           maximum; top-p: the highest ladder rung holding mass >= p; min-p: ln(min_p)); the candidates
+//           C = {z >= c_lo} (sub-blocks whose maximum is below c_lo are skipped) are then filtered exactly:
+//           nth_element for top-k, a bucketed scan plus a sort of the boundary bucket for top-p. When the
+//           candidates turn out not to decide the row (rounding, flat rows) C becomes every finite token.
+//   draw    argmax over kept j of z_j + g_j. Noise is computed only where it can matter: a token with
+//           z_j < best - max(g) - eps cannot win, and one with 1 - u_j > exp(z_j - best + eps) cannot
+//           either (g(u) <= -log(1 - u)); only the rest get the two logs. Exact, and with top_p = 1 it
+//           touches a small fraction of the vocabulary.
+// Rows run in parallel; when the batch is smaller than the thread count, long rows are split into chunks
+// for the streaming passes and the draw.
+
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+// The hot loops are plain C++ that the compiler vectorises. On x86-64 with GCC they are also compiled for
+// AVX2 and AVX-512 and picked at load time (ifunc); the default build stays baseline x86-64. No FMA is
+// ever formed (-ffp-contract=off), so every clone rounds exactly alike.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
+    !defined(PROXYTUNE_NO_CLONES)
+#define PT_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PT_HOT
+#endif
+
+namespace proxytune_cpu {
+namespace {
+
+constexpr int64_t kBlock = 2048;  // pass-1 block (fits L1 with the inputs)
+constexpr int64_t kSub = 64;      // sub-block whose maximum is kept
+constexpr int kLanes = 16;        // accumulator lanes (vectorisable reductions without -ffast-math)
+constexpr int kLadder = 8;
+constexpr float kLadderZ[kLadder] = {-1.0f, -2.0f, -3.0f, -4.5f, -6.0f, -8.0f, -11.0f, -16.0f};
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kGumbelMax = 16.64f;  // > -log(-log(1 - 2^-24)) = 16.6355
+constexpr float kEps = 0.01f;         // slack of the draw's pruning bounds (rounding is ~1e-5 here)
+
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+inline float from_bits(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+inline uint32_t to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+inline float bf16_to_f32(uint16_t h) { return from_bits(uint32_t(h) << 16); }
+inline float f16_to_f32(uint16_t h) {  // exact, branch-free (the FP16 library's conversion)
+  const uint32_t w = uint32_t(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t bits = two_w < (1u << 27) ? to_bits(denormalized) : to_bits(normalized);
+  return from_bits(sign | bits);
+}
+
+template <int D>
+inline float load(const void* p, int64_t j) {
+  if constexpr (D == kF32) return static_cast<const float*>(p)[j];
+  else if constexpr (D == kBF16) return bf16_to_f32(static_cast<const uint16_t*>(p)[j]);
+  else return f16_to_f32(static_cast<const uint16_t*>(p)[j]);
+}
+
+template <int D>
+void load_block(const void* src, float* __restrict dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = load<D>(src, j);
+}
+
+// dst = dst + w * (e - a), three roundings, in this order (the reference's order).
+template <int DE, int DA>
+void add_pair_block(const void* e, const void* a, float w, float* __restrict dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float diff = load<DE>(e, j) - load<DA>(a, j);
+    const float term = w * diff;
+    dst[j] = dst[j] + term;
+  }
+}
+
+using LoadFn = void (*)(const void*, float*, int64_t);
+using PairFn = void (*)(const void*, const void*, float, float*, int64_t);
+constexpr LoadFn kLoad[3] = {load_block<kF32>, load_block<kBF16>, load_block<kF16>};
+constexpr PairFn kPair[3][3] = {
+    {add_pair_block<kF32, kF32>, add_pair_block<kF32, kBF16>, add_pair_block<kF32, kF16>},
+    {add_pair_block<kBF16, kF32>, add_pair_block<kBF16, kBF16>, add_pair_block<kBF16, kF16>},
+    {add_pair_block<kF16, kF32>, add_pair_block<kF16, kBF16>, add_pair_block<kF16, kF16>},
+};
+
+// exp for x <= ~88, vectorisable (Cephes expf polynomial, ~1 ulp); 0 below -87.3 and for -inf.
+inline float exp_approx(float x) {
+  const float xc = std::min(std::max(x, -87.33654f), 88.0f);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const float scale = from_bits(uint32_t(int32_t(n) + 127) << 23);
+  const float y = p * scale;
+  return x < -87.33654f ? 0.0f : y;
+}
+
+// z = (s - m) / T exactly as the reference computes it; masked (and NaN from inf/inf) -> -inf.
+inline float z_of(float s, float m, float t) {
+  const float z = (s - m) / t;
+  return (s > kNegInf && z == z) ? z : kNegInf;
+}
+
+struct Noise {
+  uint32_t k0, k1, c2, c3;
+};
+
+// u = ((x0 >> 9) + 0.5) * 2^-23 with x0 = Philox-4x32-10((j, 0, c2, c3), (k0, k1))[0], for n tokens.
+PT_HOT void uniforms(const uint32_t* __restrict tok, int n, Noise nz, float* __restrict u) {
+  for (int l = 0; l < n; ++l) {
+    uint32_t c0 = tok[l], c1 = 0, c2 = nz.c2, c3 = nz.c3, k0 = nz.k0, k1 = nz.k1;
+#pragma GCC unroll 10
+    for (int round = 0; round < 10; ++round) {
+      const uint64_t pa = uint64_t(c0) * 0xD2511F53u;
+      const uint64_t pb = uint64_t(c2) * 0xCD9E8D57u;
+      const uint32_t n0 = uint32_t(pb >> 32) ^ c1 ^ k0;
+      const uint32_t n2 = uint32_t(pa >> 32) ^ c3 ^ k1;
+      c1 = uint32_t(pb);
+      c3 = uint32_t(pa);
+      c0 = n0;
+      c2 = n2;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    u[l] = (float(c0 >> 9) + 0.5f) * 0x1.0p-23f;
+  }
+}
+
+PT_HOT void exp_shifted(const float* __restrict z, int n, float ref, float* __restrict ex) {
+  for (int l = 0; l < n; ++l) ex[l] = exp_approx((z[l] - ref) + kEps);
+}
+
+inline float gumbel_of(float u) { return -std::log(-std::log(u)); }
+
+struct Best {
+  float key = kNegInf;
+  int64_t idx = -1;
+  void offer(float key_j, int64_t j) {
+    if (key_j > key || (key_j == key && (idx < 0 || j < idx))) {
+      key = key_j;
+      idx = j;
+    }
+  }
+};
+
+inline float exact_key(float z, uint32_t j, Noise nz) {
+  float u;
+  uniforms(&j, 1, nz, &u);
+  return z + gumbel_of(u);
+}
+
+// Offers the tokens tok[0..n) with scaled logits z[0..n) (all kept) to `best`, pruning by the bounds above.
+void draw_group(const uint32_t* tok, const float* z, int n, Noise nz, Best& best) {
+  float u[kSub], ex[kSub];
+  uniforms(tok, n, nz, u);
+  const float ref = best.key;  // a lower bound of the final best; fixed for the group so this vectorises
+  exp_shifted(z, n, ref, ex);
+  for (int l = 0; l < n; ++l) {
+    if (1.0f - u[l] > ex[l]) continue;  // g <= -log(1-u) < ref - z - eps: cannot reach ref
+    best.offer(z[l] + gumbel_of(u[l]), tok[l]);
+  }
+}
+
+struct Cand {
+  float z;
+  int32_t idx;
+};
+inline bool by_z_desc(const Cand& a, const Cand& b) { return a.z > b.z || (a.z == b.z && a.idx < b.idx); }
+
+// Draws from a list of kept tokens; the first maximum (always kept) seeds the bound. Returns the index.
+int64_t draw_list(const std::vector<Cand>& kept, int64_t seed_pos, Noise nz) {
+  Best best;
+  best.offer(exact_key(kept[seed_pos].z, uint32_t(kept[seed_pos].idx), nz), kept[seed_pos].idx);
+  uint32_t tok[kSub];
+  float z[kSub];
+  const int64_t n = int64_t(kept.size());
+  for (int64_t g0 = 0; g0 < n; g0 += kSub) {
+    const float lim = best.key - kGumbelMax - kEps;
+    int cnt = 0;
+    const int64_t g1 = std::min(n, g0 + kSub);
+    for (int64_t i = g0; i < g1; ++i) {
+      tok[cnt] = uint32_t(kept[i].idx);
+      z[cnt] = kept[i].z;
+      cnt += kept[i].z >= lim;
+    }
+    if (cnt) draw_group(tok, z, cnt, nz, best);
+  }
+  return best.idx;
+}
+
+// ------------------------------------------------------------------------------------------------------
+
+struct Inputs {
+  int64_t batch, vocab, n_pairs;
+  const void* base;
+  int64_t base_stride;
+  int base_dt;
+  std::vector<const void*> ex, an;
+  std::vector<int64_t> ex_stride, an_stride;
+  std::vector<int> ex_dt, an_dt;
+  const float* weights;  // [P, B] contiguous
+};
+
+inline size_t elem_size(int dt) { return dt == kF32 ? 4 : 2; }
+inline const void* offset(const void* p, int dt, int64_t elems) {
+  return static_cast<const char*>(p) + elems * int64_t(elem_size(dt));
+}
+
+inline float max_sub(const float* __restrict x) {  // max of kSub floats (no NaN)
+  float lane[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane[l] = x[l];
+  for (int q = kLanes; q < kSub; q += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] = x[q + l] > lane[l] ? x[q + l] : lane[l];
+  float mx = lane[0];
+  for (int l = 1; l < kLanes; ++l) mx = lane[l] > mx ? lane[l] : mx;
+  return mx;
+}
+
+// One block of s (n <= kBlock tokens from column b0 of row r) into d; sub-block maxima into bm.
+PT_HOT void combine_block(const Inputs& in, int64_t r, int64_t b0, int64_t n, float* __restrict d,
+                          float* __restrict bm) {
+  kLoad[in.base_dt](offset(in.base, in.base_dt, r * in.base_stride + b0), d, n);
+  for (int64_t i = 0; i < in.n_pairs; ++i)
+    kPair[in.ex_dt[i]][in.an_dt[i]](offset(in.ex[i], in.ex_dt[i], r * in.ex_stride[i] + b0),
+                                    offset(in.an[i], in.an_dt[i], r * in.an_stride[i] + b0),
+                                    in.weights[i * in.batch + r], d, n);
+  for (int64_t j = 0; j < n; ++j) d[j] = std::fabs(d[j]) <= FLT_MAX ? d[j] : kNegInf;  // NaN/inf -> masked
+  int64_t sb = 0;
+  for (; sb + kSub <= n; sb += kSub) bm[sb / kSub] = max_sub(d + sb);
+  if (sb < n) {
+    float mx = kNegInf;
+    for (int64_t j = sb; j < n; ++j) mx = d[j] > mx ? d[j] : mx;
+    bm[sb / kSub] = mx;
+  }
+}
+
+// s[lo, hi) of row r into s (the row's buffer); returns the chunk max and its first index and writes each
+// sub-block maximum into bm (indexed by global sub-block). lo is a multiple of kSub.
+void combine_chunk(const Inputs& in, int64_t r, int64_t lo, int64_t hi, float* s, float* bm, float* cmax,
+                   int64_t* cidx) {
+  float cm = kNegInf;
+  int64_t csub = -1;
+  for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, hi - b0);
+    combine_block(in, r, b0, n, s + b0, bm + b0 / kSub);
+    for (int64_t sb = 0; sb < n; sb += kSub)
+      if (bm[(b0 + sb) / kSub] > cm) {
+        cm = bm[(b0 + sb) / kSub];
+        csub = b0 + sb;
+      }
+  }
+  int64_t ci = lo;
+  if (csub >= 0)
+    for (int64_t j = csub;; ++j)
+      if (s[j] == cm) {
+        ci = j;
+        break;
+      }
+  *cmax = cm;
+  *cidx = ci;
+}
+
+// z in place for one sub-block (len <= kSub), its exp into e; returns sum of e.
+PT_HOT float scale_sub(float* __restrict x, float* __restrict e, int64_t len, float m, float t) {
+  float acc[kLanes] = {0};
+  if (len == kSub) {
+    for (int j = 0; j < kSub; ++j) {
+      const float z = z_of(x[j], m, t);
+      x[j] = z;
+      e[j] = exp_approx(z);
+    }
+    for (int q = 0; q < kSub; q += kLanes)
+      for (int l = 0; l < kLanes; ++l) acc[l] += e[q + l];
+  } else {
+    for (int64_t j = 0; j < len; ++j) {
+      const float z = z_of(x[j], m, t);
+      x[j] = z;
+      e[j] = exp_approx(z);
+      acc[0] += e[j];
+    }
+  }
+  float a = 0.0f;
+  for (int l = 0; l < kLanes; ++l) a += acc[l];
+  return a;
+}
+
+PT_HOT float mass_above(const float* __restrict x, const float* __restrict e, int64_t len, float thr) {
+  float acc[kLanes] = {0};
+  if (len == kSub) {
+    for (int q = 0; q < kSub; q += kLanes)
+      for (int l = 0; l < kLanes; ++l) acc[l] += x[q + l] >= thr ? e[q + l] : 0.0f;
+  } else {
+    for (int64_t j = 0; j < len; ++j) acc[0] += x[j] >= thr ? e[j] : 0.0f;
+  }
+  float a = 0.0f;
+  for (int l = 0; l < kLanes; ++l) a += acc[l];
+  return a;
+}
+
+// z in place over [lo, hi), the sub-block maxima turned into z too; S and ladder masses accumulated.
+// A ladder rung above a sub-block's maximum gets nothing from it, so only the rungs below are summed.
+void scale_chunk(float* s, float* bm, int64_t lo, int64_t hi, float m, float t, bool with_ladder, double* S,
+                 double* ladder) {
+  float e[kSub];
+  double sum = 0.0;
+  for (int64_t sb = lo; sb < hi; sb += kSub) {
+    const int64_t len = std::min(kSub, hi - sb);
+    const float zmax = z_of(bm[sb / kSub], m, t);
+    bm[sb / kSub] = zmax;
+    if (!(zmax > kNegInf)) {  // fully masked sub-block
+      for (int64_t j = 0; j < len; ++j) s[sb + j] = kNegInf;
+      continue;
+    }
+    const float sub = scale_sub(s + sb, e, len, m, t);
+    sum += sub;
+    if (with_ladder)
+      for (int i = kLadder - 1; i >= 0 && kLadderZ[i] <= zmax; --i)
+        ladder[i] += mass_above(s + sb, e, len, kLadderZ[i]);
+  }
+  *S += sum;
+}
+
+// Best key over every finite token in [lo, hi) (the no-filter case), seeded with the chunk maximum.
+Best draw_chunk(const float* z, const float* bmz, int64_t lo, int64_t hi, int64_t seed_idx, Noise nz) {
+  Best best;
+  if (!(z[seed_idx] > kNegInf)) return best;
+  best.offer(exact_key(z[seed_idx], uint32_t(seed_idx), nz), seed_idx);
+  uint32_t tok[kSub];
+  float zz[kSub];
+  for (int64_t sb = lo; sb < hi; sb += kSub) {
+    const float lim = best.key - kGumbelMax - kEps;
+    if (bmz[sb / kSub] < lim) continue;
+    const int64_t len = std::min(kSub, hi - sb);
+    int cnt = 0;
+    for (int64_t j = 0; j < len; ++j) {
+      const float v = z[sb + j];
+      tok[cnt] = uint32_t(sb + j);
+      zz[cnt] = v;
+      cnt += v >= lim;
+    }
+    if (cnt) draw_group(tok, zz, cnt, nz, best);
+  }
+  return best;
+}
+
+struct RowParams {
+  float t, p, min_p;
+  int64_t k;
+  Noise nz;
+};
+
+// The top-p cut over D (the top-k survivors, or a value-prefix of them): returns true and the cut value
+// (keep z >= cut) when the exclusive cumulative mass reaches p inside D; false when it never does.
+bool nucleus_cut(std::vector<Cand>& D, double SK, float p, float* cut, std::vector<int32_t>& bucket_of,
+                 std::vector<Cand>& tmp) {
+  const int64_t n = int64_t(D.size());
+  auto q_of = [SK](float z) { return double(float(double(exp_approx(z)) / SK)); };
+  if (n <= 512) {
+    std::sort(D.begin(), D.end(), by_z_desc);
+    double cum = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (!(float(cum) < p)) {
+        *cut = D[std::max<int64_t>(i, 1) - 1].z;
+        return true;
+      }
+      cum += q_of(D[i].z);
+    }
+    return false;
+  }
+  // Bucket by z (monotone, so ties share a bucket), find the bucket where the mass crosses p, sort it.
+  constexpr int kBuckets = 4096;
+  float zlo = 0.0f;
+  for (const Cand& c : D) zlo = std::min(zlo, c.z);
+  zlo = std::max(zlo, -1000.0f);
+  const float inv_w = zlo < 0.0f ? float(kBuckets) / -zlo : 0.0f;
+  std::vector<double> mass(kBuckets, 0.0);
+  std::vector<float> minz(kBuckets, std::numeric_limits<float>::infinity());
+  std::vector<int64_t> count(kBuckets, 0);
+  bucket_of.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const float f = -D[i].z * inv_w;
+    const int b = f < float(kBuckets - 1) ? int(f) : kBuckets - 1;
+    bucket_of[i] = b;
+    mass[b] += q_of(D[i].z);
+    minz[b] = std::min(minz[b], D[i].z);
+    count[b]++;
+  }
+  double cum = 0.0;
+  float prev_z = 0.0f;  // the smallest z above the current bucket
+  bool have_prev = false;
+  for (int b = 0; b < kBuckets; ++b) {
+    if (!count[b]) continue;
+    if (float(cum + mass[b]) < p) {  // the whole bucket lies inside the nucleus
+      cum += mass[b];
+      prev_z = minz[b];
+      have_prev = true;
+      continue;
+    }
+    tmp.clear();
+    for (int64_t i = 0; i < n; ++i)
+      if (bucket_of[i] == b) tmp.push_back(D[i]);
+    std::sort(tmp.begin(), tmp.end(), by_z_desc);
+    for (const Cand& c : tmp) {
+      if (!(float(cum) < p)) {
+        *cut = have_prev ? prev_z : c.z;
+        return true;
+      }
+      cum += q_of(c.z);
+      prev_z = c.z;
+      have_prev = true;
+    }
+  }
+  return false;
+}
+
+struct Scratch {
+  std::vector<Cand> C, D, kept, tmp;
+  std::vector<float> bmz;
+  std::vector<int32_t> bucket_of;
+};
+
+// Collects C = {j : z_j >= c_lo} (every finite token when c_lo = -inf), skipping sub-blocks below c_lo.
+void collect(const float* z, const float* bmz, int64_t V, float c_lo, std::vector<Cand>& C) {
+  C.clear();
+  const bool all = !(c_lo > kNegInf);
+  const int64_t nsub = (V + kSub - 1) / kSub;
+  for (int64_t b = 0; b < nsub; ++b) {
+    if (!(bmz[b] >= c_lo) || !(bmz[b] > kNegInf)) continue;
+    const int64_t j0 = b * kSub, j1 = std::min(V, j0 + kSub);
+    for (int64_t j = j0; j < j1; ++j) {
+      const float v = z[j];
+      if (all ? v > kNegInf : v >= c_lo) C.push_back(Cand{v, int32_t(j)});
+    }
+  }
+}
+
+// Everything after pass 2 for a sampled row whose kept set is bounded by a filter. Returns false when no
+// filter bounds it (top_k, top_p, min_p all off): the caller then draws over the whole row.
+bool finish_filtered(const float* z, const float* bm, int64_t V, const RowParams& rp, double S_all,
+                     const double* ladder, Scratch& sc, int64_t* token, float* logprob) {
+  const int64_t nsub = (V + kSub - 1) / kSub;
+  const bool k_on = rp.k > 0 && rp.k < V;
+  const bool p_on = !(rp.p >= 1.0f);
+  const bool mp_on = !(rp.min_p <= 0.0f);
+  if (!k_on && !p_on && !mp_on) return false;
+
+  float c_lo = kNegInf;
+  if (k_on) {
+    if (rp.k <= nsub) {  // the k-th largest sub-block maximum is <= the k-th largest z
+      sc.bmz.assign(bm, bm + nsub);
+      std::nth_element(sc.bmz.begin(), sc.bmz.begin() + (rp.k - 1), sc.bmz.end(), std::greater<float>());
+      c_lo = sc.bmz[rp.k - 1];
+    }
+  } else if (p_on) {
+    if (!(rp.p > 0.0f)) {
+      c_lo = 0.0f;
+    } else {
+      const double target = double(rp.p) * S_all * (1.0 + 1e-4);
+      for (int i = 0; i < kLadder; ++i)
+        if (ladder[i] >= target) {
+          c_lo = kLadderZ[i];
+          break;
+        }
+    }
+  }
+  if (mp_on && !(k_on && p_on)) {  // with top-k and top-p both on, S over the top-k set needs all of it
+    const float cm = (rp.min_p >= 1.0f || rp.min_p != rp.min_p) ? 0.0f : float(std::log(double(rp.min_p)) - 1e-3);
+    c_lo = std::max(c_lo, cm);
+  }
+
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    if (attempt == 1) {
+      if (!(c_lo > kNegInf)) break;  // already exhaustive
+      c_lo = kNegInf;
+    }
+    collect(z, bm, V, c_lo, sc.C);
+    const bool exhaustive = !(c_lo > kNegInf);
+    std::vector<Cand>& C = sc.C;
+    if (C.empty()) break;  // cannot happen for a row with a finite maximum
+    float thr = kNegInf;
+    double SK = S_all;
+    bool k_inside = false;  // the whole top-k set K lies in C
+    if (k_on) {
+      if (int64_t(C.size()) >= rp.k) {
+        std::nth_element(C.begin(), C.begin() + (rp.k - 1), C.end(), by_z_desc);
+        thr = C[rp.k - 1].z;
+        k_inside = true;
+      } else {
+        k_inside = exhaustive;  // C is every finite token: fewer than k of them, K = all
+        if (!exhaustive && p_on) continue;
+      }
+      if (p_on && thr > kNegInf) {
+        double acc = 0.0;
+        for (const Cand& c : C)
+          if (c.z >= thr) acc += exp_approx(c.z);
+        SK = acc;
+      }
+    }
+    if (p_on) {
+      float cut;
+      if (!(rp.p > 0.0f)) {
+        cut = std::numeric_limits<float>::infinity();  // p <= 0 or NaN: only the first maximum survives
+      } else {
+        sc.D.clear();
+        for (const Cand& c : C)
+          if (c.z >= thr) sc.D.push_back(c);
+        if (!nucleus_cut(sc.D, SK, rp.p, &cut, sc.bucket_of, sc.tmp)) {
+          if (!(k_inside || exhaustive)) continue;  // the cut lies below C: widen
+          cut = kNegInf;
+        }
+      }
+      thr = std::max(thr, cut);
+    }
+    // The kept set, and the first maximum (lowest index with z == 0), which is always kept.
+    sc.kept.clear();
+    int64_t first_max = -1, first_pos = -1;
+    for (const Cand& c : C) {
+      if (c.z >= 0.0f && (first_max < 0 || c.idx < first_max)) first_max = c.idx;
+      if (c.z >= thr && (!mp_on || std::exp(c.z) >= rp.min_p)) sc.kept.push_back(c);
+    }
+    for (size_t i = 0; i < sc.kept.size(); ++i)
+      if (sc.kept[i].idx == first_max) first_pos = int64_t(i);
+    if (first_pos < 0) {
+      sc.kept.push_back(Cand{z[first_max], int32_t(first_max)});
+      first_pos = int64_t(sc.kept.size()) - 1;
+    }
+    const int64_t tok = draw_list(sc.kept, first_pos, rp.nz);
+    double sum = 0.0;
+    float ztok = 0.0f;
+    for (const Cand& c : sc.kept) {
+      sum += exp_approx(c.z);
+      if (c.idx == tok) ztok = c.z;
+    }
+    *token = tok;
+    *logprob = ztok - float(std::log(sum));
+    return true;
+  }
+  // Unreachable in practice; keep the contract anyway.
+  *token = 0;
+  *logprob = std::numeric_limits<float>::quiet_NaN();
+  return true;
+}
+
+struct RowState {
+  float m = kNegInf;
+  int64_t first = 0;
+  bool greedy = false, full = false, done = false;
+  double S = 0.0;
+  double ladder[kLadder] = {0};
+  RowParams rp;
+};
+
+template <typename T>
+std::vector<T>& tls_vec(int which) {
+  thread_local std::vector<T> bufs[4];
+  return bufs[which];
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::TensorList experts,
+                                              at::TensorList anti_experts, const at::Tensor& weights,
+                                              const at::Tensor& temperature, const at::Tensor& top_k,
+                                              const at::Tensor& top_p, const at::Tensor& min_p,
+                                              const at::Tensor& seed, const at::Tensor& step, int64_t vocab_size);
+
+int dtype_code(const at::Tensor& x, const char* name) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return kF32;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default: TORCH_CHECK(false, name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+  return kF32;
+}
+
+at::Tensor unit_stride(const at::Tensor& x, const char* name, int64_t batch, int64_t V) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == batch && x.size(1) >= V, name, " must be [", batch, ", >=", V,
+              "], got ", x.sizes());
+  return x.stride(1) == 1 ? x : x.contiguous();
+}
+
+struct Prepared {
+  Inputs in;
+  std::vector<at::Tensor> keep_alive;
+};
+
+Prepared prepare(const at::Tensor& base, at::TensorList experts, at::TensorList anti_experts,
+                 const at::Tensor& weights, int64_t V) {
+  TORCH_CHECK(base.dim() == 2, "base must be [B, V]");
+  TORCH_CHECK(experts.size() == anti_experts.size(), "experts and anti_experts must pair up");
+  TORCH_CHECK(V >= 1, "vocab_size must be >= 1");
+  TORCH_CHECK(V < (int64_t(1) << 31), "vocab_size must be < 2^31");
+  Prepared pr;
+  Inputs& in = pr.in;
+  in.batch = base.size(0);
+  in.vocab = V;
+  in.n_pairs = int64_t(experts.size());
+  at::Tensor b = unit_stride(base, "base", in.batch, V);
+  pr.keep_alive.push_back(b);
+  in.base = b.data_ptr();
+  in.base_stride = b.stride(0);
+  in.base_dt = dtype_code(b, "base");
+  for (size_t i = 0; i < experts.size(); ++i) {
+    at::Tensor e = unit_stride(experts[i], "experts[i]", in.batch, V);
+    at::Tensor a = unit_stride(anti_experts[i], "anti_experts[i]", in.batch, V);
+    pr.keep_alive.push_back(e);
+    pr.keep_alive.push_back(a);
+    in.ex.push_back(e.data_ptr());
+    in.an.push_back(a.data_ptr());
+    in.ex_stride.push_back(e.stride(0));
+    in.an_stride.push_back(a.stride(0));
+    in.ex_dt.push_back(dtype_code(e, "experts[i]"));
+    in.an_dt.push_back(dtype_code(a, "anti_experts[i]"));
+  }
+  at::Tensor w = weights.to(at::kFloat).contiguous();
+  TORCH_CHECK(w.numel() == in.n_pairs * in.batch, "weights must be [P, B]");
+  pr.keep_alive.push_back(w);
+  in.weights = w.data_ptr<float>();
+  return pr;
+}
+
+at::Tensor per_row(const at::Tensor& x, at::ScalarType dt, int64_t batch, const char* name) {
+  TORCH_CHECK(x.numel() == batch, name, " must have B = ", batch, " entries");
+  return x.to(dt).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::TensorList experts,
+                                              at::TensorList anti_experts, const at::Tensor& weights,
+                                              const at::Tensor& temperature, const at::Tensor& top_k,
+                                              const at::Tensor& top_p, const at::Tensor& min_p,
+                                              const at::Tensor& seed, const at::Tensor& step, int64_t vocab_size) {
+  Prepared pr = prepare(base, experts, anti_experts, weights, vocab_size);
+  const Inputs& in = pr.in;
+  const int64_t B = in.batch, V = in.vocab, nsub = (V + kSub - 1) / kSub;
+  at::Tensor T = per_row(temperature, at::kFloat, B, "temperature");
+  at::Tensor K = per_row(top_k, at::kLong, B, "top_k");
+  at::Tensor P = per_row(top_p, at::kFloat, B, "top_p");
+  at::Tensor MP = per_row(min_p, at::kFloat, B, "min_p");
+  at::Tensor SD = per_row(seed, at::kLong, B, "seed");
+  at::Tensor ST = per_row(step, at::kLong, B, "step");
+  at::Tensor tokens = at::empty({B}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor logprobs = at::empty({B}, at::TensorOptions().dtype(at::kFloat));
+  if (B == 0) return {tokens, logprobs};
+  int64_t* tok_out = tokens.data_ptr<int64_t>();
+  float* lp_out = logprobs.data_ptr<float>();
+
+  std::vector<RowState> rows(B);
+  for (int64_t r = 0; r < B; ++r) {
+    RowParams& rp = rows[r].rp;
+    rp.t = T.data_ptr<float>()[r];
+    rp.p = P.data_ptr<float>()[r];
+    rp.min_p = MP.data_ptr<float>()[r];
+    rp.k = K.data_ptr<int64_t>()[r];
+    const uint64_t sd = uint64_t(SD.data_ptr<int64_t>()[r]), st = uint64_t(ST.data_ptr<int64_t>()[r]);
+    rp.nz = Noise{uint32_t(sd), uint32_t(sd >> 32), uint32_t(st), uint32_t(st >> 32)};
+    rows[r].greedy = !(rp.t > 0.0f);
+  }
+
+  const int64_t threads = at::get_num_threads();
+  int64_t chunks = 1;
+  if (B < threads) chunks = std::max<int64_t>(1, std::min<int64_t>((threads + B - 1) / B, V / 16384));
+
+  if (chunks == 1) {
+    // One row per task: the row's scratch stays in this thread's cache.
+    at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<float>& sbuf = tls_vec<float>(0);
+      std::vector<float>& bmb = tls_vec<float>(1);
+      if (int64_t(sbuf.size()) < V) sbuf.resize(V);
+      if (int64_t(bmb.size()) < nsub) bmb.resize(nsub);
+      thread_local Scratch sc;
+      for (int64_t r = r0; r < r1; ++r) {
+        RowState& R = rows[r];
+        float* s = sbuf.data();
+        float* bm = bmb.data();
+        combine_chunk(in, r, 0, V, s, bm, &R.m, &R.first);
+        if (!(R.m > kNegInf)) {
+          tok_out[r] = 0;
+          lp_out[r] = std::numeric_limits<float>::quiet_NaN();
+          continue;
+        }
+        if (R.greedy) {
+          tok_out[r] = R.first;
+          lp_out[r] = 0.0f;
+          continue;
+        }
+        const RowParams& rp = R.rp;
+        const bool ladder = !(rp.p >= 1.0f) && !(rp.k > 0 && rp.k < V);
+        scale_chunk(s, bm, 0, V, R.m, rp.t, ladder, &R.S, R.ladder);
+        if (finish_filtered(s, bm, V, rp, R.S, R.ladder, sc, &tok_out[r], &lp_out[r])) continue;
+        Best best = draw_chunk(s, bm, 0, V, R.first, rp.nz);
+        tok_out[r] = best.idx;
+        lp_out[r] = s[best.idx] - float(std::log(R.S));
+      }
+    });
+    return {tokens, logprobs};
+  }
+
+  // Few long rows: split each row into `chunks` pieces for the streaming passes and the draw.
+  std::vector<float>& sbuf = tls_vec<float>(2);
+  std::vector<float>& bmb = tls_vec<float>(3);
+  if (int64_t(sbuf.size()) < B * V) sbuf.resize(B * V);
+  if (int64_t(bmb.size()) < B * nsub) bmb.resize(B * nsub);
+  const int64_t per = ((V + chunks - 1) / chunks + kSub - 1) / kSub * kSub;
+  const int64_t items = B * chunks;
+  std::vector<float> cmax(items);
+  std::vector<int64_t> cidx(items);
+  std::vector<double> cS(items), cL(items * kLadder);
+  std::vector<Best> cbest(items);
+  auto range = [&](int64_t c, int64_t* lo, int64_t* hi) {
+    *lo = std::min(V, c * per);
+    *hi = std::min(V, *lo + per);
+  };
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t r = it / chunks;
+      int64_t lo, hi;
+      range(it % chunks, &lo, &hi);
+      cmax[it] = kNegInf;
+      cidx[it] = lo;
+      if (lo < hi) combine_chunk(in, r, lo, hi, sbuf.data() + r * V, bmb.data() + r * nsub, &cmax[it], &cidx[it]);
+    }
+  });
+  for (int64_t r = 0; r < B; ++r) {
+    RowState& R = rows[r];
+    for (int64_t c = 0; c < chunks; ++c)
+      if (cmax[r * chunks + c] > R.m) {
+        R.m = cmax[r * chunks + c];
+        R.first = cidx[r * chunks + c];
+      }
+    if (!(R.m > kNegInf)) {
+      tok_out[r] = 0;
+      lp_out[r] = std::numeric_limits<float>::quiet_NaN();
+      R.done = true;
+    } else if (R.greedy) {
+      tok_out[r] = R.first;
+      lp_out[r] = 0.0f;
+      R.done = true;
+    }
+  }
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t r = it / chunks;
+      const RowState& R = rows[r];
+      cS[it] = 0.0;
+      for (int i = 0; i < kLadder; ++i) cL[it * kLadder + i] = 0.0;
+      if (R.done) continue;
+      int64_t lo, hi;
+      range(it % chunks, &lo, &hi);
+      if (lo >= hi) continue;
+      const bool ladder = !(R.rp.p >= 1.0f) && !(R.rp.k > 0 && R.rp.k < V);
+      float* s = sbuf.data() + r * V;
+      float* bm = bmb.data() + r * nsub;
+      scale_chunk(s, bm, lo, hi, R.m, R.rp.t, ladder, &cS[it], &cL[it * kLadder]);
+    }
+  });
+  at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+    thread_local Scratch sc;
+    for (int64_t r = r0; r < r1; ++r) {
+      RowState& R = rows[r];
+      if (R.done) continue;
+      for (int64_t c = 0; c < chunks; ++c) {
+        R.S += cS[r * chunks + c];
+        for (int i = 0; i < kLadder; ++i) R.ladder[i] += cL[(r * chunks + c) * kLadder + i];
+      }
+      if (finish_filtered(sbuf.data() + r * V, bmb.data() + r * nsub, V, R.rp, R.S, R.ladder, sc, &tok_out[r],
+                          &lp_out[r]))
+        R.done = true;
+    }
+  });
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t r = it / chunks;
+      cbest[it] = Best();
+      if (rows[r].done) continue;
+      int64_t lo, hi;
+      range(it % chunks, &lo, &hi);
+      if (lo < hi && cmax[it] > kNegInf)
+        cbest[it] = draw_chunk(sbuf.data() + r * V, bmb.data() + r * nsub, lo, hi, cidx[it], rows[r].rp.nz);
+    }
+  });
+  for (int64_t r = 0; r < B; ++r) {
+    if (rows[r].done) continue;
+    Best best;
+    for (int64_t c = 0; c < chunks; ++c)
+      if (cbest[r * chunks + c].idx >= 0) best.offer(cbest[r * chunks + c].key, cbest[r * chunks + c].idx);
+    tok_out[r] = best.idx;
+    lp_out[r] = sbuf[r * V + best.idx] - float(std::log(rows[r].S));
+  }
+  return {tokens, logprobs};
+}
+
+at::Tensor combine_cpu(const at::Tensor& base, at::TensorList experts, at::TensorList anti_experts,
+                       const at::Tensor& weights, int64_t vocab_size) {
+  Prepared pr = prepare(base, experts, anti_experts, weights, vocab_size);
+  const Inputs& in = pr.in;
+  const int64_t B = in.batch, V = in.vocab;
+  at::Tensor out = at::empty({B, V}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const int64_t nblk = (V + kBlock - 1) / kBlock;
+  at::parallel_for(0, B * nblk, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t r = it / nblk, b0 = (it % nblk) * kBlock, n = std::min(kBlock, V - b0);
+      float* d = o + r * V + b0;
+      kLoad[in.base_dt](offset(in.base, in.base_dt, r * in.base_stride + b0), d, n);
+      for (int64_t i = 0; i < in.n_pairs; ++i)
+        kPair[in.ex_dt[i]][in.an_dt[i]](offset(in.ex[i], in.ex_dt[i], r * in.ex_stride[i] + b0),
+                                        offset(in.an[i], in.an_dt[i], r * in.an_stride[i] + b0),
+                                        in.weights[i * in.batch + r], d, n);
+      for (int64_t j = 0; j < n; ++j) d[j] = std::fabs(d[j]) <= FLT_MAX ? d[j] : kNegInf;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace proxytune_cpu
+
+TORCH_LIBRARY(proxytune, m) {
+  m.def(
+      "sample(Tensor base, Tensor[] experts, Tensor[] anti_experts, Tensor weights, Tensor temperature, "
+      "Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed, Tensor step, int vocab_size) -> (Tensor, Tensor)");
+  m.def("combine(Tensor base, Tensor[] experts, Tensor[] anti_experts, Tensor weights, int vocab_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(proxytune, CPU, m) {
+  m.impl("sample", &proxytune_cpu::sample_cpu);
+  m.impl("combine", &proxytune_cpu::combine_cpu);
+}
+
+// `import proxytune._C` loads this library (registering the ops above); the module itself is empty.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "proxytune C++ CPU ops (torch.ops.proxytune)", -1, nullptr};
+  return PyModule_Create(&def);
+}
