@@ -140,23 +140,30 @@ struct Noise {
 };
 
 // u = ((x0 >> 9) + 0.5) * 2^-23 with x0 = Philox-4x32-10((j, 0, c2, c3), (k0, k1))[0], for n tokens.
+// The 32-bit words live in 64-bit lanes so the 32x32->64 products vectorise without shuffles.
 PT_HOT void uniforms(const uint32_t* __restrict tok, int n, Noise nz, float* __restrict u) {
+  uint64_t key0[10], key1[10];
+  uint32_t k0 = nz.k0, k1 = nz.k1;
+  for (int round = 0; round < 10; ++round) {
+    key0[round] = k0;
+    key1[round] = k1;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
   for (int l = 0; l < n; ++l) {
-    uint32_t c0 = tok[l], c1 = 0, c2 = nz.c2, c3 = nz.c3, k0 = nz.k0, k1 = nz.k1;
+    uint64_t c0 = tok[l], c1 = 0, c2 = nz.c2, c3 = nz.c3;
 #pragma GCC unroll 10
     for (int round = 0; round < 10; ++round) {
-      const uint64_t pa = uint64_t(c0) * 0xD2511F53u;
-      const uint64_t pb = uint64_t(c2) * 0xCD9E8D57u;
-      const uint32_t n0 = uint32_t(pb >> 32) ^ c1 ^ k0;
-      const uint32_t n2 = uint32_t(pa >> 32) ^ c3 ^ k1;
-      c1 = uint32_t(pb);
-      c3 = uint32_t(pa);
+      const uint64_t pa = uint64_t(uint32_t(c0)) * uint64_t(0xD2511F53u);
+      const uint64_t pb = uint64_t(uint32_t(c2)) * uint64_t(0xCD9E8D57u);
+      const uint64_t n0 = (pb >> 32) ^ c1 ^ key0[round];
+      const uint64_t n2 = (pa >> 32) ^ c3 ^ key1[round];
+      c1 = pb & 0xFFFFFFFFu;
+      c3 = pa & 0xFFFFFFFFu;
       c0 = n0;
       c2 = n2;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
     }
-    u[l] = (float(c0 >> 9) + 0.5f) * 0x1.0p-23f;
+    u[l] = (float(uint32_t(c0) >> 9) + 0.5f) * 0x1.0p-23f;
   }
 }
 
@@ -184,8 +191,10 @@ inline float exact_key(float z, uint32_t j, Noise nz) {
 }
 
 // Offers the tokens tok[0..n) with scaled logits z[0..n) (all kept) to `best`, pruning by the bounds above.
+constexpr int kGroup = 4 * kSub;  // tokens per noise batch
+
 void draw_group(const uint32_t* tok, const float* z, int n, Noise nz, Best& best) {
-  float u[kSub], ex[kSub];
+  float u[kGroup], ex[kGroup];
   uniforms(tok, n, nz, u);
   const float ref = best.key;  // a lower bound of the final best; fixed for the group so this vectorises
   exp_shifted(z, n, ref, ex);
@@ -359,21 +368,26 @@ Best draw_chunk(const float* z, const float* bmz, int64_t lo, int64_t hi, int64_
   Best best;
   if (!(z[seed_idx] > kNegInf)) return best;
   best.offer(exact_key(z[seed_idx], uint32_t(seed_idx), nz), seed_idx);
-  uint32_t tok[kSub];
-  float zz[kSub];
+  uint32_t tok[kGroup];
+  float zz[kGroup];
+  int cnt = 0;
+  float lim = best.key - kGumbelMax - kEps;
   for (int64_t sb = lo; sb < hi; sb += kSub) {
-    const float lim = best.key - kGumbelMax - kEps;
     if (bmz[sb / kSub] < lim) continue;
     const int64_t len = std::min(kSub, hi - sb);
-    int cnt = 0;
     for (int64_t j = 0; j < len; ++j) {
       const float v = z[sb + j];
       tok[cnt] = uint32_t(sb + j);
       zz[cnt] = v;
       cnt += v >= lim;
     }
-    if (cnt) draw_group(tok, zz, cnt, nz, best);
+    if (cnt > kGroup - kSub) {
+      draw_group(tok, zz, cnt, nz, best);
+      cnt = 0;
+      lim = best.key - kGumbelMax - kEps;
+    }
   }
+  if (cnt) draw_group(tok, zz, cnt, nz, best);
   return best;
 }
 
@@ -398,6 +412,10 @@ bool nucleus_cut(std::vector<Cand>& D, double SK, float p, float* cut, std::vect
         return true;
       }
       cum += q_of(D[i].z);
+    }
+    if (n > 0 && !(float(cum) < p)) {  // the first token after D is where the mass reaches p
+      *cut = D[n - 1].z;
+      return true;
     }
     return false;
   }
@@ -443,6 +461,10 @@ bool nucleus_cut(std::vector<Cand>& D, double SK, float p, float* cut, std::vect
       prev_z = c.z;
       have_prev = true;
     }
+  }
+  if (have_prev && !(float(cum) < p)) {
+    *cut = prev_z;
+    return true;
   }
   return false;
 }
