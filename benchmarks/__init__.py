@@ -1,0 +1,1 @@
+"""The benchmark suite (``pytest benchmarks``) and the naive baseline pipeline (:mod:`benchmarks.naive`)."""

@@ -1,0 +1,301 @@
+"""Shared machinery of ``pytest benchmarks``: the copy-bandwidth probe, the results collector and the table.
+
+Each benchmark records its timings in a :class:`BenchRun` kept on the pytest config. At the end of the
+session :func:`pytest_terminal_summary` prints, for every case and backend, the median time, the speed-up
+over the naive pipeline measured in the same run, and the memory floor: the ``3 * B * V * bytes`` that the
+three logits tensors take to read once, divided by the copy bandwidth measured in the same run.
+With ``--save-results`` (or ``PROXYTUNE_BENCH_SAVE=1``) the raw numbers also go to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+COPY_BYTES = 256 * 2**20  # per buffer: far larger than any cache, so the copy streams through DRAM / HBM
+COPY_REPEATS = 10
+_DEFAULT_COLUMNS = ["min", "max", "mean", "stddev", "median", "iqr", "outliers", "ops", "rounds", "iterations"]
+
+
+@dataclass
+class Record:
+    """One benchmark: a backend on one case. Times in seconds, bytes in bytes."""
+
+    device: str
+    dtype: str
+    batch: int
+    vocab: int
+    top_p: float
+    backend: str
+    median_s: float
+    min_s: float
+    mean_s: float
+    stddev_s: float
+    rounds: int
+    floor_bytes: int  # 3 * B * V * bytes per element: base, expert and anti-expert read once
+    times_s: list[float] = field(default_factory=list, repr=False)  # every round; JSON only, not the CSV
+
+
+@dataclass
+class BenchRun:
+    records: list[Record] = field(default_factory=list)
+    bandwidth: dict[str, dict] = field(default_factory=dict)  # device type -> probe result
+    started: float = field(default_factory=time.time)
+    load_at_start: Optional[float] = field(default_factory=lambda: _load_average())
+
+    def copy_bandwidth(self, device: torch.device) -> float:
+        """Bytes per second of ``dst.copy_(src)`` on ``device``, read + write counted; measured once per run."""
+        if device.type not in self.bandwidth:
+            self.bandwidth[device.type] = measure_copy_bandwidth(device)
+        return self.bandwidth[device.type]["bytes_per_s"]
+
+    def reprobe_bandwidth(self) -> None:
+        """Probe again at the end and keep the better: a busy moment at the start must not lower the floor."""
+        for dev, first in list(self.bandwidth.items()):
+            again = measure_copy_bandwidth(torch.device(dev))
+            best = again if again["bytes_per_s"] > first["bytes_per_s"] else first
+            self.bandwidth[dev] = {**best, "probes_gb_per_s": [round(p["bytes_per_s"] / 1e9, 2) for p in (first, again)]}
+
+
+_RUN_KEY = pytest.StashKey[BenchRun]()
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = COPY_BYTES, repeats: int = COPY_REPEATS) -> dict:
+    """Time ``dst.copy_(src)`` of two ``nbytes`` fp32 buffers; the best of ``repeats`` gives the bandwidth.
+
+    The suite probes at its start (before the first timing on the device) and again at its end, and keeps
+    the better probe.
+
+    A copy reads ``nbytes`` and writes ``nbytes``, so the bandwidth is ``2 * nbytes / time``. The best run,
+    not the median, because the floor built from it is a lower bound on what any kernel can do.
+    """
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(2):  # first-touch page faults, allocator, clocks
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+    best, median = min(times), sorted(times)[len(times) // 2]
+    return {
+        "bytes_per_s": 2 * nbytes / best,
+        "median_bytes_per_s": 2 * nbytes / median,
+        "buffer_bytes": nbytes,
+        "repeats": repeats,
+        "method": "dst.copy_(src), fp32, best of repeats, read+write bytes counted",
+    }
+
+
+def _load_average() -> Optional[float]:
+    """The 1-minute load average: other processes on the machine make every CPU timing slower."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------------- pytest hooks
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--save-results", action="store_true", default=False,
+        help="proxytune benchmarks: write raw numbers to benchmarks/results/ (also PROXYTUNE_BENCH_SAVE=1)",
+    )  # fmt: skip
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-benchmark reads its display options
+def pytest_configure(config):
+    config.stash[_RUN_KEY] = BenchRun()
+    opt = config.option
+    # pytest-benchmark's own table: compact and in parametrisation order, unless asked otherwise.
+    if getattr(opt, "benchmark_columns", None) == _DEFAULT_COLUMNS:
+        opt.benchmark_columns = ["min", "median", "iqr", "rounds"]
+    if getattr(opt, "benchmark_sort", None) == "min":
+        opt.benchmark_sort = "fullname"
+
+
+@pytest.fixture(scope="session")
+def bench_run(request) -> BenchRun:
+    return request.config.stash[_RUN_KEY]
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables
+def pytest_terminal_summary(terminalreporter, config):
+    run = config.stash.get(_RUN_KEY, None)
+    if run is None or not run.records:
+        return
+    run.reprobe_bandwidth()
+    write = terminalreporter.write_line
+    terminalreporter.section("proxytune: backends vs the naive pipeline (same run)")
+    for line in summary_lines(run):
+        write(line)
+    if config.getoption("save_results") or os.environ.get("PROXYTUNE_BENCH_SAVE", "") not in ("", "0"):
+        paths = save_results(run, config)
+        write("")
+        for path in paths:
+            write(f"saved {path}")
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def summary_lines(run: BenchRun) -> list[str]:
+    threads, load, cores = torch.get_num_threads(), _load_average(), os.cpu_count()
+    lines = [
+        f"torch {torch.__version__}, {threads} torch CPU threads on {cores} cores; "
+        f"load average {_fmt_load(run.load_at_start)} at start, {_fmt_load(load)} at end.",
+        "median: of the rounds shown. x naive = naive median / backend median (> 1: faster than naive).",
+        "floor = 3*B*V*bytes / copy bandwidth: the time to read base, expert and anti-expert once from memory;",
+        "x floor = median / floor (1 = at the floor); GB/s = 3*B*V*bytes / median.",
+    ]
+    # This run itself adds up to `threads` to the load, so only a high load says that others were busy.
+    if cores and ((run.load_at_start or 0) > cores / 2 or (load or 0) > cores + 0.5):
+        lines.append("NOTE: the machine was busy (see the load average): other processes competed, CPU times are inflated.")
+    for dev, bw in run.bandwidth.items():
+        probes = ", ".join(f"{p:.1f}" for p in bw.get("probes_gb_per_s", []))
+        lines.append(
+            f"copy bandwidth {dev} ({device_name(dev)}): {bw['bytes_per_s'] / 1e9:.1f} GB/s (best of "
+            f"{bw['repeats']} copies of {bw['buffer_bytes'] >> 20} MiB, read+write counted; median "
+            f"{bw['median_bytes_per_s'] / 1e9:.1f} GB/s)"
+        )
+        if probes:
+            lines.append(f"  probed at the start and the end of the run: {probes} GB/s; the floor uses the better")
+    header = f"{'device':<6} {'dtype':<5} {'top_p':>5} {'B':>3} {'V':>7}  {'backend':<10} {'median':>10} " \
+             f"{'rounds':>6} {'x naive':>8} {'floor':>9} {'x floor':>8} {'GB/s':>7}"  # fmt: skip
+    lines += ["", header, "-" * len(header)]
+    cases: dict[tuple, list[Record]] = {}
+    for rec in run.records:
+        cases.setdefault((rec.device, rec.dtype, rec.top_p, rec.batch, rec.vocab), []).append(rec)
+    for key, recs in cases.items():
+        dev, dtype, top_p, batch, vocab = key
+        naive = next((r for r in recs if r.backend == "naive"), None)
+        bw = run.bandwidth.get(dev, {}).get("bytes_per_s")
+        for i, rec in enumerate(sorted(recs, key=lambda r: (r.backend != "naive", r.median_s))):
+            case = f"{dev:<6} {dtype:<5} {top_p:>5g} {batch:>3} {vocab:>7}" if i == 0 else " " * 30
+            speedup = f"{naive.median_s / rec.median_s:.2f}x" if naive else "-"
+            floor = rec.floor_bytes / bw if bw else None
+            floor_s = _fmt_time(floor) if floor else "-"
+            ratio = _fmt_ratio(rec.median_s / floor) if floor else "-"
+            lines.append(
+                f"{case}  {rec.backend:<10} {_fmt_time(rec.median_s):>10} {rec.rounds:>6} {speedup:>8} "
+                f"{floor_s:>9} {ratio:>8} {rec.floor_bytes / rec.median_s / 1e9:>7.2f}"
+            )
+    lines.append(f"\n{len(run.records)} benchmarks in {time.time() - run.started:.0f} s")
+    return lines
+
+
+def _fmt_ratio(x: float) -> str:
+    return f"{x:.1f}x" if x < 100 else f"{x:.0f}x"
+
+
+def _fmt_load(load: Optional[float]) -> str:
+    return "?" if load is None else f"{load:.1f}"
+
+
+def _git_revision() -> Optional[str]:
+    try:
+        root = Path(__file__).parent.parent
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def save_results(run: BenchRun, config) -> list[Path]:
+    """Write ``<date>_<device>.json`` (metadata + records) and ``.csv`` (records) under ``benchmarks/results``."""
+    import proxytune
+
+    devices = sorted({r.device for r in run.records})
+    main_dev = "cuda" if "cuda" in devices else devices[0]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    env = {k: v for k, v in os.environ.items() if k.startswith("PROXYTUNE_") or k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    meta = {
+        "date": now.isoformat(timespec="seconds"),
+        "command": " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), "python -m pytest",
+                             shlex.join(config.invocation_params.args)]).strip(),  # fmt: skip
+        "devices": {dev: device_name(dev) for dev in devices},
+        "cpu": device_name("cpu"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "proxytune": proxytune.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average": {"start": run.load_at_start, "end": _load_average()},
+        "git": _git_revision(),
+        "copy_bandwidth": run.bandwidth,
+    }
+    rows = []
+    for rec in run.records:
+        bw = run.bandwidth.get(rec.device, {}).get("bytes_per_s")
+        naive = next((r for r in run.records if r.backend == "naive" and
+                      (r.device, r.dtype, r.top_p, r.batch, r.vocab) == (rec.device, rec.dtype, rec.top_p, rec.batch, rec.vocab)), None)  # fmt: skip
+        row = asdict(rec)
+        row["floor_s"] = rec.floor_bytes / bw if bw else None
+        row["speedup_vs_naive"] = naive.median_s / rec.median_s if naive else None
+        rows.append(row)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(main_dev)).strip("-").lower() or main_dev
+    stem = RESULTS_DIR / f"{now:%Y%m%d-%H%M%S}_{slug}"
+    json_path, csv_path = stem.with_suffix(".json"), stem.with_suffix(".csv")
+    json_path.write_text(json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "times_s"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return [json_path, csv_path]
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return None
