@@ -303,64 +303,67 @@ void combine_chunk(const Inputs& in, int64_t r, int64_t lo, int64_t hi, float* s
   *cidx = ci;
 }
 
-// z in place for one sub-block (len <= kSub), its exp into e; returns sum of e.
-PT_HOT float scale_sub(float* __restrict x, float* __restrict e, int64_t len, float m, float t) {
-  float acc[kLanes] = {0};
-  if (len == kSub) {
-    for (int j = 0; j < kSub; ++j) {
-      const float z = z_of(x[j], m, t);
-      x[j] = z;
-      e[j] = exp_approx(z);
-    }
-    for (int q = 0; q < kSub; q += kLanes)
-      for (int l = 0; l < kLanes; ++l) acc[l] += e[q + l];
-  } else {
-    for (int64_t j = 0; j < len; ++j) {
-      const float z = z_of(x[j], m, t);
-      x[j] = z;
-      e[j] = exp_approx(z);
-      acc[0] += e[j];
-    }
-  }
-  float a = 0.0f;
-  for (int l = 0; l < kLanes; ++l) a += acc[l];
-  return a;
-}
-
-PT_HOT float mass_above(const float* __restrict x, const float* __restrict e, int64_t len, float thr) {
-  float acc[kLanes] = {0};
-  if (len == kSub) {
-    for (int q = 0; q < kSub; q += kLanes)
-      for (int l = 0; l < kLanes; ++l) acc[l] += x[q + l] >= thr ? e[q + l] : 0.0f;
-  } else {
-    for (int64_t j = 0; j < len; ++j) acc[0] += x[j] >= thr ? e[j] : 0.0f;
-  }
-  float a = 0.0f;
-  for (int l = 0; l < kLanes; ++l) a += acc[l];
-  return a;
-}
-
-// z in place over [lo, hi), the sub-block maxima turned into z too; S and ladder masses accumulated.
-// A ladder rung above a sub-block's maximum gets nothing from it, so only the rungs below are summed.
-void scale_chunk(float* s, float* bm, int64_t lo, int64_t hi, float m, float t, bool with_ladder, double* S,
-                 double* ladder) {
+// z in place over [lo, hi) (lo a multiple of kSub), the sub-block maxima turned into z too; S and the
+// ladder masses accumulated. A rung above a sub-block's maximum gets nothing from it and is skipped.
+// Lane accumulators persist over a block of sub-blocks (cheap reductions), then flush into doubles.
+PT_HOT void scale_chunk(float* __restrict s, float* __restrict bm, int64_t lo, int64_t hi, float m, float t,
+                        bool with_ladder, double* S, double* ladder) {
   float e[kSub];
-  double sum = 0.0;
+  float acc[kLanes] = {0};
+  float la[kLadder][kLanes] = {{0}};
+  double sum = 0.0, lad[kLadder] = {0};
+  int64_t pending = 0;
+  auto flush = [&]() {
+    for (int l = 0; l < kLanes; ++l) {
+      sum += acc[l];
+      acc[l] = 0.0f;
+    }
+    if (with_ladder)
+      for (int i = 0; i < kLadder; ++i)
+        for (int l = 0; l < kLanes; ++l) {
+          lad[i] += la[i][l];
+          la[i][l] = 0.0f;
+        }
+    pending = 0;
+  };
   for (int64_t sb = lo; sb < hi; sb += kSub) {
     const int64_t len = std::min(kSub, hi - sb);
+    float* __restrict x = s + sb;
     const float zmax = z_of(bm[sb / kSub], m, t);
     bm[sb / kSub] = zmax;
     if (!(zmax > kNegInf)) {  // fully masked sub-block
-      for (int64_t j = 0; j < len; ++j) s[sb + j] = kNegInf;
+      for (int64_t j = 0; j < len; ++j) x[j] = kNegInf;
       continue;
     }
-    const float sub = scale_sub(s + sb, e, len, m, t);
-    sum += sub;
-    if (with_ladder)
-      for (int i = kLadder - 1; i >= 0 && kLadderZ[i] <= zmax; --i)
-        ladder[i] += mass_above(s + sb, e, len, kLadderZ[i]);
+    if (len == kSub) {
+      for (int j = 0; j < kSub; ++j) {
+        const float z = z_of(x[j], m, t);
+        x[j] = z;
+        e[j] = exp_approx(z);
+      }
+      for (int q = 0; q < kSub; q += kLanes)
+        for (int l = 0; l < kLanes; ++l) acc[l] += e[q + l];
+      if (with_ladder)
+        for (int i = kLadder - 1; i >= 0 && kLadderZ[i] <= zmax; --i) {
+          const float thr = kLadderZ[i];
+          for (int q = 0; q < kSub; q += kLanes)
+            for (int l = 0; l < kLanes; ++l) la[i][l] += x[q + l] >= thr ? e[q + l] : 0.0f;
+        }
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        const float z = z_of(x[j], m, t);
+        x[j] = z;
+        const float ej = exp_approx(z);
+        sum += ej;
+        if (with_ladder)
+          for (int i = 0; i < kLadder; ++i) lad[i] += z >= kLadderZ[i] ? ej : 0.0f;
+      }
+    }
+    if (++pending == 32) flush();
   }
+  flush();
   *S += sum;
+  for (int i = 0; i < kLadder; ++i) ladder[i] += lad[i];
 }
 
 // Best key over every finite token in [lo, hi) (the no-filter case), seeded with the chunk maximum.
