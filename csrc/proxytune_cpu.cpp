@@ -303,12 +303,29 @@ void combine_chunk(const Inputs& in, int64_t r, int64_t lo, int64_t hi, float* s
   *cidx = ci;
 }
 
-// z in place over [lo, hi) (lo a multiple of kSub), the sub-block maxima turned into z too; S and the
-// ladder masses accumulated. A rung above a sub-block's maximum gets nothing from it and is skipped.
-// Lane accumulators persist over a block of sub-blocks (cheap reductions), then flush into doubles.
-PT_HOT void scale_chunk(float* __restrict s, float* __restrict bm, int64_t lo, int64_t hi, float m, float t,
-                        bool with_ladder, double* S, double* ladder) {
-  float e[kSub];
+// (s - M) / T approximately, by a multiplication; 0 at the maximum, -inf for masked tokens.
+// inv_t is finite (clamped), so the maximum maps to exactly 0.
+inline float zc_of(float v, float M, float inv_t) {
+  const float z = (v - M) * inv_t;
+  return (v > kNegInf && z == z) ? z : kNegInf;
+}
+
+inline void zc_exp_sub(const float* __restrict x, float M, float inv_t, float* __restrict zc, float* __restrict e) {
+  for (int j = 0; j < kSub; ++j) {
+    const float z = zc_of(x[j], M, inv_t);
+    zc[j] = z;
+    e[j] = exp_approx(z);
+  }
+}
+
+// S = sum exp(zc) and the ladder masses (mass with zc >= rung) over [lo, hi), where zc = (s - M) / T is
+// taken relative to the chunk maximum M (and multiplied by 1/T: these sums only steer the search, the exact
+// z = (s - m) / T is computed wherever a decision depends on it). Reads s, writes nothing. A rung above
+// a sub-block's maximum gets nothing from it and is skipped. Lane accumulators flush into doubles.
+PT_HOT void scale_chunk(const float* __restrict s, const float* __restrict bm, int64_t lo, int64_t hi, float M,
+                        float t, bool with_ladder, double* S, double* ladder) {
+  const float inv_t = std::min(1.0f / t, FLT_MAX);
+  float e[kSub], zc[kSub];
   float acc[kLanes] = {0};
   float la[kLadder][kLanes] = {{0}};
   double sum = 0.0, lad[kLadder] = {0};
@@ -328,31 +345,22 @@ PT_HOT void scale_chunk(float* __restrict s, float* __restrict bm, int64_t lo, i
   };
   for (int64_t sb = lo; sb < hi; sb += kSub) {
     const int64_t len = std::min(kSub, hi - sb);
-    float* __restrict x = s + sb;
-    const float zmax = z_of(bm[sb / kSub], m, t);
-    bm[sb / kSub] = zmax;
-    if (!(zmax > kNegInf)) {  // fully masked sub-block
-      for (int64_t j = 0; j < len; ++j) x[j] = kNegInf;
-      continue;
-    }
+    const float* __restrict x = s + sb;
+    if (!(bm[sb / kSub] > kNegInf)) continue;  // fully masked sub-block
+    const float zmax = zc_of(bm[sb / kSub], M, inv_t);
     if (len == kSub) {
-      for (int j = 0; j < kSub; ++j) {
-        const float z = z_of(x[j], m, t);
-        x[j] = z;
-        e[j] = exp_approx(z);
-      }
+      zc_exp_sub(x, M, inv_t, zc, e);
       for (int q = 0; q < kSub; q += kLanes)
         for (int l = 0; l < kLanes; ++l) acc[l] += e[q + l];
       if (with_ladder)
         for (int i = kLadder - 1; i >= 0 && kLadderZ[i] <= zmax; --i) {
           const float thr = kLadderZ[i];
           for (int q = 0; q < kSub; q += kLanes)
-            for (int l = 0; l < kLanes; ++l) la[i][l] += x[q + l] >= thr ? e[q + l] : 0.0f;
+            for (int l = 0; l < kLanes; ++l) la[i][l] += zc[q + l] >= thr ? e[q + l] : 0.0f;
         }
     } else {
       for (int64_t j = 0; j < len; ++j) {
-        const float z = z_of(x[j], m, t);
-        x[j] = z;
+        const float z = zc_of(x[j], M, inv_t);
         const float ej = exp_approx(z);
         sum += ej;
         if (with_ladder)
@@ -366,31 +374,44 @@ PT_HOT void scale_chunk(float* __restrict s, float* __restrict bm, int64_t lo, i
   for (int i = 0; i < kLadder; ++i) ladder[i] += lad[i];
 }
 
+// Exact z = (s - m) / T for n tokens (vectorised division).
+PT_HOT void z_block(const float* __restrict x, int64_t n, float m, float t, float* __restrict z) {
+  for (int64_t j = 0; j < n; ++j) z[j] = z_of(x[j], m, t);
+}
+
 // Best key over every finite token in [lo, hi) (the no-filter case), seeded with the chunk maximum.
-Best draw_chunk(const float* z, const float* bmz, int64_t lo, int64_t hi, int64_t seed_idx, Noise nz) {
+Best draw_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, int64_t seed_idx, float m, float t,
+                Noise nz) {
   Best best;
-  if (!(z[seed_idx] > kNegInf)) return best;
-  best.offer(exact_key(z[seed_idx], uint32_t(seed_idx), nz), seed_idx);
+  const float zseed = z_of(s[seed_idx], m, t);
+  if (!(zseed > kNegInf)) return best;
+  best.offer(exact_key(zseed, uint32_t(seed_idx), nz), seed_idx);
+  const float inv_t = std::min(1.0f / t, FLT_MAX);
   uint32_t tok[kGroup];
-  float zz[kGroup];
+  float sv[kGroup], zz[kGroup];
   int cnt = 0;
   float lim = best.key - kGumbelMax - kEps;
+  // The scan compares an approximate z (a multiplication instead of the division) against lim lowered by
+  // a margin far above its rounding error (|z| < 20 near lim); the survivors get the exact z.
+  auto flush = [&]() {
+    z_block(sv, cnt, m, t, zz);
+    draw_group(tok, zz, cnt, nz, best);
+    cnt = 0;
+    lim = best.key - kGumbelMax - kEps;
+  };
   for (int64_t sb = lo; sb < hi; sb += kSub) {
-    if (bmz[sb / kSub] < lim) continue;
+    if (z_of(bm[sb / kSub], m, t) < lim) continue;
     const int64_t len = std::min(kSub, hi - sb);
+    const float lim_c = lim - 1e-3f;
     for (int64_t j = 0; j < len; ++j) {
-      const float v = z[sb + j];
+      const float v = s[sb + j];
       tok[cnt] = uint32_t(sb + j);
-      zz[cnt] = v;
-      cnt += v >= lim;
+      sv[cnt] = v;
+      cnt += (v > kNegInf) & ((v - m) * inv_t >= lim_c);
     }
-    if (cnt > kGroup - kSub) {
-      draw_group(tok, zz, cnt, nz, best);
-      cnt = 0;
-      lim = best.key - kGumbelMax - kEps;
-    }
+    if (cnt > kGroup - kSub) flush();
   }
-  if (cnt) draw_group(tok, zz, cnt, nz, best);
+  if (cnt) flush();
   return best;
 }
 
@@ -479,15 +500,18 @@ struct Scratch {
 };
 
 // Collects C = {j : z_j >= c_lo} (every finite token when c_lo = -inf), skipping sub-blocks below c_lo.
-void collect(const float* z, const float* bmz, int64_t V, float c_lo, std::vector<Cand>& C) {
+void collect(const float* s, const float* bm, int64_t V, float m, float t, float c_lo, std::vector<Cand>& C) {
   C.clear();
   const bool all = !(c_lo > kNegInf);
   const int64_t nsub = (V + kSub - 1) / kSub;
+  float zb[kSub];
   for (int64_t b = 0; b < nsub; ++b) {
-    if (!(bmz[b] >= c_lo) || !(bmz[b] > kNegInf)) continue;
+    const float bmz = z_of(bm[b], m, t);
+    if (!(bmz >= c_lo) || !(bmz > kNegInf)) continue;
     const int64_t j0 = b * kSub, j1 = std::min(V, j0 + kSub);
+    z_block(s + j0, j1 - j0, m, t, zb);
     for (int64_t j = j0; j < j1; ++j) {
-      const float v = z[j];
+      const float v = zb[j - j0];
       if (all ? v > kNegInf : v >= c_lo) C.push_back(Cand{v, int32_t(j)});
     }
   }
@@ -495,7 +519,7 @@ void collect(const float* z, const float* bmz, int64_t V, float c_lo, std::vecto
 
 // Everything after pass 2 for a sampled row whose kept set is bounded by a filter. Returns false when no
 // filter bounds it (top_k, top_p, min_p all off): the caller then draws over the whole row.
-bool finish_filtered(const float* z, const float* bm, int64_t V, const RowParams& rp, double S_all,
+bool finish_filtered(const float* s, const float* bm, int64_t V, float m, const RowParams& rp, double S_all,
                      const double* ladder, Scratch& sc, int64_t* token, float* logprob) {
   const int64_t nsub = (V + kSub - 1) / kSub;
   const bool k_on = rp.k > 0 && rp.k < V;
@@ -506,7 +530,8 @@ bool finish_filtered(const float* z, const float* bm, int64_t V, const RowParams
   float c_lo = kNegInf;
   if (k_on) {
     if (rp.k <= nsub) {  // the k-th largest sub-block maximum is <= the k-th largest z
-      sc.bmz.assign(bm, bm + nsub);
+      sc.bmz.resize(nsub);
+      for (int64_t b = 0; b < nsub; ++b) sc.bmz[b] = z_of(bm[b], m, rp.t);
       std::nth_element(sc.bmz.begin(), sc.bmz.begin() + (rp.k - 1), sc.bmz.end(), std::greater<float>());
       c_lo = sc.bmz[rp.k - 1];
     }
@@ -532,7 +557,7 @@ bool finish_filtered(const float* z, const float* bm, int64_t V, const RowParams
       if (!(c_lo > kNegInf)) break;  // already exhaustive
       c_lo = kNegInf;
     }
-    collect(z, bm, V, c_lo, sc.C);
+    collect(s, bm, V, m, rp.t, c_lo, sc.C);
     const bool exhaustive = !(c_lo > kNegInf);
     std::vector<Cand>& C = sc.C;
     if (C.empty()) break;  // cannot happen for a row with a finite maximum
@@ -580,7 +605,7 @@ bool finish_filtered(const float* z, const float* bm, int64_t V, const RowParams
     for (size_t i = 0; i < sc.kept.size(); ++i)
       if (sc.kept[i].idx == first_max) first_pos = int64_t(i);
     if (first_pos < 0) {
-      sc.kept.push_back(Cand{z[first_max], int32_t(first_max)});
+      sc.kept.push_back(Cand{z_of(s[first_max], m, rp.t), int32_t(first_max)});
       first_pos = int64_t(sc.kept.size()) - 1;
     }
     const int64_t tok = draw_list(sc.kept, first_pos, rp.nz);
@@ -745,10 +770,10 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
         const RowParams& rp = R.rp;
         const bool ladder = !(rp.p >= 1.0f) && !(rp.k > 0 && rp.k < V);
         scale_chunk(s, bm, 0, V, R.m, rp.t, ladder, &R.S, R.ladder);
-        if (finish_filtered(s, bm, V, rp, R.S, R.ladder, sc, &tok_out[r], &lp_out[r])) continue;
-        Best best = draw_chunk(s, bm, 0, V, R.first, rp.nz);
+        if (finish_filtered(s, bm, V, R.m, rp, R.S, R.ladder, sc, &tok_out[r], &lp_out[r])) continue;
+        Best best = draw_chunk(s, bm, 0, V, R.first, R.m, rp.t, rp.nz);
         tok_out[r] = best.idx;
-        lp_out[r] = s[best.idx] - float(std::log(R.S));
+        lp_out[r] = z_of(s[best.idx], R.m, rp.t) - float(std::log(R.S));
       }
     });
     return {tokens, logprobs};
@@ -769,16 +794,28 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
     *lo = std::min(V, c * per);
     *hi = std::min(V, *lo + per);
   };
+  // Phase A, per chunk: s, the chunk maximum M_c, and S / ladder masses relative to M_c.
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t r = it / chunks;
+      const RowState& R = rows[r];
       int64_t lo, hi;
       range(it % chunks, &lo, &hi);
       cmax[it] = kNegInf;
       cidx[it] = lo;
-      if (lo < hi) combine_chunk(in, r, lo, hi, sbuf.data() + r * V, bmb.data() + r * nsub, &cmax[it], &cidx[it]);
+      cS[it] = 0.0;
+      for (int i = 0; i < kLadder; ++i) cL[it * kLadder + i] = 0.0;
+      if (lo >= hi) continue;
+      float* s = sbuf.data() + r * V;
+      float* bm = bmb.data() + r * nsub;
+      combine_chunk(in, r, lo, hi, s, bm, &cmax[it], &cidx[it]);
+      if (R.greedy || !(cmax[it] > kNegInf)) continue;
+      const bool ladder = !(R.rp.p >= 1.0f) && !(R.rp.k > 0 && R.rp.k < V);
+      scale_chunk(s, bm, lo, hi, cmax[it], R.rp.t, ladder, &cS[it], &cL[it * kLadder]);
     }
   });
+  // Per row: the maximum, S, and ladder masses as lower bounds relative to the row maximum (a chunk whose
+  // maximum is delta nats below contributes its rung j to rung i when rung j - delta >= rung i).
   for (int64_t r = 0; r < B; ++r) {
     RowState& R = rows[r];
     for (int64_t c = 0; c < chunks; ++c)
@@ -790,42 +827,38 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
       tok_out[r] = 0;
       lp_out[r] = std::numeric_limits<float>::quiet_NaN();
       R.done = true;
-    } else if (R.greedy) {
+      continue;
+    }
+    if (R.greedy) {
       tok_out[r] = R.first;
       lp_out[r] = 0.0f;
       R.done = true;
+      continue;
+    }
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t it = r * chunks + c;
+      if (!(cmax[it] > kNegInf)) continue;
+      const double delta = (double(R.m) - double(cmax[it])) / double(R.rp.t);
+      const double scale = std::exp(-delta);
+      R.S += cS[it] * scale;
+      for (int i = 0; i < kLadder; ++i) {
+        int j = kLadder - 1;
+        while (j >= 0 && double(kLadderZ[j]) - delta < double(kLadderZ[i])) --j;
+        if (j >= 0) R.ladder[i] += cL[it * kLadder + j] * scale;
+      }
     }
   }
-  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t it = i0; it < i1; ++it) {
-      const int64_t r = it / chunks;
-      const RowState& R = rows[r];
-      cS[it] = 0.0;
-      for (int i = 0; i < kLadder; ++i) cL[it * kLadder + i] = 0.0;
-      if (R.done) continue;
-      int64_t lo, hi;
-      range(it % chunks, &lo, &hi);
-      if (lo >= hi) continue;
-      const bool ladder = !(R.rp.p >= 1.0f) && !(R.rp.k > 0 && R.rp.k < V);
-      float* s = sbuf.data() + r * V;
-      float* bm = bmb.data() + r * nsub;
-      scale_chunk(s, bm, lo, hi, R.m, R.rp.t, ladder, &cS[it], &cL[it * kLadder]);
-    }
-  });
-  at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
-    thread_local Scratch sc;
-    for (int64_t r = r0; r < r1; ++r) {
-      RowState& R = rows[r];
-      if (R.done) continue;
-      for (int64_t c = 0; c < chunks; ++c) {
-        R.S += cS[r * chunks + c];
-        for (int i = 0; i < kLadder; ++i) R.ladder[i] += cL[(r * chunks + c) * kLadder + i];
-      }
-      if (finish_filtered(sbuf.data() + r * V, bmb.data() + r * nsub, V, R.rp, R.S, R.ladder, sc, &tok_out[r],
-                          &lp_out[r]))
-        R.done = true;
-    }
-  });
+  thread_local Scratch sc_main;
+  for (int64_t r = 0; r < B; ++r) {  // B < threads here: the filters run on the calling thread
+    RowState& R = rows[r];
+    if (R.done) continue;
+    if (finish_filtered(sbuf.data() + r * V, bmb.data() + r * nsub, V, R.m, R.rp, R.S, R.ladder, sc_main,
+                        &tok_out[r], &lp_out[r]))
+      R.done = true;
+  }
+  bool any_full = false;
+  for (int64_t r = 0; r < B; ++r) any_full |= !rows[r].done;
+  if (!any_full) return {tokens, logprobs};
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t r = it / chunks;
@@ -834,7 +867,8 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
       int64_t lo, hi;
       range(it % chunks, &lo, &hi);
       if (lo < hi && cmax[it] > kNegInf)
-        cbest[it] = draw_chunk(sbuf.data() + r * V, bmb.data() + r * nsub, lo, hi, cidx[it], rows[r].rp.nz);
+        cbest[it] = draw_chunk(sbuf.data() + r * V, bmb.data() + r * nsub, lo, hi, cidx[it], rows[r].m,
+                               rows[r].rp.t, rows[r].rp.nz);
     }
   });
   for (int64_t r = 0; r < B; ++r) {
@@ -843,7 +877,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
     for (int64_t c = 0; c < chunks; ++c)
       if (cbest[r * chunks + c].idx >= 0) best.offer(cbest[r * chunks + c].key, cbest[r * chunks + c].idx);
     tok_out[r] = best.idx;
-    lp_out[r] = sbuf[r * V + best.idx] - float(std::log(rows[r].S));
+    lp_out[r] = z_of(sbuf[r * V + best.idx], rows[r].m, rows[r].rp.t) - float(std::log(rows[r].S));
   }
   return {tokens, logprobs};
 }
