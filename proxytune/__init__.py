@@ -7,6 +7,7 @@ Importing proxytune never touches a GPU.
 
 from proxytune.backends import BackendUnavailableError
 from proxytune.ops import combine, sample
+from proxytune.engine import ModelSpec, ProxyTuner, SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["sample", "combine", "BackendUnavailableError", "__version__"]
+__all__ = ["sample", "combine", "ProxyTuner", "ModelSpec", "SamplingParams", "BackendUnavailableError", "__version__"]

@@ -1,0 +1,16 @@
+"""Proxy-tuned generation over Hugging Face causal LMs.
+
+``tuner.py`` holds :class:`ProxyTuner` (the generation loop), ``decode.py`` one model's KV cache and decode
+step, ``loading.py`` model loading, ``vocabulary.py`` the shared-vocabulary check, ``prompts.py`` templates and
+left padding, ``stopping.py`` incremental detokenisation and stop strings. transformers is imported lazily.
+"""
+
+from proxytune.engine.loading import ModelLoadError, ModelSpec
+from proxytune.engine.prompts import PromptTemplate
+from proxytune.engine.tuner import Generation, ProxyTuner, SamplingParams, TokenEvent
+from proxytune.engine.vocabulary import VocabularyMismatchError
+
+__all__ = [
+    "ProxyTuner", "SamplingParams", "Generation", "TokenEvent", "ModelSpec", "PromptTemplate",
+    "VocabularyMismatchError", "ModelLoadError",
+]  # fmt: skip

@@ -1,0 +1,100 @@
+"""The decode step: each model with its own KV cache, attention mask and positions, advanced one token at a time.
+
+The structure is the one a CUDA graph captures (the next step of the project): :meth:`ModelRunner.step`
+takes a ``[B]`` token tensor on the base's device and returns ``[B, W]`` logits, with no host sync; the
+per-row sampling parameters live in :class:`SamplerState` as device tensors (``step`` advances in place).
+Dropping finished rows (:meth:`ModelRunner.select`) happens between steps, on the host's decision.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+from proxytune.engine.loading import LoadedModel
+from proxytune.engine.prompts import position_ids
+
+__all__ = ["ModelRunner", "SamplerState"]
+
+
+class ModelRunner:
+    """One model's state for the rows of a batch: a transformers ``DynamicCache`` (or, with
+    ``use_cache=False``, the whole sequence, recomputed every step), the attention mask and the next position.
+    """
+
+    def __init__(self, model: LoadedModel, use_cache: bool = True):
+        self.model = model
+        self.module = model.module
+        self.device = model.device
+        self.use_cache = use_cache
+        params = inspect.signature(self.module.forward).parameters
+        self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.cache = None
+        self.mask: Optional[torch.Tensor] = None  # [B, L] int64, 1 on real tokens
+        self.next_pos: Optional[torch.Tensor] = None  # [B] int64
+        self.ids: Optional[torch.Tensor] = None  # [B, L], only without a cache
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the left-padded prompts ``[B, L]``; returns the last position's logits ``[B, W]``."""
+        self.mask = attention_mask
+        pos = position_ids(attention_mask)
+        self.next_pos = pos[:, -1] + 1
+        if self.use_cache:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=self.module.config)
+        else:
+            self.ids = input_ids
+        return self._forward(input_ids, pos)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (``[B]`` int64 on any device); returns the next logits ``[B, W]``. No host sync."""
+        tokens = tokens.to(self.device, non_blocking=True)[:, None]
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        if self.use_cache:
+            logits = self._forward(tokens, self.next_pos[:, None])
+        else:
+            self.ids = torch.cat([self.ids, tokens], dim=1)
+            logits = self._forward(self.ids, position_ids(self.mask))
+        self.next_pos = self.next_pos + 1
+        return logits
+
+    def _forward(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out = self.module(
+            input_ids=input_ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+            use_cache=self.use_cache, **self._extra,
+        )  # fmt: skip
+        return out.logits[:, -1]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (int64 indices into the current batch), in that order: cache included."""
+        rows = rows.to(self.device)
+        self.mask = self.mask[rows]
+        self.next_pos = self.next_pos[rows]
+        if self.cache is not None:
+            self.cache.batch_select_indices(rows)
+        if self.ids is not None:
+            self.ids = self.ids[rows]
+
+
+@dataclass
+class SamplerState:
+    """Per-row sampling parameters as device tensors, the form ``proxytune.sample`` takes and a graph can hold."""
+
+    weights: torch.Tensor  # [P, B] fp32
+    temperature: torch.Tensor  # [B] fp32
+    top_k: torch.Tensor  # [B] int64
+    top_p: torch.Tensor  # [B] fp32
+    min_p: torch.Tensor  # [B] fp32
+    seed: torch.Tensor  # [B] int64
+    step: torch.Tensor  # [B] int64: tokens generated so far by the row
+
+    def select(self, rows: torch.Tensor) -> None:
+        for f in fields(self):
+            x = getattr(self, f.name)
+            setattr(self, f.name, x[:, rows] if f.name == "weights" else x[rows])

@@ -1,0 +1,152 @@
+"""Loading the models and their tokenizers: hub ids, local directories or model objects, per-model dtype/device.
+
+Nothing here imports transformers at module level; ``import proxytune`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import torch
+
+if TYPE_CHECKING:
+    from proxytune.engine.prompts import PromptTemplate
+
+__all__ = ["ModelSpec", "ModelLoadError", "LoadedModel", "load_model", "load_tokenizer", "parse_dtype"]
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be found or loaded (missing path, unknown hub id, no safetensors)."""
+
+
+@dataclass
+class ModelSpec:
+    """One model of the ensemble with its own settings.
+
+    Parameters
+    ----------
+    model : str, os.PathLike or transformers.PreTrainedModel
+        A hub id (``"org/name"``), a local directory, or an already-loaded causal LM.
+    dtype : torch.dtype or str, optional
+        ``"float32"``, ``"bfloat16"``, ``"float16"`` (or a torch dtype). Default: the tuner's ``dtype``.
+    device : str or torch.device, optional
+        Where this model runs (a large base may sit on another device than the small models).
+    template : None, "chat", a string containing ``{prompt}``, or :class:`PromptTemplate`
+        How this model sees each prompt: raw (None), wrapped in its tokenizer's chat template, or wrapped in
+        the given prefix/suffix. Token ids are spliced, never re-tokenised from decoded text.
+    tokenizer : str, os.PathLike or tokenizer, optional
+        This model's own tokenizer (for the vocabulary check and its chat template). Default: loaded from the
+        model's directory or hub id; none for a model object that does not come from a local directory.
+    """
+
+    model: Any
+    dtype: Union[torch.dtype, str, None] = None
+    device: Union[str, torch.device, None] = None
+    template: Union[None, str, "PromptTemplate"] = None
+    tokenizer: Any = None
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: module in eval mode, its device, its logits width and its tokenizer (if any)."""
+
+    name: str  # "base", "expert 0", "anti-expert 0", ... for messages
+    module: Any  # transformers.PreTrainedModel
+    device: torch.device
+    width: int  # number of logits columns the model produces
+    tokenizer: Any  # PreTrainedTokenizerBase or None
+    template: Any  # None or PromptTemplate
+    source: str  # where it came from, for messages
+
+
+def parse_dtype(dtype: Union[torch.dtype, str, None]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be one of {sorted(set(_DTYPES))} or a torch.dtype, got {dtype!r}")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve_source(source: Union[str, os.PathLike], what: str) -> str:
+    """A local directory, or a hub id; a path that does not exist is a clear error, not a hub lookup."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{what}: {text} is a file; give the model's directory (with config.json)")
+        if not (path / "config.json").exists() and what != "tokenizer":
+            raise ModelLoadError(f"{what}: {text} has no config.json; is it a Hugging Face model directory?")
+        return str(path)
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
+    if looks_like_path or not text:
+        raise ModelLoadError(f"{what}: no such directory: {text}")
+    return text  # a hub id: transformers resolves it (from its cache when offline)
+
+
+def load_model(
+    spec: ModelSpec, name: str, *, dtype: Optional[torch.dtype], device: Optional[torch.device], trust_remote_code: bool
+) -> LoadedModel:
+    """Load (or adopt) one model: eval mode, on its device, in its dtype."""
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    dtype = parse_dtype(spec.dtype) or dtype
+    device = torch.device(spec.device) if spec.device is not None else (device or default_device())
+    if isinstance(spec.model, PreTrainedModel):
+        module, source = spec.model, getattr(spec.model, "name_or_path", "") or f"<{type(spec.model).__name__}>"
+        module = module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
+    elif isinstance(spec.model, (str, os.PathLike)):
+        source = _resolve_source(spec.model, name)
+        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        try:
+            module = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{name}: cannot load a causal LM from {source!r}: {e}") from e
+        module = module.to(device)
+    else:
+        raise TypeError(f"{name} must be a hub id, a directory or a PreTrainedModel, got {type(spec.model).__name__}")
+    module.eval()
+    out = module.get_output_embeddings()
+    width = out.weight.shape[0] if out is not None and hasattr(out, "weight") else module.config.get_text_config().vocab_size
+    tokenizer = spec.tokenizer
+    if tokenizer is None:
+        local = source if isinstance(spec.model, (str, os.PathLike)) else None
+        if local is None and source and Path(source).is_dir():
+            local = source
+        tokenizer = _try_tokenizer(local, trust_remote_code) if local else None
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+    from proxytune.engine.prompts import PromptTemplate
+
+    return LoadedModel(name, module, device, int(width), tokenizer, PromptTemplate.parse(spec.template), str(source))
+
+
+def _try_tokenizer(source: str, trust_remote_code: bool):
+    try:
+        return load_tokenizer(source, trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        return None
+
+
+def load_tokenizer(source: Union[str, os.PathLike], *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    source = _resolve_source(source, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"cannot load a tokenizer from {source!r}: {e}") from e

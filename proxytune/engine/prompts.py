@@ -1,0 +1,85 @@
+"""Per-model prompt ids: raw, chat-templated or wrapped, built by splicing token ids, and left-padded batches.
+
+Every model sees the same prompt ids (tokenised once by the shared tokenizer); a template only adds its own
+prefix and suffix ids around them. Decoded text is never tokenised again, so all models stay aligned on the
+generated tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["PromptTemplate", "encode_prompt", "left_pad", "position_ids"]
+
+_SENTINEL = "\uE000proxytune-prompt\uE001"  # a private-use marker: never in a real template or prompt
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """Text around the prompt for one model: ``prefix + prompt + suffix``; ``chat=True`` takes both from the
+    model's tokenizer's chat template (one user message, generation prompt added)."""
+
+    prefix: str = ""
+    suffix: str = ""
+    chat: bool = False
+
+    @classmethod
+    def parse(cls, template: Union[None, str, "PromptTemplate"]) -> Optional["PromptTemplate"]:
+        """None (raw prompt), ``"chat"``, a string with ``{prompt}`` (else a prefix), or a template as is."""
+        if template is None or isinstance(template, PromptTemplate):
+            return template
+        if not isinstance(template, str):
+            raise TypeError(f"a template must be None, 'chat', a string or a PromptTemplate, got {type(template).__name__}")
+        if template in ("", "none", "raw"):
+            return None
+        if template == "chat":
+            return cls(chat=True)
+        prefix, found, suffix = template.partition("{prompt}")
+        return cls(prefix, suffix if found else "")
+
+    def token_ids(self, tokenizer: Any, model_name: str) -> tuple[list[int], list[int]]:
+        """The prefix and suffix ids, encoded by ``tokenizer`` without adding special tokens (the template
+        text carries its own)."""
+        prefix, suffix = self.prefix, self.suffix
+        if self.chat:
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise ValueError(f"{model_name} has template 'chat' but its tokenizer has no chat template")
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
+            )
+            if text.count(_SENTINEL) != 1:
+                raise ValueError(f"{model_name}: the chat template does not contain the user message exactly once")
+            prefix, _, suffix = text.partition(_SENTINEL)
+
+        def enc(s: str) -> list[int]:
+            return list(tokenizer(s, add_special_tokens=False)["input_ids"]) if s else []
+
+        return enc(prefix), enc(suffix)
+
+
+def encode_prompt(tokenizer: Any, prompt: Union[str, Sequence[int]]) -> tuple[list[int], list[int]]:
+    """``(ids with the tokenizer's special tokens, bare ids)`` of one prompt; a list of ids is taken as is."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"]), list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    ids = [int(i) for i in prompt]
+    return ids, ids
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids [B, L] int64, attention_mask [B, L] int64)``, each row right-aligned."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, length - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, length - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over the real tokens only (as Hugging Face's ``generate``): 0 on the padding."""
+    return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)

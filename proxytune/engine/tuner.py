@@ -1,0 +1,411 @@
+"""``ProxyTuner``: proxy-tuned text generation with a base model and (expert, anti-expert, weight) pairs."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+
+from proxytune.ops import sample as proxy_sample
+from proxytune.engine.decode import ModelRunner, SamplerState
+from proxytune.engine.loading import LoadedModel, ModelSpec, load_model, load_tokenizer, parse_dtype
+from proxytune.engine.prompts import encode_prompt, left_pad
+from proxytune.engine.stopping import RowText
+from proxytune.engine.vocabulary import check_same_tokens, common_vocab_size
+
+__all__ = ["ProxyTuner", "SamplingParams", "Generation", "TokenEvent"]
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks for. Every field may differ between the prompts of a batch.
+
+    ``temperature`` 0 is greedy. ``top_k`` 0, ``top_p`` 1 and ``min_p`` 0 are off. ``weights`` overrides the
+    tuner's weight of each (expert, anti-expert) pair: one float for all pairs or one per pair. ``seed``
+    (None: a fresh random one) and the row's token count drive counter-based noise, so a request draws the
+    same tokens whatever else is in its batch. ``stop``: strings that end the text (cut before them).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    weights: Union[None, float, Sequence[float]] = None
+    seed: Optional[int] = None
+    stop: Sequence[str] = ()
+
+    def checked(self, n_pairs: int, where: str) -> "SamplingParams":
+        """A copy with the stop strings as a tuple; raise ``ValueError`` naming a bad field."""
+
+        def bad(name: str, rule: str):
+            return ValueError(f"{where}: {name} must be {rule}, got {getattr(self, name)!r}")
+
+        def real(x) -> bool:
+            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not isinstance(self.max_new_tokens, numbers.Integral) or self.max_new_tokens < 0:
+            raise bad("max_new_tokens", "an integer >= 0")
+        if not real(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "finite and >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+            raise bad("top_k", "an integer >= 0 (0 = off)")
+        if not real(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "in (0, 1] (1 = off)")
+        if not real(self.min_p) or not 0 <= self.min_p < 1:
+            raise bad("min_p", "in [0, 1) (0 = off)")
+        if self.seed is not None and (not isinstance(self.seed, numbers.Integral) or not -(2**63) <= self.seed < 2**63):
+            raise bad("seed", "None or a 64-bit integer")
+        if self.weights is not None:
+            ws = [self.weights] if real(self.weights) else list(self.weights) if isinstance(self.weights, (list, tuple)) else None
+            if ws is None or not all(real(w) for w in ws) or len(ws) not in (1, n_pairs):
+                raise bad("weights", f"a finite float or {n_pairs} finite floats (one per expert pair)")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise bad("stop", "a sequence of non-empty strings")
+        return replace(self, stop=stop)
+
+
+@dataclass
+class Generation:
+    """One prompt's result. ``token_ids`` include the EOS token when the row ended on it; ``text`` does not,
+    and is cut before a stop string. ``finish_reason``: ``"eos"``, ``"stop"`` or ``"length"``."""
+
+    prompt: Prompt
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    seed: int
+    logprobs: Optional[list[float]] = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of prompt ``index`` as :meth:`ProxyTuner.stream` yields it.
+
+    ``text`` is the new final text (it may be empty while a multi-byte character or a possible stop string
+    is pending); the texts of one prompt's events add up to its :class:`Generation` text. The last event of
+    a prompt has a ``finish_reason``; a prompt with ``max_new_tokens=0`` gets one event with ``token_id`` None.
+    """
+
+    index: int
+    token_id: Optional[int]
+    text: str
+    logprob: Optional[float] = None
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class _Row:
+    index: int
+    prompt: Prompt
+    params: SamplingParams
+    seed: int
+    text: RowText
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+def _as_list(x: Any) -> list:
+    if x is None:
+        return []
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    return [x]
+
+
+class ProxyTuner:
+    """Generate text from ``base + sum_i w_i * (expert_i - anti_expert_i)``, all Hugging Face causal LMs.
+
+    Parameters
+    ----------
+    base : hub id, local directory, ``PreTrainedModel`` or :class:`ModelSpec`
+        The (large) model to steer.
+    experts, anti_experts : one or a sequence of the same kinds, pairwise
+        The tuned small models and their untuned counterparts. Empty: the base alone.
+    weights : float or sequence of floats
+        ``w_i`` per pair (``alpha`` in the paper), default 1.0; requests may override it.
+    tokenizer : tokenizer, hub id or directory, optional
+        The shared tokenizer. Default: the base's. Every model's own tokenizer (where one can be found) must
+        give the same tokens for the same ids over the common vocabulary, else
+        :class:`~proxytune.engine.vocabulary.VocabularyMismatchError`.
+    dtype, device : default for every model without its own in a :class:`ModelSpec`
+        ``dtype`` default: float32 on CPU, bfloat16 elsewhere (for loaded paths; model objects keep theirs).
+        ``device`` default: CUDA if available, else CPU. Sampling runs on the base's device.
+    eos_token_ids : ids that end a row; default the shared tokenizer's EOS plus every model's
+        ``generation_config.eos_token_id``.
+    trust_remote_code : bool
+        Passed to transformers; off by default. Checkpoints load from safetensors only.
+    backend : the ``proxytune.sample`` backend (``"auto"``).
+    progress : show a progress bar while loading and over many prompts.
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        experts: Any = (),
+        anti_experts: Any = (),
+        *,
+        weights: Union[float, Sequence[float]] = 1.0,
+        tokenizer: Any = None,
+        dtype: Union[torch.dtype, str, None] = None,
+        device: Union[str, torch.device, None] = None,
+        eos_token_ids: Optional[Sequence[int]] = None,
+        trust_remote_code: bool = False,
+        backend: str = "auto",
+        progress: bool = False,
+    ):
+        experts, anti_experts = _as_list(experts), _as_list(anti_experts)
+        if len(experts) != len(anti_experts):
+            raise ValueError(f"got {len(experts)} experts but {len(anti_experts)} anti-experts; they come in pairs")
+        n_pairs = len(experts)
+        ws = [weights] * n_pairs if isinstance(weights, numbers.Real) else list(weights)
+        if len(ws) != n_pairs or not all(isinstance(w, numbers.Real) and math.isfinite(w) for w in ws):
+            raise ValueError(f"weights must be a finite float or {n_pairs} finite floats, got {weights!r}")
+        self.weights = [float(w) for w in ws]
+        self.backend = backend
+        self.progress = progress
+        dtype = parse_dtype(dtype)
+        device = torch.device(device) if device is not None else None
+
+        named = [("base", base)] + [(f"expert {i}", e) for i, e in enumerate(experts)]
+        named += [(f"anti-expert {i}", a) for i, a in enumerate(anti_experts)]
+        loaded: list[LoadedModel] = []
+        for name, spec in self._progress(named, "loading models", unit="model"):
+            spec = spec if isinstance(spec, ModelSpec) else ModelSpec(spec)
+            loaded.append(load_model(spec, name, dtype=dtype, device=device, trust_remote_code=trust_remote_code))
+        self.base, self.experts, self.anti_experts = loaded[0], loaded[1 : 1 + n_pairs], loaded[1 + n_pairs :]
+        self.models = loaded
+        self.device = self.base.device
+
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+        tokenizer = tokenizer or next((m.tokenizer for m in loaded if m.tokenizer is not None), None)
+        if tokenizer is None:
+            raise ValueError("no tokenizer: pass tokenizer=..., or load the base from a directory that has one")
+        self.tokenizer = tokenizer
+        self.vocab_size = common_vocab_size(tokenizer, [m.width for m in loaded])
+        check_same_tokens(("the shared tokenizer", tokenizer), [(m.name, m.tokenizer) for m in loaded], self.vocab_size)
+
+        eos = set(eos_token_ids) if eos_token_ids is not None else self._default_eos(tokenizer, loaded)
+        self.eos_token_ids = frozenset(int(i) for i in eos)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = int(pad) if pad is not None else 0
+        self._template_ids = [
+            m.template.token_ids(m.tokenizer or tokenizer, m.name) if m.template is not None else None for m in loaded
+        ]  # fmt: skip
+
+    @staticmethod
+    def _default_eos(tokenizer: Any, models: list[LoadedModel]) -> set[int]:
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        for m in models:
+            cfg = getattr(m.module, "generation_config", None)
+            ids = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+            eos.update(i for i in _as_list(ids) if i is not None)
+        return eos
+
+    def __repr__(self) -> str:
+        pairs = ", ".join(f"({e.source} - {a.source}) x {w:g}" for e, a, w in zip(self.experts, self.anti_experts, self.weights))
+        return f"ProxyTuner(base={self.base.source!r}, pairs=[{pairs}], vocab_size={self.vocab_size}, device={self.device})"
+
+    def _progress(self, items, desc: str, **kwargs):
+        if not self.progress or len(items) < 2:
+            return items
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, leave=False, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ public API
+
+    def generate(
+        self,
+        prompts: Union[Prompt, Sequence[Prompt]],
+        params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
+        *,
+        return_logprobs: bool = False,
+        batch_size: Optional[int] = None,
+        use_cache: bool = True,
+        **overrides: Any,
+    ) -> Union[Generation, list[Generation]]:
+        """Generate a completion for each prompt.
+
+        Parameters
+        ----------
+        prompts : str, list of token ids, or a sequence of those
+            A single prompt returns a single :class:`Generation`, a sequence returns a list.
+        params : SamplingParams, or one per prompt
+            Default ``SamplingParams()``; keyword ``overrides`` (``max_new_tokens=``, ``temperature=``, ...)
+            replace fields for every prompt.
+        return_logprobs : bool
+            Also return each token's log-probability under the filtered, renormalised distribution
+            (0 for greedy rows).
+        batch_size : int, optional
+            At most this many prompts run together (default: all).
+        use_cache : bool
+            False recomputes every model over the whole sequence each step (for testing; slow).
+        """
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], numbers.Integral))
+        batch = [prompts] if single else list(prompts)
+        results: list[Optional[Generation]] = [None] * len(batch)
+        texts = [[] for _ in batch]
+        rows: dict[int, _Row] = {}
+        for event, row in self._events(batch, params, return_logprobs, batch_size, use_cache, overrides, rows):
+            texts[event.index].append(event.text)
+            if event.finish_reason is not None:
+                results[event.index] = Generation(
+                    row.prompt, "".join(texts[event.index]), row.ids, event.finish_reason, row.seed,
+                    row.logprobs if return_logprobs else None,
+                )  # fmt: skip
+        return results[0] if single else results  # type: ignore[return-value]
+
+    def stream(
+        self,
+        prompts: Union[Prompt, Sequence[Prompt]],
+        params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
+        *,
+        return_logprobs: bool = False,
+        batch_size: Optional[int] = None,
+        **overrides: Any,
+    ) -> Iterator[TokenEvent]:
+        """Like :meth:`generate`, but yield a :class:`TokenEvent` for every token as soon as it is drawn."""
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], numbers.Integral))
+        batch = [prompts] if single else list(prompts)
+        for event, _ in self._events(batch, params, return_logprobs, batch_size, True, overrides, {}):
+            yield event
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def _events(self, prompts, params, return_logprobs, batch_size, use_cache, overrides, rows):
+        if isinstance(params, SamplingParams) or params is None:
+            params = [params or SamplingParams()] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        n_pairs = len(self.experts)
+        params = [replace(p, **overrides).checked(n_pairs, f"request {i}") for i, p in enumerate(params)]
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        size = batch_size or max(1, len(prompts))
+        starts = list(range(0, len(prompts), size))
+        bar = None
+        if self.progress and len(starts) > 1:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompts), desc="generating", unit="prompt", leave=False)
+        for start in starts:
+            chunk = range(start, min(start + size, len(prompts)))
+            for event, row in self._run_batch([(i, prompts[i], params[i]) for i in chunk], return_logprobs, use_cache):
+                rows[event.index] = row
+                yield event, row
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+
+    def _prompt_ids(self, index: int, prompt: Prompt) -> tuple[list[int], list[list[int]]]:
+        """The shared prompt ids and each model's input ids (template ids spliced around the bare ids)."""
+        with_special, bare = encode_prompt(self.tokenizer, prompt)
+        if not with_special:
+            raise ValueError(f"prompt {index} is empty and the tokenizer adds no BOS token: nothing to condition on")
+        per_model = []
+        for m, tpl in zip(self.models, self._template_ids):
+            ids = with_special if tpl is None else tpl[0] + bare + tpl[1]
+            if max(ids) >= m.width or min(ids) < 0:
+                bad = next(i for i in ids if not 0 <= i < m.width)
+                raise ValueError(f"prompt {index} has token id {bad}, outside {m.name}'s embedding ({m.width} ids)")
+            per_model.append(ids)
+        return bare or with_special, per_model
+
+    def _sampler_state(self, rows: list[_Row]) -> SamplerState:
+        dev = self.device
+        n_pairs = len(self.experts)
+
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(dev)
+
+        weights = []
+        for r in rows:
+            w = self.weights if r.params.weights is None else _as_list(r.params.weights)
+            weights.append([float(x) for x in (w * n_pairs if len(w) == 1 else w)])
+        return SamplerState(
+            weights=torch.tensor(weights, dtype=torch.float32).reshape(len(rows), n_pairs).T.contiguous().to(dev),
+            temperature=col([r.params.temperature for r in rows], torch.float32),
+            top_k=col([r.params.top_k for r in rows], torch.int64),
+            top_p=col([r.params.top_p for r in rows], torch.float32),
+            min_p=col([r.params.min_p for r in rows], torch.float32),
+            seed=col([r.seed for r in rows], torch.int64),
+            step=torch.zeros(len(rows), dtype=torch.int64, device=dev),
+        )
+
+    def _sample(self, logits: list[torch.Tensor], state: SamplerState, return_logprobs: bool, validate: bool):
+        """One ``proxytune.sample`` call on the base's device; ``validate`` only for the first step."""
+        n = len(self.experts)
+        moved = [x if x.device == self.device else x.to(self.device, non_blocking=True) for x in logits]
+        out = proxy_sample(
+            moved[0], moved[1 : 1 + n], moved[1 + n :], weights=state.weights, temperature=state.temperature,
+            top_k=state.top_k, top_p=state.top_p, min_p=state.min_p, seed=state.seed, step=state.step,
+            vocab_size=self.vocab_size, return_logprobs=return_logprobs, backend=self.backend, validate=validate,
+        )  # fmt: skip
+        return out if return_logprobs else (out, None)
+
+    def _run_batch(self, requests, return_logprobs: bool, use_cache: bool):
+        """Yield ``(TokenEvent, _Row)`` for every token of every request in this batch."""
+        rows, inputs = [], []
+        for index, prompt, p in requests:
+            context, per_model = self._prompt_ids(index, prompt)
+            seed = p.seed if p.seed is not None else int(torch.randint(-(2**63), 2**63 - 1, ()))
+            rows.append(_Row(index, prompt, p, seed, RowText(self.tokenizer, context, p.stop)))
+            inputs.append(per_model)
+        for r in rows:
+            if r.params.max_new_tokens == 0:
+                yield TokenEvent(r.index, None, "", None, "length"), r
+        live = [j for j, r in enumerate(rows) if r.params.max_new_tokens > 0]
+        if not live:
+            return
+        rows, inputs = [rows[j] for j in live], [inputs[j] for j in live]
+        runners = [ModelRunner(m, use_cache) for m in self.models]
+        logits = [
+            runner.prefill(*left_pad([x[k] for x in inputs], self.pad_token_id, runner.device))
+            for k, runner in enumerate(runners)
+        ]
+        state = self._sampler_state(rows)
+        first = True
+        while True:
+            tokens, logprobs = self._sample(logits, state, return_logprobs, validate=first)
+            first = False
+            state.step += 1
+            host_tokens = tokens.tolist()  # the one host sync per step: stopping is decided on the host
+            host_lp = logprobs.tolist() if logprobs is not None else [None] * len(rows)
+            keep = []
+            for j, (row, tok, lp) in enumerate(zip(rows, host_tokens, host_lp)):
+                row.ids.append(tok)
+                if lp is not None:
+                    row.logprobs.append(lp)
+                reason = None
+                if tok in self.eos_token_ids:
+                    reason = "eos"
+                elif row.text.add(tok):
+                    reason = "stop"
+                elif len(row.ids) >= row.params.max_new_tokens:
+                    reason = "length"
+                if reason is not None:
+                    row.text.flush()
+                yield TokenEvent(row.index, tok, row.text.take_stream(final=reason is not None), lp, reason), row
+                if reason is None:
+                    keep.append(j)
+            if not keep:
+                return
+            if len(keep) < len(rows):  # finished rows leave the batch: they cost no more compute
+                idx = torch.tensor(keep, dtype=torch.int64, device=self.device)
+                for runner in runners:
+                    runner.select(idx)
+                state.select(idx)
+                tokens = tokens[idx]
+                rows = [rows[j] for j in keep]
+            logits = [runner.step(tokens) for runner in runners]

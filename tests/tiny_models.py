@@ -1,0 +1,91 @@
+"""Tiny causal LMs and a tiny tokenizer built locally, for the engine's tests and benchmarks (no downloads).
+
+``tiny_tokenizer()`` trains a byte-level BPE of 320 ids (five special tokens, a chat template) on a few
+sentences; ``tiny_model(kind, vocab_size, seed)`` builds a random-weight Llama, Qwen2 or GPT-2 with two
+layers. Weights are drawn with a larger spread than the usual 0.02 so the next-token logits have clear
+gaps (greedy comparisons then do not hinge on the last bit of a float).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, this is a tiny tokenizer for tests",
+    "proxy tuning steers a large model with small ones",
+    "once upon a time there was a model that wrote stories",
+]
+PROMPTS = ["hello world", "the quick brown fox jumps over", "a", "proxy tuning steers a large model with"]
+
+
+def tiny_tokenizer(vocab_size: int = 320, corpus: Optional[list[str]] = None, chat_template: bool = True):
+    """A ``PreTrainedTokenizerFast``: byte-level BPE, BOS prepended, ids 0..4 = pad, <s>, </s>, <|user|>, <|assistant|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((corpus or CORPUS) * 10, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat_template:
+        hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def tiny_config(kind: str, vocab_size: int = 320, hidden: int = 32, layers: int = 2, heads: int = 4,
+                intermediate: Optional[int] = None, std: float = 0.2):  # fmt: skip
+    """A config for ``kind`` in {"llama", "qwen2", "gpt2"} with the tiny tokenizer's special ids."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    special = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    intermediate = intermediate or 2 * hidden
+    if kind == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                           max_position_embeddings=512, initializer_range=std, **special)  # fmt: skip
+    if kind == "qwen2":
+        return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                           max_position_embeddings=512, initializer_range=std, tie_word_embeddings=False,
+                           **special)  # fmt: skip
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512,
+                          n_inner=intermediate, initializer_range=std, **special)  # fmt: skip
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def tiny_model(kind: str = "llama", vocab_size: int = 320, seed: int = 0, **config_kwargs):
+    """A random-weight causal LM in eval mode (fp32, CPU); the same ``seed`` gives the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, vocab_size, **config_kwargs))
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.bos_token_id = BOS_ID
+    return model.eval()
+
+
+def save_tiny(directory: str | os.PathLike, kind: str = "llama", vocab_size: int = 320, seed: int = 0,
+              tokenizer=None, **config_kwargs) -> str:  # fmt: skip
+    """Save a tiny model and its tokenizer to ``directory`` (safetensors) and return the path as a string."""
+    model = tiny_model(kind, vocab_size, seed, **config_kwargs)
+    model.save_pretrained(directory)
+    (tokenizer or tiny_tokenizer()).save_pretrained(directory)
+    return str(directory)
