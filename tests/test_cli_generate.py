@@ -1,0 +1,88 @@
+"""``proxytune generate`` end to end on tiny model directories saved to a temporary folder."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from proxytune import ProxyTuner
+from proxytune.cli import main
+from tiny_models import PROMPTS, save_tiny, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {name: save_tiny(root / name, kind, seed=seed)
+            for name, kind, seed in [("base", "llama", 0), ("expert", "qwen2", 1), ("anti", "qwen2", 2)]}  # fmt: skip
+
+
+def args(dirs, *extra):
+    return ["generate", "--base", dirs["base"], "--expert", dirs["expert"], "--anti-expert", dirs["anti"], "-q", *extra]
+
+
+def test_generate_text_matches_the_api(dirs, capsys):
+    assert main(args(dirs, "--prompt", PROMPTS[0], "--temperature", "0.8", "--top-p", "0.9", "--seed", "3",
+                     "--max-new-tokens", "6", "--alpha", "0.5")) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    tuner = ProxyTuner(dirs["base"], dirs["expert"], dirs["anti"], weights=0.5, device="cpu")
+    expected = tuner.generate(PROMPTS[0], temperature=0.8, top_p=0.9, seed=3, max_new_tokens=6)
+    assert out == expected.text + "\n"
+
+
+def test_generate_jsonl_from_a_file_and_stdin(dirs, capsys, tmp_path, monkeypatch):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS[:3]) + "\n\n")
+    assert main(args(dirs, "--prompt-file", str(path), "--format", "jsonl", "--temperature", "0",
+                     "--max-new-tokens", "5", "--logprobs")) == 0  # fmt: skip
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == PROMPTS[:3] and [r["index"] for r in rows] == [0, 1, 2]
+    assert all(len(r["token_ids"]) == len(r["logprobs"]) <= 5 and r["finish_reason"] in ("eos", "length") for r in rows)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(PROMPTS[:3])))
+    assert main(args(dirs, "--format", "jsonl", "--temperature", "0", "--max-new-tokens", "5")) == 0
+    again = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["token_ids"] for r in again] == [r["token_ids"] for r in rows]
+
+
+def test_generate_streams_the_same_text(dirs, capsys, tmp_path):
+    common = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--temperature", "0.7", "--seed", "1", "--max-new-tokens", "6"]
+    assert main(args(dirs, *common)) == 0
+    plain = capsys.readouterr().out
+    assert main(args(dirs, *common, "--stream")) == 0
+    assert capsys.readouterr().out == plain
+    out = tmp_path / "events.jsonl"
+    assert main(args(dirs, *common, "--stream", "--format", "jsonl", "-o", str(out))) == 0
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {e["index"] for e in events} == {0, 1} and sum(e["finish_reason"] is not None for e in events) == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--top-p", "1.5", "--prompt", "x"], "top_p must be in (0, 1]"),
+        (["--temperature", "-1", "--prompt", "x"], "temperature must be"),
+        (["--alpha", "1", "--alpha", "2", "--prompt", "x"], "one --alpha for all pairs or one per pair"),
+        (["--prompt-file", "/nonexistent/prompts.txt"], "No such file"),
+    ],
+)
+def test_generate_reports_bad_parameters(dirs, capsys, extra, message):
+    assert main(args(dirs, *extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_reports_missing_and_incompatible_models(dirs, capsys, tmp_path):
+    assert main(["generate", "--base", str(tmp_path / "nope"), "--prompt", "x", "-q"]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["generate", "--base", dirs["base"], "--expert", dirs["expert"], "--prompt", "x", "-q"]) == 2
+    assert "1 --expert but 0 --anti-expert" in capsys.readouterr().err
+    other = save_tiny(tmp_path / "other", "llama", seed=4, tokenizer=tiny_tokenizer(corpus=["zebra yak xylophone words"]))
+    assert main(["generate", "--base", dirs["base"], "--expert", other, "--anti-expert", dirs["anti"], "--prompt", "x", "-q"]) == 2
+    assert "disagree on" in capsys.readouterr().err
+
+
+def test_python_dash_m_generate(dirs):
+    cmd = [sys.executable, "-m", "proxytune", *args(dirs, "--prompt", "hello", "--max-new-tokens", "3", "--format", "jsonl")]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+    assert len(json.loads(out.stdout)["token_ids"]) <= 3
