@@ -5,21 +5,23 @@
 // tie rules, Gumbel-max over the kept set. Only exp/log may differ from torch's by an ulp, and sums are
 // accumulated in a different order (see "Floating point across backends" in the semantics page).
 //
-// Per row:
-//   pass 1  s = base + sum_i w_i (e_i - a_i) in fp32, streamed in L1-sized blocks into a row scratch buffer,
-//           with the maximum of every 64-token sub-block (and the row maximum m, first index).
-//   pass 2  z = (s - m) / T in place, S = sum exp(z), and the mass above a ladder of z thresholds.
+// Per row (or per chunk of a long row):
+//   stream  s = base + sum_i w_i (e_i - a_i) in fp32, in L1-sized blocks, into a row scratch buffer, with
+//           the maximum of every 64-token sub-block; then S = sum exp(zc) and the mass above a ladder of
+//           thresholds, with zc = (s - M) / T relative to the chunk maximum M (chunks merge exactly for S
+//           and as lower bounds for the ladder).
 //   select  a value threshold c_lo that provably bounds the kept set (top-k: the k-th largest sub-block
 //           maximum; top-p: the highest ladder rung holding mass >= p; min-p: ln(min_p)); the candidates
-//           C = {z >= c_lo} (sub-blocks whose maximum is below c_lo are skipped) are then filtered exactly:
-//           nth_element for top-k, a bucketed scan plus a sort of the boundary bucket for top-p. When the
-//           candidates turn out not to decide the row (rounding, flat rows) C becomes every finite token.
+//           C = {z >= c_lo}, with the exact z = (s - m) / T (sub-blocks whose maximum is below c_lo are
+//           skipped), are filtered exactly: nth_element for top-k, a bucketed scan plus a sort of the
+//           boundary bucket for top-p. When C turns out not to decide the row (rounding, flat rows) it
+//           becomes every finite token: exact, only slower.
 //   draw    argmax over kept j of z_j + g_j. Noise is computed only where it can matter: a token with
 //           z_j < best - max(g) - eps cannot win, and one with 1 - u_j > exp(z_j - best + eps) cannot
 //           either (g(u) <= -log(1 - u)); only the rest get the two logs. Exact, and with top_p = 1 it
-//           touches a small fraction of the vocabulary.
-// Rows run in parallel; when the batch is smaller than the thread count, long rows are split into chunks
-// for the streaming passes and the draw.
+//           touches a fraction of the vocabulary.
+// Rows run in parallel (one row per task, scratch in that thread's cache); when the batch is smaller than
+// the thread count, long rows are split into chunks for the streaming pass and the top_p = 1 draw.
 
 #include <Python.h>
 
