@@ -924,6 +924,7 @@ TORCH_LIBRARY_IMPL(proxytune, CPU, m) {
 
 // `import proxytune._C` loads this library (registering the ops above); the module itself is empty.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "proxytune C++ CPU ops (torch.ops.proxytune)", -1, nullptr};
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "proxytune C++ CPU ops (torch.ops.proxytune)", -1,
+                            nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&def);
 }
