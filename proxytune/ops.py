@@ -64,9 +64,11 @@ def sample(
     return_logprobs : bool
         Also return the log-probability of each drawn token under the final filtered, renormalised
         distribution (0 for greedy rows).
-    backend : {"auto", "reference"}
-        ``auto`` picks the fastest available backend for the logits' device. A named backend that is
-        unavailable raises :class:`proxytune.backends.BackendUnavailableError`.
+    backend : {"auto", "reference", "cpu", "triton"}
+        ``auto`` picks the fastest available backend for the logits' device: ``triton`` (the fused kernel)
+        on CUDA, ``cpu`` (the C++ extension) on CPU, else ``reference`` (pure PyTorch, the specification)
+        with one warning. A named backend that is unavailable raises
+        :class:`proxytune.backends.BackendUnavailableError`.
     validate : bool
         Check parameter tensors and logits for invalid values (NaN, +inf, out-of-range parameters, rows
         with every token masked) and raise ``ValueError`` naming the argument. These checks sync with the
