@@ -215,6 +215,9 @@ def test_bad_construction_is_a_clear_error(models, tok, tmp_path):
         ProxyTuner(str(tmp_path / "missing"), tokenizer=tok)
     with pytest.raises(ValueError, match="no tokenizer"):
         ProxyTuner(base)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            ProxyTuner(ModelSpec(base, device="cuda"), tokenizer=tok)
     with pytest.raises(ValueError, match="has no chat template"):
         ProxyTuner(base, ModelSpec(expert, template="chat", tokenizer=tiny_tokenizer(chat_template=False)), anti,
                    tokenizer=tiny_tokenizer(chat_template=False))  # fmt: skip

@@ -103,8 +103,12 @@ def load_model(
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
     dtype = parse_dtype(spec.dtype) or dtype
-    device = torch.device(spec.device) if spec.device is not None else (device or default_device())
-    if isinstance(spec.model, PreTrainedModel):
+    device = torch.device(spec.device) if spec.device is not None else device
+    if device is None:  # a model object stays where it is; a loaded one goes to the GPU if there is one
+        device = spec.model.device if isinstance(spec.model, PreTrainedModel) else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: device {device} requested but CUDA is not available here")
+    if isinstance(spec.model, PreTrainedModel):  # moved in place (nn.Module.to), like any .to()
         module, source = spec.model, getattr(spec.model, "name_or_path", "") or f"<{type(spec.model).__name__}>"
         module = module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
     elif isinstance(spec.model, (str, os.PathLike)):

@@ -137,7 +137,8 @@ class ProxyTuner:
         :class:`~proxytune.engine.vocabulary.VocabularyMismatchError`.
     dtype, device : default for every model without its own in a :class:`ModelSpec`
         ``dtype`` default: float32 on CPU, bfloat16 elsewhere (for loaded paths; model objects keep theirs).
-        ``device`` default: CUDA if available, else CPU. Sampling runs on the base's device.
+        ``device`` default: CUDA if available, else CPU; a model object stays on its device unless one is
+        given (it is moved in place). Sampling runs on the base's device.
     eos_token_ids : ids that end a row; default the shared tokenizer's EOS plus every model's
         ``generation_config.eos_token_id``.
     trust_remote_code : bool
@@ -254,8 +255,7 @@ class ProxyTuner:
         batch = [prompts] if single else list(prompts)
         results: list[Optional[Generation]] = [None] * len(batch)
         texts = [[] for _ in batch]
-        rows: dict[int, _Row] = {}
-        for event, row in self._events(batch, params, return_logprobs, batch_size, use_cache, overrides, rows):
+        for event, row in self._events(batch, params, return_logprobs, batch_size, use_cache, overrides):
             texts[event.index].append(event.text)
             if event.finish_reason is not None:
                 results[event.index] = Generation(
@@ -276,12 +276,12 @@ class ProxyTuner:
         """Like :meth:`generate`, but yield a :class:`TokenEvent` for every token as soon as it is drawn."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], numbers.Integral))
         batch = [prompts] if single else list(prompts)
-        for event, _ in self._events(batch, params, return_logprobs, batch_size, True, overrides, {}):
+        for event, _ in self._events(batch, params, return_logprobs, batch_size, True, overrides):
             yield event
 
     # ------------------------------------------------------------------------------------------ the loop
 
-    def _events(self, prompts, params, return_logprobs, batch_size, use_cache, overrides, rows):
+    def _events(self, prompts, params, return_logprobs, batch_size, use_cache, overrides):
         if isinstance(params, SamplingParams) or params is None:
             params = [params or SamplingParams()] * len(prompts)
         params = list(params)
@@ -300,9 +300,7 @@ class ProxyTuner:
             bar = tqdm(total=len(prompts), desc="generating", unit="prompt", leave=False)
         for start in starts:
             chunk = range(start, min(start + size, len(prompts)))
-            for event, row in self._run_batch([(i, prompts[i], params[i]) for i in chunk], return_logprobs, use_cache):
-                rows[event.index] = row
-                yield event, row
+            yield from self._run_batch([(i, prompts[i], params[i]) for i in chunk], return_logprobs, use_cache)
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
