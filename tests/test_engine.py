@@ -83,6 +83,7 @@ def test_a_prompt_does_not_depend_on_its_batch(temperature, models, tok):
     batched = tuner.generate(PROMPTS, params)
     alone = [tuner.generate(p, q) for p, q in zip(PROMPTS, params)]
     assert ids(batched) == ids(alone)
+    assert ids(tuner.generate(PROMPTS, params, batch_size=3)) == ids(alone)  # batches of 3 and 1
     # another batch: other neighbours (a much longer one), another order
     others = [PROMPTS[2] + " " + PROMPTS[3] * 3, PROMPTS[0]]
     mixed = tuner.generate([others[0], PROMPTS[3], others[1], PROMPTS[1]], [params[0], params[3], params[1], params[1]])
@@ -203,6 +204,12 @@ def test_bad_parameters_are_clear_errors(bad, message, models, tok):
     tuner = ProxyTuner(base, expert, anti, tokenizer=tok)
     with pytest.raises(ValueError, match="request 0: " + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         tuner.generate(["hi"], **bad)
+
+
+def test_unknown_sampling_parameter(models, tok):
+    tuner = ProxyTuner(models["llama"][0], tokenizer=tok)
+    with pytest.raises(TypeError, match="unknown sampling parameter.*top_q"):
+        tuner.generate(["hi"], top_q=0.5)
 
 
 def test_bad_construction_is_a_clear_error(models, tok, tmp_path):

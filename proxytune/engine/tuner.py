@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
@@ -288,6 +288,10 @@ class ProxyTuner:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         n_pairs = len(self.experts)
+        unknown = sorted(set(overrides) - {f.name for f in fields(SamplingParams)})
+        if unknown:
+            names = ", ".join(f.name for f in fields(SamplingParams))
+            raise TypeError(f"unknown sampling parameter(s) {', '.join(unknown)}; SamplingParams has {names}")
         params = [replace(p, **overrides).checked(n_pairs, f"request {i}") for i, p in enumerate(params)]
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
