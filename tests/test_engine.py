@@ -228,3 +228,12 @@ def test_bad_construction_is_a_clear_error(models, tok, tmp_path):
     with pytest.raises(ValueError, match="has no chat template"):
         ProxyTuner(base, ModelSpec(expert, template="chat", tokenizer=tiny_tokenizer(chat_template=False)), anti,
                    tokenizer=tiny_tokenizer(chat_template=False))  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_greedy_generation_matches_hugging_face(kind, models, tok):
+    base, expert, anti = models[kind]
+    prompts = PROMPTS + [p.upper() for p in PROMPTS]
+    expected = hf_greedy(base, tok, prompts, 48)
+    got = ProxyTuner(base, expert, expert, tokenizer=tok, weights=2.0).generate(prompts, temperature=0, max_new_tokens=48)
+    assert ids(got) == expected

@@ -19,7 +19,15 @@ import torch
 from proxytune.engine.loading import LoadedModel
 from proxytune.engine.prompts import position_ids
 
-__all__ = ["ModelRunner", "SamplerState"]
+__all__ = ["ModelRunner", "SamplerState", "to_device"]
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``; asynchronous only into a GPU (a non-blocking copy into CPU memory could be read
+    before it lands)."""
+    if x.device == device:
+        return x
+    return x.to(device, non_blocking=device.type == "cuda")
 
 
 class ModelRunner:
@@ -56,7 +64,7 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (``[B]`` int64 on any device); returns the next logits ``[B, W]``. No host sync."""
-        tokens = tokens.to(self.device, non_blocking=True)[:, None]
+        tokens = to_device(tokens, self.device)[:, None]
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         if self.use_cache:
             logits = self._forward(tokens, self.next_pos[:, None])

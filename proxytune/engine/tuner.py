@@ -11,7 +11,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 
 from proxytune.ops import sample as proxy_sample
-from proxytune.engine.decode import ModelRunner, SamplerState
+from proxytune.engine.decode import ModelRunner, SamplerState, to_device
 from proxytune.engine.loading import LoadedModel, ModelSpec, load_model, load_tokenizer, parse_dtype
 from proxytune.engine.prompts import encode_prompt, left_pad
 from proxytune.engine.stopping import RowText
@@ -348,7 +348,7 @@ class ProxyTuner:
     def _sample(self, logits: list[torch.Tensor], state: SamplerState, return_logprobs: bool, validate: bool):
         """One ``proxytune.sample`` call on the base's device; ``validate`` only for the first step."""
         n = len(self.experts)
-        moved = [x if x.device == self.device else x.to(self.device, non_blocking=True) for x in logits]
+        moved = [to_device(x, self.device) for x in logits]
         out = proxy_sample(
             moved[0], moved[1 : 1 + n], moved[1 + n :], weights=state.weights, temperature=state.temperature,
             top_k=state.top_k, top_p=state.top_p, min_p=state.min_p, seed=state.seed, step=state.step,
