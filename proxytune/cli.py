@@ -87,6 +87,10 @@ def _generate(args: argparse.Namespace) -> int:
     ).checked(len(experts), "parameters")  # fmt: skip  (before the slow loading)
     prompts = _read_prompts(args)
     progress = not args.quiet and sys.stderr.isatty()
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     small_device = args.expert_device or args.device
     tuner = ProxyTuner(
         ModelSpec(args.base, device=args.base_device or args.device),

@@ -90,7 +90,7 @@ def test_chat_template_for_the_expert_splices_token_ids(trio, tok):
     assert PromptTemplate.parse("chat") == PromptTemplate(chat=True) and PromptTemplate.parse(None) is None
 
 
-def test_loading_from_directories(tmp_path, tok):
+def test_loading_from_directories(tmp_path, tok, monkeypatch):
     paths = [save_tiny(tmp_path / name, kind, seed=seed) for name, kind, seed in
              [("base", "qwen2", 0), ("expert", "llama", 1), ("anti", "llama", 2)]]  # fmt: skip
     tuner = ProxyTuner(*paths, device="cpu", dtype="float32")
@@ -106,6 +106,9 @@ def test_loading_from_directories(tmp_path, tok):
         ProxyTuner(str(tmp_path / "empty"), tokenizer=tok)
     with pytest.raises(ModelLoadError, match="no such directory"):
         ProxyTuner(paths[0], str(tmp_path / "nope"), paths[2])
+    monkeypatch.chdir(tmp_path)  # "base/typo" looks like a hub id, but base/ is a local folder: a path, no network
+    with pytest.raises(ModelLoadError, match="anti-expert 0: no such directory: base/typo"):
+        ProxyTuner("base", "expert", "base/typo")
 
 
 @pytest.mark.cuda

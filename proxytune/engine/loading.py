@@ -15,7 +15,7 @@ import torch
 if TYPE_CHECKING:
     from proxytune.engine.prompts import PromptTemplate
 
-__all__ = ["ModelSpec", "ModelLoadError", "LoadedModel", "load_model", "load_tokenizer", "parse_dtype"]
+__all__ = ["ModelSpec", "ModelLoadError", "LoadedModel", "check_spec", "load_model", "load_tokenizer", "parse_dtype"]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -90,10 +90,20 @@ def _resolve_source(source: Union[str, os.PathLike], what: str) -> str:
         if not (path / "config.json").exists() and what != "tokenizer":
             raise ModelLoadError(f"{what}: {text} has no config.json; is it a Hugging Face model directory?")
         return str(path)
-    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
-    if looks_like_path or not text:
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1 or os.sep != "/" and os.sep in text
+    if looks_like_path or not text or path.parent.is_dir():  # "models/x" next to an existing models/: a path
         raise ModelLoadError(f"{what}: no such directory: {text}")
     return text  # a hub id: transformers resolves it (from its cache when offline)
+
+
+def check_spec(spec: ModelSpec, name: str) -> None:
+    """The cheap checks of one spec (paths exist, dtype and device make sense), run for every model before
+    the slow loading starts, so a typo in the last path fails at once."""
+    if isinstance(spec.model, (str, os.PathLike)):
+        _resolve_source(spec.model, name)
+    parse_dtype(spec.dtype)
+    if spec.device is not None and torch.device(spec.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: device {spec.device} requested but CUDA is not available here")
 
 
 def load_model(

@@ -12,7 +12,7 @@ import torch
 
 from proxytune.ops import sample as proxy_sample
 from proxytune.engine.decode import ModelRunner, SamplerState, to_device
-from proxytune.engine.loading import LoadedModel, ModelSpec, load_model, load_tokenizer, parse_dtype
+from proxytune.engine.loading import LoadedModel, ModelSpec, check_spec, load_model, load_tokenizer, parse_dtype
 from proxytune.engine.prompts import encode_prompt, left_pad
 from proxytune.engine.stopping import RowText
 from proxytune.engine.vocabulary import check_same_tokens, common_vocab_size
@@ -177,9 +177,13 @@ class ProxyTuner:
 
         named = [("base", base)] + [(f"expert {i}", e) for i, e in enumerate(experts)]
         named += [(f"anti-expert {i}", a) for i, a in enumerate(anti_experts)]
+        named = [(name, spec if isinstance(spec, ModelSpec) else ModelSpec(spec)) for name, spec in named]
+        for name, spec in named:
+            check_spec(spec, name)
+        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested but CUDA is not available here")
         loaded: list[LoadedModel] = []
         for name, spec in self._progress(named, "loading models", unit="model"):
-            spec = spec if isinstance(spec, ModelSpec) else ModelSpec(spec)
             loaded.append(load_model(spec, name, dtype=dtype, device=device, trust_remote_code=trust_remote_code))
         self.base, self.experts, self.anti_experts = loaded[0], loaded[1 : 1 + n_pairs], loaded[1 + n_pairs :]
         self.models = loaded
