@@ -182,6 +182,8 @@ class ProxyTuner:
             check_spec(spec, name)
         if device is not None and device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device} requested but CUDA is not available here")
+        if isinstance(tokenizer, (str, os.PathLike)):  # before the models: a bad path fails at once
+            tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         loaded: list[LoadedModel] = []
         for name, spec in self._progress(named, "loading models", unit="model"):
             loaded.append(load_model(spec, name, dtype=dtype, device=device, trust_remote_code=trust_remote_code))
@@ -189,9 +191,8 @@ class ProxyTuner:
         self.models = loaded
         self.device = self.base.device
 
-        if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-        tokenizer = tokenizer or next((m.tokenizer for m in loaded if m.tokenizer is not None), None)
+        if tokenizer is None:
+            tokenizer = next((m.tokenizer for m in loaded if m.tokenizer is not None), None)
         if tokenizer is None:
             raise ValueError("no tokenizer: pass tokenizer=..., or load the base from a directory that has one")
         self.tokenizer = tokenizer
