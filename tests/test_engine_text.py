@@ -52,3 +52,32 @@ def test_streaming_holds_back_a_possible_stop_string(tok):
         row2.add(t)
     assert row2.take_stream(final=False) == " the " and row2.take_stream(final=True) == "fox"
     assert not row.stopped and "".join(out) + row.take_stream(final=True) == " the fox jumps"
+
+
+def test_random_byte_soup_streams_exactly_and_stops_at_the_first_stop_string(tok):
+    """Random ids (invalid UTF-8 included): the incremental text is the full decode, a stop string cuts at
+    its first occurrence, and the streamed pieces add up to the text."""
+    import random
+
+    for trial in range(300):
+        rng = random.Random(trial)
+        ids = [rng.randrange(5, len(tok)) for _ in range(rng.randrange(1, 20))]
+        full = tok.decode(ids, skip_special_tokens=True)
+        row = RowText(tok, [])
+        for t in ids:
+            row.add(t)
+        row.flush()
+        assert row.text == full
+        if len(full) < 4:
+            continue
+        k = rng.randrange(0, len(full) - 2)
+        stop = full[k : k + 2]
+        if "\ufffd" in stop:
+            continue
+        row, streamed = RowText(tok, [], [stop]), ""
+        for t in ids:
+            done = row.add(t)
+            streamed += row.take_stream(final=done)
+            if done:
+                break
+        assert row.stopped and row.text == full[: full.find(stop)] == streamed

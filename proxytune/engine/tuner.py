@@ -402,7 +402,8 @@ class ProxyTuner:
                 elif len(row.ids) >= row.params.max_new_tokens:
                     reason = "length"
                 if reason is not None:
-                    row.text.flush()
+                    row.text.flush()  # a stop string may sit in a character only now complete
+                    reason = "stop" if reason == "length" and row.text.stopped else reason
                 yield TokenEvent(row.index, tok, row.text.take_stream(final=reason is not None), lp, reason), row
                 if reason is None:
                     keep.append(j)
