@@ -8,7 +8,7 @@ string is held back from streaming until it is decided.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 __all__ = ["RowText"]
 
@@ -82,7 +82,3 @@ class RowText:
                     break
         return best
 
-
-def first_stop(text: str, stop: Sequence[str]) -> Optional[int]:
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return min(hits) if hits else None
