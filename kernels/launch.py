@@ -10,15 +10,15 @@ has created them. Two launches sharing a scratch must not run concurrently on di
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
 import triton
 
+from proxytune._triton_backend import interpreting
 from proxytune.kernels.sample_kernel import proxy_sample_kernel
 
-__all__ = ["proxy_sample", "MAX_PAIRS", "interpreting"]
+__all__ = ["proxy_sample", "MAX_PAIRS"]
 
 MAX_PAIRS = 4  # pairs passed as separate pointers; more are folded into an fp32 base first (same order)
 _LEVELS = 16  # top-k lower-bound levels counted per program (one nat apart)
@@ -26,11 +26,6 @@ _MAX_SPLIT = 256
 
 _scratch: dict[tuple, tuple[torch.Tensor, ...]] = {}
 _sm_count: dict[int, int] = {}
-
-
-def interpreting() -> bool:
-    """True when triton runs kernels in its numpy interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _scratch_for(device: torch.device, batch: int, split: int, cap: int) -> tuple[torch.Tensor, ...]:
