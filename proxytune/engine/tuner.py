@@ -145,6 +145,18 @@ class ProxyTuner:
         Passed to transformers; off by default. Checkpoints load from safetensors only.
     backend : the ``proxytune.sample`` backend (``"auto"``).
     progress : show a progress bar while loading and over many prompts.
+    decode : ``"auto"``, ``"eager"``, ``"static"`` or ``"graph"``
+        How the decode steps run. ``"eager"``: a growing ``DynamicCache`` per model, finished rows dropped at
+        once, one host sync per token. ``"static"``: the static step of ``engine/static_step.py`` (static KV
+        caches and input buffers, per-row parameters in device tensors, rows in batch-size buckets, the host
+        reading the drawn tokens every ``poll_every`` steps), run eagerly. ``"graph"``: the same step captured
+        in a CUDA graph per bucket, the small models on side streams (CUDA only; not yet verified on a GPU by
+        this project's tests). ``"auto"``: ``"graph"`` on CUDA when every model supports the static step and is
+        of a tested architecture, else ``"eager"`` (:attr:`decode_reason` says why). An explicit ``"static"``
+        or ``"graph"`` the models cannot use raises ``ValueError``. All modes give the same tokens for the
+        same seeds (up to the last bits of the logits: the static step attends over a masked, preallocated
+        cache).
+    poll_every : decode steps between two reads of the drawn tokens by the host (static and graph modes).
     """
 
     def __init__(
@@ -161,6 +173,8 @@ class ProxyTuner:
         trust_remote_code: bool = False,
         backend: str = "auto",
         progress: bool = False,
+        decode: str = "auto",
+        poll_every: int = 8,
     ):
         experts, anti_experts = _as_list(experts), _as_list(anti_experts)
         if len(experts) != len(anti_experts):
@@ -206,6 +220,36 @@ class ProxyTuner:
         self._template_ids = [
             m.template.token_ids(m.tokenizer or tokenizer, m.name) if m.template is not None else None for m in loaded
         ]  # fmt: skip
+        if not isinstance(poll_every, int) or isinstance(poll_every, bool) or poll_every < 1:
+            raise ValueError(f"poll_every must be a positive integer, got {poll_every!r}")
+        self.poll_every = poll_every
+        self.decode, self.decode_reason = self._resolve_decode(decode)
+        self._decoder = None  # the static decoder (and its graphs), kept between batches
+        self._graphs = None
+
+    def _resolve_decode(self, decode: str) -> tuple[str, Optional[str]]:
+        """The decode mode to use and, when ``"auto"`` chose eager, why."""
+        from proxytune.engine.static_step import static_support
+
+        if decode not in ("auto", "eager", "static", "graph"):
+            raise ValueError(f"decode must be 'auto', 'eager', 'static' or 'graph', got {decode!r}")
+        if decode == "eager":
+            return "eager", None
+        reason, caveat = static_support([m.module for m in self.models], [m.name for m in self.models])
+        cuda = self.device.type == "cuda"
+        if decode == "auto":
+            if reason is None and caveat is None and cuda:
+                return "graph", None
+            return "eager", reason or caveat or f"CUDA graphs need a CUDA device; the models are on {self.device}"
+        if reason is not None:
+            raise ValueError(f"decode={decode!r} is not possible: {reason}")
+        if decode == "graph" and not cuda:
+            raise ValueError(f"decode='graph' needs a CUDA device; the models are on {self.device}")
+        if caveat is not None:
+            import warnings
+
+            warnings.warn(f"decode={decode!r}: {caveat}", stacklevel=3)
+        return decode, None
 
     @staticmethod
     def _default_eos(tokenizer: Any, models: list[LoadedModel]) -> set[int]:
@@ -382,6 +426,9 @@ class ProxyTuner:
             for k, runner in enumerate(runners)
         ]
         state = self._sampler_state(rows)
+        if use_cache and self.decode != "eager":
+            yield from self._run_static(rows, runners, logits, state, return_logprobs)
+            return
         first = True
         while True:
             tokens, logprobs = self._sample(logits, state, return_logprobs, validate=first)
@@ -391,21 +438,9 @@ class ProxyTuner:
             host_lp = logprobs.tolist() if logprobs is not None else [None] * len(rows)
             keep = []
             for j, (row, tok, lp) in enumerate(zip(rows, host_tokens, host_lp)):
-                row.ids.append(tok)
-                if lp is not None:
-                    row.logprobs.append(lp)
-                reason = None
-                if tok in self.eos_token_ids:
-                    reason = "eos"
-                elif row.text.add(tok):
-                    reason = "stop"
-                elif len(row.ids) >= row.params.max_new_tokens:
-                    reason = "length"
-                if reason is not None:
-                    row.text.flush()  # a stop string may sit in a character only now complete
-                    reason = "stop" if reason == "length" and row.text.stopped else reason
-                yield TokenEvent(row.index, tok, row.text.take_stream(final=reason is not None), lp, reason), row
-                if reason is None:
+                event = self._token_event(row, tok, lp)
+                yield event, row
+                if event.finish_reason is None:
                     keep.append(j)
             if not keep:
                 return
@@ -417,3 +452,119 @@ class ProxyTuner:
                 tokens = tokens[idx]
                 rows = [rows[j] for j in keep]
             logits = [runner.step(tokens) for runner in runners]
+
+    def _token_event(self, row: _Row, tok: int, lp: Optional[float]) -> TokenEvent:
+        """Record token ``tok`` of ``row`` and decide whether the row ends on it."""
+        row.ids.append(tok)
+        if lp is not None:
+            row.logprobs.append(lp)
+        reason = None
+        if tok in self.eos_token_ids:
+            reason = "eos"
+        elif row.text.add(tok):
+            reason = "stop"
+        elif len(row.ids) >= row.params.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            row.text.flush()  # a stop string may sit in a character only now complete
+            reason = "stop" if reason == "length" and row.text.stopped else reason
+        return TokenEvent(row.index, tok, row.text.take_stream(final=reason is not None), lp, reason)
+
+    # ------------------------------------------------------------------------------------------ static decoding
+
+    def _static_decoder(self, batch: int, max_len: int):
+        """A static decoder for ``batch`` rows and ``max_len`` positions: the kept one if it fits, else a new one
+        (the old one, its graphs and its memory are dropped first)."""
+        from proxytune.engine.static_step import StaticDecoder, bucket_for
+
+        modules = [m.module for m in self.models]
+        dec = self._decoder
+        if dec is None or not dec.fits(modules, bucket_for(batch), max_len) or dec.ring_len != self.poll_every \
+                or dec.backend != self.backend:  # fmt: skip
+            self._decoder = self._graphs = dec = None
+            step = 256 if self.device.type == "cuda" else 32  # room for the next batches: fewer recaptures
+            dec = StaticDecoder(
+                modules, [m.name for m in self.models], capacity=bucket_for(batch), max_len=-(-max_len // step) * step,
+                vocab_size=self.vocab_size, backend=self.backend, ring_len=self.poll_every,
+            )  # fmt: skip
+            self._decoder = dec
+        if self.decode == "graph" and self._graphs is None:
+            from proxytune.engine.graph_step import DecodeGraphs
+
+            self._graphs = DecodeGraphs(dec)
+        return dec
+
+    def _run_static(self, rows: list[_Row], runners: list[ModelRunner], logits, state: SamplerState, return_logprobs: bool):
+        """The decode loop over the static step (``decode="static"`` or ``"graph"``); same events as the eager loop.
+
+        Rows stay in their slot of a batch-size bucket until the live rows fit a smaller bucket, then move to
+        the front (compaction). The device runs ``poll_every`` steps per chunk; the host reads chunk ``i``'s
+        tokens (an asynchronous copy on CUDA) while chunk ``i + 1`` runs, so a finished row may be computed for
+        up to two more chunks: its extra tokens are dropped. No step launches past the longest row's budget.
+        """
+        from proxytune.engine.static_step import RingReader, bucket_for
+
+        tokens, logprobs = self._sample(logits, state, return_logprobs, validate=True)
+        state.step += 1
+        host_lp = logprobs.tolist() if logprobs is not None else [None] * len(rows)
+        finished: set[int] = set()
+        for row, tok, lp in zip(rows, tokens.tolist(), host_lp):
+            event = self._token_event(row, tok, lp)
+            yield event, row
+            if event.finish_reason is not None:
+                finished.add(row.index)
+        if len(finished) == len(rows):
+            return
+        limit = max(r.params.max_new_tokens for r in rows) - 1  # decode steps the longest row may need
+        max_len = max(r.mask.shape[1] for r in runners) + limit
+        dec = self._static_decoder(len(rows), max_len)
+        dec.load(runners, state, tokens, self.pad_token_id)
+        for runner in runners:  # the dynamic caches are copied: free them
+            runner.cache = None
+        graphs = self._graphs if self.decode == "graph" else None
+        b = bucket_for(len(rows))
+        order: list[Optional[_Row]] = list(rows) + [None] * (b - len(rows))  # slot -> row (None: padding)
+        reader = RingReader(dec)
+        launched, pending = 0, None
+
+        def process(chunk):
+            wait, snapshot = chunk
+            toks, lps = wait()
+            for t in range(len(toks)):
+                for j, row in enumerate(snapshot):
+                    if row is None or row.index in finished:
+                        continue
+                    event = self._token_event(row, toks[t][j], lps[t][j] if lps is not None else None)
+                    yield event, row
+                    if event.finish_reason is not None:
+                        finished.add(row.index)
+
+        while True:
+            live = [j for j, r in enumerate(order) if r is not None and r.index not in finished]
+            if not live:
+                break  # a chunk still in flight only holds tokens of finished rows
+            if bucket_for(len(live)) < b:
+                if pending is not None:  # read everything launched before moving rows
+                    yield from process(pending)
+                    pending = None
+                    continue
+                nb = bucket_for(len(live))
+                dec.compact(live, b)
+                order = [order[j] for j in live] + [None] * (nb - len(live))
+                b = nb
+            chunk = None
+            if launched < limit:
+                k = min(self.poll_every, limit - launched)
+                dec.slot.zero_()
+                for _ in range(k):
+                    if graphs is not None:
+                        graphs.replay(b, return_logprobs)
+                    else:
+                        dec.step(b, return_logprobs)
+                launched += k
+                chunk = (reader.read(k, b, return_logprobs), list(order))
+            previous, pending = pending, chunk
+            if previous is not None:
+                yield from process(previous)
+            elif pending is None:
+                break
