@@ -226,6 +226,7 @@ class ProxyTuner:
         self.decode, self.decode_reason = self._resolve_decode(decode)
         self._decoder = None  # the static decoder (and its graphs), kept between batches
         self._graphs = None
+        self.graph_variant = "auto"  # "streams", "sequential" or "auto" (the faster by measurement, per bucket)
 
     def _resolve_decode(self, decode: str) -> tuple[str, Optional[str]]:
         """The decode mode to use and, when ``"auto"`` chose eager, why."""
@@ -491,7 +492,7 @@ class ProxyTuner:
         if self.decode == "graph" and self._graphs is None:
             from proxytune.engine.graph_step import DecodeGraphs
 
-            self._graphs = DecodeGraphs(dec)
+            self._graphs = DecodeGraphs(dec, variant=self.graph_variant)
         return dec
 
     def _run_static(self, rows: list[_Row], runners: list[ModelRunner], logits, state: SamplerState, return_logprobs: bool):
