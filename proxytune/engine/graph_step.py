@@ -25,7 +25,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from proxytune.engine.static_step import StaticDecoder
+from proxytune.engine.static_step import SPARE_STEPS, StaticDecoder
+
+_WARMUP = 3
 
 __all__ = ["DecodeGraphs", "fork_join"]
 
@@ -69,6 +71,8 @@ class DecodeGraphs:
     def __init__(self, decoder: StaticDecoder, variant: str = "auto", timing_replays: int = 5):
         if decoder.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the decoder is on {decoder.device}")
+        if _WARMUP + 1 + timing_replays > SPARE_STEPS:
+            raise ValueError(f"timing_replays={timing_replays}: the decoder keeps only {SPARE_STEPS} spare positions")
         if variant not in ("auto", "streams", "sequential"):
             raise ValueError(f"variant must be 'auto', 'streams' or 'sequential', got {variant!r}")
         self.decoder, self.variant, self.timing_replays = decoder, variant, timing_replays
@@ -93,7 +97,7 @@ class DecodeGraphs:
         saved = dec.snapshot()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
-            for _ in range(3):  # warm-up, every stream the step uses included
+            for _ in range(_WARMUP):  # warm-up, every stream the step uses included
                 fn()
         torch.cuda.current_stream().wait_stream(self.stream)
         dec.restore(saved)

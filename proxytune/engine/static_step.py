@@ -36,9 +36,16 @@ import torch
 from proxytune.engine.decode import ModelRunner, SamplerState
 from proxytune.ops import sample as proxy_sample
 
-__all__ = ["StaticDecoder", "StaticModel", "static_support", "bucket_for", "VERIFIED_MODEL_TYPES", "BUCKETS"]
+__all__ = [
+    "StaticDecoder", "StaticModel", "RingReader", "static_support", "bucket_for", "VERIFIED_MODEL_TYPES", "BUCKETS",
+    "SPARE_STEPS",
+]  # fmt: skip
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Positions kept free past the last decode step: capturing a CUDA graph runs a few eager warm-up and timing
+# steps (state restored afterwards) that write cache columns and advance positions beyond the real ones; an
+# index past the cache would be a device-side assert.
+SPARE_STEPS = 16
 VERIFIED_MODEL_TYPES = frozenset({"llama", "qwen2", "gpt2"})  # covered by tests/test_static_step.py
 _ATTENTION = ("sdpa", "eager")
 
@@ -224,6 +231,7 @@ class StaticDecoder:
             and batch <= self.capacity and max_len <= self.max_len
         )  # fmt: skip
 
+    @torch.no_grad()
     def load(self, runners: Sequence[ModelRunner], state: SamplerState, tokens: torch.Tensor, pad_id: int) -> None:
         """Take over a prefilled batch: the runners' caches, the sampler state (``step`` already counts the
         first token) and that first token ``[B]``, fed to every model. Rows past ``B`` become neutral padding."""
@@ -248,6 +256,7 @@ class StaticDecoder:
         base, others = fork(lambda: self.models[0].forward(b), [lambda m=m: m.forward(b) for m in self.models[1:]])
         return [base, *others]
 
+    @torch.no_grad()
     def step(self, b: int, return_logprobs: bool = False, fork: Optional[Fork] = None) -> list[torch.Tensor]:
         """One decode step for rows ``[0, b)``; returns the models' logits (a graph keeps them alive)."""
         logits = self.logits(b, fork)
@@ -269,6 +278,7 @@ class StaticDecoder:
         self.slot += 1
         return logits
 
+    @torch.no_grad()
     def compact(self, rows: Sequence[int], b: int) -> None:
         """Keep rows ``rows`` (indices into ``[0, b)``, increasing) as rows ``[0, len(rows))``."""
         idx = torch.tensor(list(rows), dtype=torch.int64).to(self.device)

@@ -503,7 +503,7 @@ class ProxyTuner:
         tokens (an asynchronous copy on CUDA) while chunk ``i + 1`` runs, so a finished row may be computed for
         up to two more chunks: its extra tokens are dropped. No step launches past the longest row's budget.
         """
-        from proxytune.engine.static_step import RingReader, bucket_for
+        from proxytune.engine.static_step import SPARE_STEPS, RingReader, bucket_for
 
         tokens, logprobs = self._sample(logits, state, return_logprobs, validate=True)
         state.step += 1
@@ -517,7 +517,7 @@ class ProxyTuner:
         if len(finished) == len(rows):
             return
         limit = max(r.params.max_new_tokens for r in rows) - 1  # decode steps the longest row may need
-        max_len = max(r.mask.shape[1] for r in runners) + limit
+        max_len = max(r.mask.shape[1] for r in runners) + limit + SPARE_STEPS
         dec = self._static_decoder(len(rows), max_len)
         dec.load(runners, state, tokens, self.pad_token_id)
         for runner in runners:  # the dynamic caches are copied: free them
