@@ -1,4 +1,4 @@
-"""Command line: ``proxytune demo`` (the op on a toy step) and ``proxytune generate`` (proxy-tuned text)."""
+"""Command line: ``proxytune demo`` and ``proxytune eval`` (the shipped tiny family) and ``proxytune generate``."""
 
 from __future__ import annotations
 
@@ -11,37 +11,54 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """Proxy-tuning at work on the shipped tiny family: a few held-out questions, then the accuracy table."""
+    import time
+
     import torch
 
     import proxytune
-    from proxytune import backends
+    from proxytune.tinyworld import default_models_dir
+    from proxytune.tinyworld.evaluation import answer, build_tuners, evaluate, format_table, world_of
 
-    # A toy next-token step: the base model would answer tersely; the expert (a tuned small model) prefers
-    # a polite answer, its untuned anti-expert does not. Proxy-tuning adds the expert's *difference*.
-    words = ["Sure", "No", "The", "Certainly", "Maybe", "I", "Please", "Thanks"]
-    base = torch.tensor([[1.0, 2.0, 2.5, 0.0, 1.5, 1.0, -0.5, -1.0]])
-    expert = torch.tensor([[3.0, 0.5, 1.0, 3.5, 0.0, 1.5, 2.0, 1.0]])
-    anti = torch.tensor([[1.0, 1.5, 2.0, 0.0, 1.0, 1.0, -0.5, -1.0]])
+    t0 = time.time()
+    torch.manual_seed(0)
+    models = args.models or default_models_dir()
+    tuners = build_tuners(models)
+    questions = world_of(models).eval_questions()
+    shown = questions[:: max(1, len(questions) // args.examples)][: args.examples]
+    print(f"proxytune {proxytune.__version__}: proxy-tuning a tiny model family (models in {models})\n")
+    print("The large base knows more facts; the small tuned expert knows the answer format. Proxy-tuned =")
+    print("large base + (small tuned - small base), token by token, greedy. Questions about held-out people,")
+    print("whose facts appear only in pretraining prose, never in the instruction data:\n")
+    cols = ["large base", "small tuned", "proxy-tuned large"]
+    outs = {c: answer(tuners[c], [q.prompt for q in shown]) for c in cols}
+    for i, q in enumerate(shown):
+        print(q.prompt.replace("\n", " "), f" [expected:{q.answer}]")
+        for c in cols:
+            print(f"    {c:<18} ->{outs[c][i]!r}")
+    result = evaluate(models, limit=args.limit, tuners=tuners)
+    print()
+    print(format_table(result.accuracy, len(result.questions), result.gap_closed))
+    print(f"\n(exact match, greedy; `proxytune eval` runs every held-out question and saves a plot; {time.time() - t0:.1f} s)")
+    return 0
 
-    s = proxytune.combine(base, [expert], [anti], weights=args.alpha)
-    p_base = torch.softmax(base / args.temperature, dim=1)[0]
-    p_proxy = torch.softmax(s / args.temperature, dim=1)[0]
-    n = args.draws
-    row = lambda x: x.expand(n, -1)  # noqa: E731  the same step for n independent rows (seeds 0..n-1)
-    tokens = proxytune.sample(
-        row(base), [row(expert)], [row(anti)], weights=args.alpha, temperature=args.temperature,
-        top_p=args.top_p, seed=torch.arange(n), step=0,
-    )  # fmt: skip
-    freq = torch.bincount(tokens, minlength=len(words)).double() / n
 
-    backend = backends.resolve("auto", base.device).name
-    print(f"proxytune {proxytune.__version__}: s = base + {args.alpha} * (expert - anti), "
-          f"temperature {args.temperature}, top_p {args.top_p}, backend '{backend}'\n")
-    print(f"{'token':<10} {'p(base)':>8} {'p(proxy)':>9} {'sampled':>8}")
-    for j, w in enumerate(words):
-        print(f"{w:<10} {p_base[j]:8.3f} {p_proxy[j]:9.3f} {freq[j]:8.3f}")
-    print(f"\n'sampled' is the share of {n} draws (seeds 0..{n - 1}) after top-p {args.top_p}: tokens outside "
-          "the nucleus never appear, the rest follow p(proxy) renormalised over the nucleus.")
+def _eval(args: argparse.Namespace) -> int:
+    """Held-out exact match of the five systems; ``--save DIR`` writes tinyworld_eval.{json,txt,png} there."""
+    import shlex
+
+    import torch
+
+    from proxytune.tinyworld.evaluation import build_tuners, evaluate, format_table, save_results
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    tuners = build_tuners(args.models)
+    result = evaluate(args.models, limit=args.limit, tuners=tuners, batch_size=args.batch_size)
+    print(format_table(result.accuracy, len(result.questions), result.gap_closed))
+    if args.save:
+        argv = args.argv if args.argv is not None else sys.argv[1:]
+        for path in save_results(result, args.save, "proxytune " + " ".join(shlex.quote(a) for a in argv)):
+            print(f"saved {path}")
     return 0
 
 
@@ -177,14 +194,21 @@ def _add_generate_parser(sub) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="proxytune", description="Fast decoding-time proxy-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="show the proxy-tuning op on a toy next-token step")
-    demo.add_argument("--alpha", type=float, default=1.0, help="weight of (expert - anti-expert)")
-    demo.add_argument("--temperature", type=float, default=1.0)
-    demo.add_argument("--top-p", type=float, default=0.9)
-    demo.add_argument("--draws", type=int, default=20000)
+    demo = sub.add_parser("demo", help="proxy-tuning a shipped tiny model family: answers side by side, accuracy table")
+    demo.add_argument("--models", default=None, help="the family's directory (default: the shipped one)")
+    demo.add_argument("--examples", type=int, default=4, help="held-out questions shown side by side")
+    demo.add_argument("--limit", type=int, default=None, help="held-out questions in the table (default: all)")
     demo.set_defaults(run=_demo)
+    ev = sub.add_parser("eval", help="held-out exact match of the tiny family and the proxy-tuned large model")
+    ev.add_argument("--models", default=None, help="the family's directory (default: the shipped one)")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N held-out questions")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ev.add_argument("--save", default=None, metavar="DIR", help="write tinyworld_eval.{json,txt,png} into DIR")
+    ev.set_defaults(run=_eval)
     _add_generate_parser(sub)
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else None
     try:
         return args.run(args)
     except (ValueError, TypeError, OSError) as e:

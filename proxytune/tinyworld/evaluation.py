@@ -1,0 +1,154 @@
+"""Held-out exact match of the family and of the proxy-tuned large model, the gap closed, table and plot.
+
+Five systems answer the held-out questions greedily through :class:`proxytune.ProxyTuner`: the two bases,
+the two tuned models, and the large base proxy-tuned by (small tuned - small base). An answer is right when
+the first line of the generation, stripped, equals the strict answer (``is_correct``; fixed before any
+proxy-tuned number was looked at). The gap closed is ``(proxy - large base) / (large tuned - large base)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from proxytune.tinyworld import model_path
+from proxytune.tinyworld.world import QA, is_correct, make_world
+
+__all__ = ["SYSTEMS", "EvalResult", "build_tuners", "answer", "evaluate", "format_table", "save_results", "gap_closed", "world_of"]
+
+# (label, base role, expert role, anti-expert role), in the table's order
+SYSTEMS = [
+    ("small base", "small_base", None, None),
+    ("large base", "large_base", None, None),
+    ("small tuned", "small_tuned", None, None),
+    ("large tuned", "large_tuned", None, None),
+    ("proxy-tuned large", "large_base", "small_tuned", "small_base"),
+]
+MAX_NEW_TOKENS = 8
+
+
+def build_tuners(models_dir=None, labels: Optional[Sequence[str]] = None) -> dict:
+    """One :class:`ProxyTuner` per system (fp32 on the CPU); each model directory is loaded once."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from proxytune.engine import ProxyTuner
+
+    hf_logging.disable_progress_bar()
+    wanted = [s for s in SYSTEMS if labels is None or s[0] in labels]
+    roles = {r for s in wanted for r in s[1:] if r is not None}
+    loaded = {r: AutoModelForCausalLM.from_pretrained(model_path(r, models_dir), dtype="float32").eval() for r in sorted(roles)}
+    tokenizer_dir = model_path(wanted[0][1], models_dir)
+    tuners = {}
+    for label, base, expert, anti in wanted:
+        pairs = ([loaded[expert]], [loaded[anti]]) if expert else ((), ())
+        tuners[label] = ProxyTuner(loaded[base], *pairs, tokenizer=tokenizer_dir, device="cpu")
+    return tuners
+
+
+def answer(tuner, prompts: Sequence[str], batch_size: int = 256) -> list[str]:
+    """Greedy completions, cut at the first newline (the answer format ends there)."""
+    gens = tuner.generate(list(prompts), temperature=0.0, max_new_tokens=MAX_NEW_TOKENS, stop=["\n"], batch_size=batch_size)
+    return [g.text for g in gens]
+
+
+def gap_closed(acc: dict) -> Optional[float]:
+    gap = acc["large tuned"] - acc["large base"]
+    return (acc["proxy-tuned large"] - acc["large base"]) / gap if gap > 0 else None
+
+
+@dataclass
+class EvalResult:
+    questions: list[QA]
+    outputs: dict  # label -> list of generated texts
+    seconds: dict = field(default_factory=dict)
+
+    def correct(self, label: str) -> list[int]:
+        return [int(is_correct(o, q.answer)) for o, q in zip(self.outputs[label], self.questions)]
+
+    @property
+    def accuracy(self) -> dict:
+        return {label: sum(self.correct(label)) / len(self.questions) for label in self.outputs}
+
+    @property
+    def gap_closed(self) -> Optional[float]:
+        return gap_closed(self.accuracy) if "proxy-tuned large" in self.outputs else None
+
+
+def world_of(models_dir=None):
+    """The world the family was trained on (its parameters are in every model's ``training_info.json``)."""
+    with open(os.path.join(model_path("small_base", models_dir), "training_info.json")) as f:
+        w = json.load(f)["world"]
+    return make_world(w["seed"], w["entities"], w["tune_entities"])
+
+
+def evaluate(models_dir=None, limit: Optional[int] = None, tuners: Optional[dict] = None,
+             batch_size: int = 256) -> EvalResult:  # fmt: skip
+    """Answer the first ``limit`` held-out questions (all by default) with every system."""
+    questions = world_of(models_dir).eval_questions()[:limit]
+    tuners = tuners if tuners is not None else build_tuners(models_dir)
+    outputs, seconds = {}, {}
+    for label, tuner in tuners.items():
+        t0 = time.time()
+        outputs[label] = answer(tuner, [q.prompt for q in questions], batch_size)
+        seconds[label] = round(time.time() - t0, 2)
+    return EvalResult(questions, outputs, seconds)
+
+
+def format_table(acc: dict, n: int, gap: Optional[float]) -> str:
+    lines = [f"{'system':<20} {'exact match':>12}   (held-out questions: {n})"]
+    lines += [f"{label:<20} {100 * a:11.1f}%" for label, a in acc.items()]
+    if gap is not None:
+        lines.append(f"gap closed by proxy-tuning: (proxy - large base) / (large tuned - large base) = {100 * gap:.1f}%")
+    return "\n".join(lines)
+
+
+def save_results(result: EvalResult, directory, command: str, prefix: str = "tinyworld_eval") -> list[str]:
+    """``<prefix>.json`` (accuracies, per-question correctness and outputs, versions), ``.txt`` and ``.png``."""
+    import platform
+
+    import torch
+
+    os.makedirs(directory, exist_ok=True)
+    acc = result.accuracy
+    table = format_table(acc, len(result.questions), result.gap_closed)
+    base = os.path.join(directory, prefix)
+    record = {
+        "command": command, "accuracy": acc, "gap_closed": result.gap_closed, "n_questions": len(result.questions),
+        "seconds": result.seconds, "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                                               "cpu": platform.processor() or platform.machine()},
+        "questions": [{"entity": q.entity, "attribute": q.attribute, "prompt": q.prompt, "answer": q.answer}
+                      for q in result.questions],
+        "outputs": result.outputs, "correct": {label: result.correct(label) for label in result.outputs},
+    }  # fmt: skip
+    with open(base + ".json", "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+    with open(base + ".txt", "w") as f:
+        f.write(f"$ {command}\n{table}\n")
+    paths = [base + ".json", base + ".txt"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return paths
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    colors = ["#9ecae1", "#3182bd", "#fdae6b", "#e6550d", "#31a354"]
+    bars = ax.bar(list(acc), [100 * a for a in acc.values()], color=colors[: len(acc)])
+    for b, a in zip(bars, acc.values()):
+        ax.text(b.get_x() + b.get_width() / 2, 100 * a + 1, f"{100 * a:.1f}", ha="center", fontsize=9)
+    title = f"Tiny world: held-out exact match ({len(result.questions)} questions)"
+    if result.gap_closed is not None:
+        title += f"\nproxy-tuning closes {100 * result.gap_closed:.1f}% of the tuning gap"
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("exact match (%)")
+    ax.set_ylim(0, 105)
+    fig.tight_layout()
+    fig.savefig(base + ".png", dpi=120)
+    plt.close(fig)
+    return paths + [base + ".png"]
