@@ -200,3 +200,70 @@ def test_decode_modes_and_fallbacks(models, tok):
     assert [g.token_ids for g in static.generate(PROMPTS, use_cache=False, **kw)] == [
         g.token_ids for g in auto.generate(PROMPTS, **kw)
     ]  # use_cache=False always decodes eagerly
+
+
+def test_graph_bookkeeping_with_fake_cuda(models, tok, monkeypatch):
+    """``DecodeGraphs``' control flow on a CPU: streams, pools and graphs are faked (a capture records the step
+    and, like a real capture, leaves the state as it was; a replay runs the step). Warm-up, the timing of both
+    variants, per-bucket capture and the restores around them must leave the tokens those of the eager engine."""
+    import contextlib
+    import types
+
+    import proxytune.engine.graph_step as gs
+    import proxytune.engine.static_step as ss
+
+    capturing, decoders = [], []
+
+    class FakeGraph:
+        fn = None
+
+        def replay(self):
+            self.fn()
+
+    @contextlib.contextmanager
+    def fake_capture(graph, pool=None, stream=None):
+        saved = decoders[-1].snapshot()
+        capturing.append(graph)
+        try:
+            yield
+        finally:
+            capturing.pop()
+            decoders[-1].restore(saved)  # a capture runs no kernel
+
+    real_step, real_init = ss.StaticDecoder.step, gs.DecodeGraphs.__init__
+
+    def step(self, b, return_logprobs=False, fork=None):
+        if capturing:
+            capturing[-1].fn = lambda: real_step(self, b, return_logprobs, fork)
+        return real_step(self, b, return_logprobs, fork)
+
+    def init(self, decoder, *args, **kwargs):
+        decoders.append(decoder)
+        device, decoder.device = decoder.device, types.SimpleNamespace(type="cuda")
+        try:
+            real_init(self, decoder, *args, **kwargs)
+        finally:
+            decoder.device = device
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    for name, value in dict(Stream=FakeStream, current_stream=lambda *a: FakeStream(), CUDAGraph=FakeGraph,
+                            stream=lambda s: contextlib.nullcontext(), device=lambda d: contextlib.nullcontext(),
+                            graph_pool_handle=lambda: None, graph=fake_capture, synchronize=lambda *a: None).items():  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(ss.StaticDecoder, "step", step)
+    monkeypatch.setattr(gs.DecodeGraphs, "__init__", init)
+
+    base, expert, anti = models["llama"]
+    eager = ProxyTuner(base, expert, anti, tokenizer=tok, decode="eager", eos_token_ids=[EOS_ID])
+    graph = ProxyTuner(base, expert, anti, tokenizer=tok, decode="static", eos_token_ids=[EOS_ID], poll_every=3)
+    graph.decode = "graph"  # what "auto" picks on CUDA
+    params = [SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=n, seed=i) for i, n in enumerate([2, 12, 4, 9, 1, 6])]
+    prompts = (PROMPTS * 2)[:6]
+    got = graph.generate(prompts, params, return_logprobs=True)
+    assert_same(eager.generate(prompts, params, return_logprobs=True), got)
+    graphs = graph._graphs
+    assert len(graphs.graphs) >= 2 and all(lp for _, lp in graphs.graphs), graphs.graphs  # compaction: several buckets
+    assert set(graphs.chosen.values()) <= {"streams", "sequential"} and all(len(t) == 2 for t in graphs.timings.values())

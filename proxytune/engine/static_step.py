@@ -275,7 +275,7 @@ class StaticDecoder:
         self.ring[:, :b].index_copy_(0, self.slot, tokens[None])
         if logprobs is not None:
             self.ring_logprobs[:, :b].index_copy_(0, self.slot, logprobs[None])
-        self.slot += 1
+        self.slot.add_(1).remainder_(self.ring_len)  # a ring: extra steps (graph warm-up, timing) stay in bounds
         return logits
 
     @torch.no_grad()
