@@ -60,6 +60,10 @@ def test_static_step_gives_the_eager_tokens(kind, models, tok):
     kw = dict(temperature=1.0, max_new_tokens=N_NEW + 4, seed=5)
     assert_same(eager.generate(PROMPTS[:3], **kw), static.generate(PROMPTS[:3], **kw))
     assert static._decoder.capacity == 8  # reused: 3 rows fit the first decoder
+    static.release_decode_buffers()
+    assert static._decoder is None
+    assert_same(eager.generate(PROMPTS[:1], **kw), static.generate(PROMPTS[:1], **kw))
+    assert static._decoder.capacity == 1
 
 
 @pytest.mark.parametrize("poll_every", [1, 4])

@@ -1,7 +1,8 @@
 """Proxy-tuned generation over Hugging Face causal LMs.
 
-``tuner.py`` holds :class:`ProxyTuner` (the generation loop), ``decode.py`` one model's KV cache and decode
-step, ``loading.py`` model loading, ``vocabulary.py`` the shared-vocabulary check, ``prompts.py`` templates and
+``tuner.py`` holds :class:`ProxyTuner` (the generation loops), ``decode.py`` one model's KV cache and decode
+step (eager), ``static_step.py`` the static decode step over all models (static caches and buffers),
+``graph_step.py`` its CUDA graphs with side streams, ``loading.py`` model loading, ``vocabulary.py`` the shared-vocabulary check, ``prompts.py`` templates and
 left padding, ``stopping.py`` incremental detokenisation and stop strings. transformers is imported lazily.
 """
 

@@ -4,8 +4,9 @@ The structure is the one a CUDA graph captures (the next step of the project): :
 takes a ``[B]`` token tensor on the base's device and returns ``[B, W]`` logits, with no host sync; the
 per-row sampling parameters live in :class:`SamplerState` as device tensors (``step`` advances in place).
 Dropping finished rows (:meth:`ModelRunner.select`) happens between steps, on the host's decision.
-What a graph cannot hold yet is the growing part: ``DynamicCache`` and the attention mask grow by one column
-per step; the graph path swaps them for a static cache and a preallocated mask of the same layout.
+What a graph cannot hold is the growing part: ``DynamicCache`` and the attention mask grow by one column
+per step. ``static_step.py`` swaps them for static caches and a preallocated mask (its prefill is this
+module's :meth:`ModelRunner.prefill`, whose cache it copies), and ``graph_step.py`` captures that step.
 """
 
 from __future__ import annotations

@@ -156,7 +156,10 @@ class ProxyTuner:
         or ``"graph"`` the models cannot use raises ``ValueError``. All modes give the same tokens for the
         same seeds (up to the last bits of the logits: the static step attends over a masked, preallocated
         cache).
-    poll_every : decode steps between two reads of the drawn tokens by the host (static and graph modes).
+    poll_every : decode steps between two reads of the drawn tokens by the host (static and graph modes);
+        streamed tokens then arrive in groups of up to this many. The static decoder (caches sized for the
+        largest batch and length seen so far) and its graphs are kept between calls:
+        :meth:`release_decode_buffers` frees them.
     """
 
     def __init__(
@@ -227,6 +230,10 @@ class ProxyTuner:
         self._decoder = None  # the static decoder (and its graphs), kept between batches
         self._graphs = None
         self.graph_variant = "auto"  # "streams", "sequential" or "auto" (the faster by measurement, per bucket)
+
+    def release_decode_buffers(self) -> None:
+        """Drop the static decoder's caches and buffers and its CUDA graphs (rebuilt by the next call)."""
+        self._decoder = self._graphs = None
 
     def _resolve_decode(self, decode: str) -> tuple[str, Optional[str]]:
         """The decode mode to use and, when ``"auto"`` chose eager, why."""
