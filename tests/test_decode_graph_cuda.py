@@ -55,10 +55,11 @@ def loaded_decoder(trio, tok, capacity, prompts):
 
 
 @pytest.mark.parametrize("variant", ["streams", "sequential"])
-def test_replayed_logits_equal_eager_logits(variant, models, tok):
+@pytest.mark.parametrize("kind", KINDS)
+def test_replayed_logits_equal_eager_logits(kind, variant, models, tok):
     from proxytune.engine.graph_step import DecodeGraphs
 
-    trio = models["llama"]
+    trio = models[kind]
     eager, graphed = loaded_decoder(trio, tok, 4, PROMPTS[:3]), loaded_decoder(trio, tok, 4, PROMPTS[:3])
     graphs = DecodeGraphs(graphed, variant=variant)
     for position in range(10):
