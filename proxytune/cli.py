@@ -115,7 +115,10 @@ def _generate(args: argparse.Namespace) -> int:
         [ModelSpec(a, device=small_device) for a in antis],
         weights=alphas * len(experts) if len(alphas) == 1 else alphas, tokenizer=args.tokenizer, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code, backend=args.backend, progress=progress,
+        decode=args.decode, poll_every=args.poll_every,
     )  # fmt: skip
+    if progress and tuner.decode_reason:
+        print(f"proxytune: decode={tuner.decode} ({tuner.decode_reason})", file=sys.stderr)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         jsonl = args.format == "jsonl"
@@ -183,6 +186,10 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--trust-remote-code", action="store_true", help="allow models' own Python code (off by default)")
     gen.add_argument("--backend", default="auto", help="sampler backend (auto, reference, cpu, triton)")
     gen.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: all)")
+    gen.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",
+                     help="decode step: eager, static (static caches and buffers) or graph (CUDA graphs, not yet "
+                          "verified on a GPU); auto is eager for now")
+    gen.add_argument("--poll-every", type=int, default=8, help="static/graph decode: steps between host polls")
     gen.add_argument("--format", choices=["text", "jsonl"], default="text")
     gen.add_argument("--logprobs", action="store_true", help="with --format jsonl: each token's log-probability")
     gen.add_argument("--stream", action="store_true", help="write tokens as they are generated")

@@ -86,3 +86,15 @@ def test_python_dash_m_generate(dirs):
     cmd = [sys.executable, "-m", "proxytune", *args(dirs, "--prompt", "hello", "--max-new-tokens", "3", "--format", "jsonl")]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
     assert len(json.loads(out.stdout)["token_ids"]) <= 3
+
+
+def test_generate_static_decode_gives_the_eager_tokens(dirs, capsys):
+    common = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--temperature", "0.8", "--seed", "5",
+              "--max-new-tokens", "7", "--format", "jsonl"]  # fmt: skip
+    assert main(args(dirs, *common, "--decode", "eager")) == 0
+    eager = [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
+    assert main(args(dirs, *common, "--decode", "static", "--poll-every", "3")) == 0
+    static = [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
+    assert static == eager and len(eager) == 2
+    assert main(args(dirs, *common, "--decode", "graph")) == 2  # no CUDA here: a clear error, not a crash
+    assert "needs a CUDA device" in capsys.readouterr().err
