@@ -263,7 +263,7 @@ def test_graph_bookkeeping_with_fake_cuda(models, tok, monkeypatch):
     base, expert, anti = models["llama"]
     eager = ProxyTuner(base, expert, anti, tokenizer=tok, decode="eager", eos_token_ids=[EOS_ID])
     graph = ProxyTuner(base, expert, anti, tokenizer=tok, decode="static", eos_token_ids=[EOS_ID], poll_every=3)
-    graph.decode = "graph"  # what "auto" picks on CUDA
+    graph.decode = "graph"  # what decode="graph" uses on CUDA
     params = [SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=n, seed=i) for i, n in enumerate([2, 12, 4, 9, 1, 6])]
     prompts = (PROMPTS * 2)[:6]
     got = graph.generate(prompts, params, return_logprobs=True)
