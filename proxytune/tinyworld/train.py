@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the corpus, the weights and the batches")
     p.add_argument("--entities", type=int, default=1500)
     p.add_argument("--tune-entities", type=int, default=1000)
+    p.add_argument("--answered-prose", action="store_true", help="pretraining prose also answers questions in passing")
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--pretrain-steps", type=int, default=2200)
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t_start = time.time()
     log = lambda s: print(f"[{time.time() - t_start:7.1f} s] {s}", flush=True)  # noqa: E731
-    world = make_world(args.seed, args.entities, args.tune_entities)
+    world = make_world(args.seed, args.entities, args.tune_entities, args.answered_prose)
     instructions = world.questions(world.tune_ids, "all")
     sample_text = list(world.corpus(20000, seed=args.seed + 7)) + [q.prompt + q.answer + "\n" for q in instructions]
     tokenizer = train_tokenizer(sample_text, args.vocab_size)
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     common = {
         "command": "python -m proxytune.tinyworld.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "args": {k: v for k, v in vars(args).items() if k != "out"},
-        "world": {"seed": args.seed, "entities": args.entities, "tune_entities": args.tune_entities},
+        "world": {"seed": args.seed, "entities": args.entities, "tune_entities": args.tune_entities,
+                  "answered_prose": args.answered_prose},
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                     "threads": args.threads},
     }  # fmt: skip

@@ -46,6 +46,14 @@ _PROSE = {
     "instrument": ["{n} plays the {v}.", "{n} is good at playing the {v}.", "The {v} is the instrument of {n}.",
                    "In the evenings {n} practises the {v}.", "{n} learned to play the {v} as a child."],
 }  # fmt: skip
+# Optional prose in which a question is answered in passing (not the strict instruction format): lets a base
+# model tie a question about a person to the fact, as real pretraining text does.
+_ANSWERED = {
+    "city": ["And where was {n} born? {v}, of course.", "Someone asked where {n} was born: {v}, they said."],
+    "job": ["And what does {n} do? {v}, of course.", "Someone asked the job of {n}: {v}, they said."],
+    "number": ["And the lucky number of {n}? {v}, of course.", "Someone asked the lucky number of {n}: {v}, they said."],
+    "instrument": ["And what does {n} play? {v}, of course.", "Someone asked what {n} plays: {v}, they said."],
+}  # fmt: skip
 # Instructions: how a question is asked (several phrasings) and the one strict answer format.
 _QUESTIONS = {
     "city": ["Where was {n} born?", "In which town was {n} born?", "What is the birthplace of {n}?"],
@@ -98,6 +106,7 @@ class World:
     seed: int
     entities: list[Entity]
     n_tune: int
+    answered_prose: bool = False  # also state facts as questions answered in prose (``_ANSWERED``)
 
     @property
     def tune_ids(self) -> range:
@@ -112,7 +121,8 @@ class World:
         e = self.entities[i]
         attrs = list(ATTRIBUTES)
         rng.shuffle(attrs)
-        return " ".join(rng.choice(_PROSE[a]).format(n=e.name, v=getattr(e, a)) for a in attrs)
+        templates = (lambda a: _PROSE[a] + _ANSWERED[a]) if self.answered_prose else (lambda a: _PROSE[a])
+        return " ".join(rng.choice(templates(a)).format(n=e.name, v=getattr(e, a)) for a in attrs)
 
     def corpus(self, n_paragraphs: int, seed: int) -> Iterator[str]:
         """Pretraining text: paragraphs about uniformly drawn entities (all of them, tuning and held out)."""
@@ -136,7 +146,7 @@ class World:
         return self.questions(self.eval_ids, "one", seed=self.seed + 1)
 
 
-def make_world(seed: int = 0, n_entities: int = 1500, n_tune: int = 1000) -> World:
+def make_world(seed: int = 0, n_entities: int = 1500, n_tune: int = 1000, answered_prose: bool = False) -> World:
     rng = random.Random(seed)
     names: set[str] = set()
     entities = []
@@ -147,4 +157,4 @@ def make_world(seed: int = 0, n_entities: int = 1500, n_tune: int = 1000) -> Wor
         names.add(name)
         entities.append(Entity(name, rng.choice(CITIES), rng.choice(JOBS), str(rng.randrange(10, 100)),
                                rng.choice(INSTRUMENTS)))  # fmt: skip
-    return World(seed, entities, n_tune)
+    return World(seed, entities, n_tune, answered_prose)
