@@ -64,8 +64,9 @@ def test_shipped_family_is_small_fp16_and_loads_with_auto_classes():
 def test_shipped_models_generate_through_the_engine():
     from proxytune.engine import ProxyTuner
 
-    w = make_world()
-    q = w.questions([0], "one")[0]  # a tuning entity: the tuned model has seen this exact fact asked
+    from proxytune.tinyworld.evaluation import world_of
+
+    q = world_of().questions([0], "one")[0]  # a tuning entity: the tuned model has seen this exact fact asked
     tuner = ProxyTuner(model_path("large_base"), model_path("small_tuned"), model_path("small_base"), device="cpu")
     out = tuner.generate(q.prompt, temperature=0, max_new_tokens=8, stop=["\n"])
     assert out.finish_reason in ("stop", "eos") and out.text.strip().endswith(".")
