@@ -3,7 +3,8 @@
 One tokenizer, then for each size (small, large): pretrain a base on the world's prose, save it, fine-tune a
 copy on the instruction data (tuning entities only) and save that. Both sizes see the same token stream and
 the same instruction batches. Each directory records the command, seeds, recipe and wall times in
-``training_info.json``. The shipped family was made with the defaults.
+``training_info.json``. The shipped family: ``--answered-prose --entities 600 --tune-entities 400
+--pretrain-steps 1000``, ``--sizes small`` and ``--sizes large`` in two parallel processes (see the README).
 """
 
 from __future__ import annotations
