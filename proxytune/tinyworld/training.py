@@ -80,16 +80,17 @@ def _optimizer(model, schedule: Schedule):
     return torch.optim.AdamW(model.parameters(), lr=schedule.lr, betas=(0.9, 0.98), weight_decay=schedule.weight_decay)
 
 
-def pretrain(model, batches: torch.Tensor, schedule: Schedule, log: Optional[Callable[[str], None]] = None) -> dict:
-    """Next-token loss on every position. Returns the loss curve (every 50 steps) and the wall time."""
+def _train(model, schedule: Schedule, loss_at: Callable[[int], torch.Tensor], phase: str,
+           log: Optional[Callable[[str], None]]) -> dict:  # fmt: skip
+    """The loop both phases share: AdamW with the schedule's learning rate, clipping, a loss curve averaged
+    over every 50 steps. ``loss_at(step)`` computes the step's loss. Returns the curve and the wall time."""
     opt = _optimizer(model, schedule)
     model.train()
     t0, curve, run = time.time(), [], 0.0
     for step in range(schedule.steps):
         for g in opt.param_groups:
             g["lr"] = schedule.lr_at(step)
-        x = batches[step]
-        loss = model(input_ids=x, labels=x).loss
+        loss = loss_at(step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -99,10 +100,15 @@ def pretrain(model, batches: torch.Tensor, schedule: Schedule, log: Optional[Cal
             n = (step % 50) + 1
             curve.append((step + 1, round(run / n, 4)))
             if log:
-                log(f"pretrain step {step + 1}/{schedule.steps} loss {run / n:.3f} ({time.time() - t0:.0f} s)")
+                log(f"{phase} step {step + 1}/{schedule.steps} loss {run / n:.3f} ({time.time() - t0:.0f} s)")
             run = 0.0
     model.eval()
     return {"loss_curve": curve, "seconds": round(time.time() - t0, 1), "schedule": asdict(schedule)}
+
+
+def pretrain(model, batches: torch.Tensor, schedule: Schedule, log: Optional[Callable[[str], None]] = None) -> dict:
+    """Next-token loss on every position. Returns the loss curve (every 50 steps) and the wall time."""
+    return _train(model, schedule, lambda step: model(input_ids=batches[step], labels=batches[step]).loss, "pretrain", log)
 
 
 def instruction_example(tokenizer, qa: QA) -> tuple[list[int], list[int]]:
@@ -118,14 +124,12 @@ def finetune(model, tokenizer, data: list[QA], schedule: Schedule, seed: int,
     examples = [instruction_example(tokenizer, qa) for qa in data]
     rng = random.Random(seed)
     order: list[int] = []
-    opt = _optimizer(model, schedule)
-    model.train()
-    t0, curve, run = time.time(), [], 0.0
-    for step in range(schedule.steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         if len(order) < schedule.batch_size:
             more = list(range(len(examples)))
             rng.shuffle(more)
-            order += more
+            order.extend(more)
         batch = [examples[i] for i in order[: schedule.batch_size]]
         del order[: schedule.batch_size]
         width = max(len(p) + len(t) for p, t in batch)
@@ -137,22 +141,9 @@ def finetune(model, tokenizer, data: list[QA], schedule: Schedule, seed: int,
             ids[r, :n] = torch.tensor(p + t)
             labels[r, len(p) : n] = torch.tensor(t)
             mask[r, :n] = 1
-        for g in opt.param_groups:
-            g["lr"] = schedule.lr_at(step)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        run += loss.item()
-        if (step + 1) % 50 == 0 or step + 1 == schedule.steps:
-            n = (step % 50) + 1
-            curve.append((step + 1, round(run / n, 4)))
-            if log:
-                log(f"finetune step {step + 1}/{schedule.steps} loss {run / n:.3f} ({time.time() - t0:.0f} s)")
-            run = 0.0
-    model.eval()
-    return {"loss_curve": curve, "seconds": round(time.time() - t0, 1), "schedule": asdict(schedule)}
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    return _train(model, schedule, loss_at, "finetune", log)
 
 
 def save_model(model, tokenizer, directory, info: dict) -> None:
