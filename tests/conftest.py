@@ -10,3 +10,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny tokenizer of tests/tiny_models.py, one per module (tests may set its padding side)."""
+    from tiny_models import tiny_tokenizer
+
+    return tiny_tokenizer()

@@ -13,21 +13,15 @@ import torch
 from proxytune import ProxyTuner, SamplingParams
 from proxytune.engine.decode import ModelRunner
 from proxytune.engine.prompts import left_pad
-from tiny_models import EOS_ID, PROMPTS, tiny_model, tiny_tokenizer
+from tiny_models import EOS_ID, KINDS, PROMPTS, tiny_trio
 
 pytestmark = pytest.mark.cuda
-KINDS = ["llama", "qwen2", "gpt2"]
 N_NEW = 12
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def models():
-    return {kind: tuple(tiny_model(kind, seed=s).cuda() for s in (0, 1, 2)) for kind in KINDS}
+    return {kind: tuple(m.cuda() for m in tiny_trio(kind)) for kind in KINDS}
 
 
 class Loaded:

@@ -8,21 +8,15 @@ import torch
 
 from proxytune import ModelSpec, ProxyTuner, SamplingParams
 from proxytune.engine import Generation
-from tiny_models import EOS_ID, PROMPTS, tiny_model, tiny_tokenizer
+from tiny_models import EOS_ID, KINDS, PROMPTS, tiny_tokenizer, tiny_trio
 
-KINDS = ["llama", "qwen2", "gpt2"]
 N_NEW = 8
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def models():
     """Per kind: (base, expert, anti_expert), different random weights."""
-    return {kind: tuple(tiny_model(kind, seed=s) for s in (0, 1, 2)) for kind in KINDS}
+    return {kind: tiny_trio(kind) for kind in KINDS}
 
 
 def hf_greedy(model, tok, prompts, n):

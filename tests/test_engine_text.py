@@ -1,14 +1,6 @@
 """Incremental detokenisation and stop strings (``proxytune.engine.stopping.RowText``)."""
 
-import pytest
-
 from proxytune.engine.stopping import RowText
-from tiny_models import tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 def feed(tok, text, stop=(), prompt="hello"):

@@ -5,19 +5,14 @@ import torch
 
 from proxytune import ModelSpec, ProxyTuner
 from proxytune.engine import ModelLoadError, PromptTemplate, VocabularyMismatchError
-from tiny_models import PROMPTS, save_tiny, tiny_model, tiny_tokenizer
+from tiny_models import PROMPTS, save_tiny, tiny_model, tiny_tokenizer, tiny_trio
 
 N_NEW = 6
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def trio():
-    return tuple(tiny_model("llama", seed=s) for s in (0, 1, 2))
+    return tiny_trio("llama")
 
 
 def test_mismatched_tokenizers_name_the_first_differing_tokens(trio, tok):
@@ -113,7 +108,7 @@ def test_loading_from_directories(tmp_path, tok, monkeypatch):
 
 @pytest.mark.cuda
 def test_base_on_gpu_small_models_on_cpu(trio, tok):
-    base, expert, anti = (tiny_model("llama", seed=s) for s in (0, 1, 2))
+    base, expert, anti = tiny_trio("llama")
     split = ProxyTuner(ModelSpec(base, device="cuda"), ModelSpec(expert, device="cpu"), ModelSpec(anti, device="cpu"), tokenizer=tok)
     assert split.device.type == "cuda"
     gens = split.generate(PROMPTS, temperature=0.8, max_new_tokens=N_NEW, seed=3)

@@ -12,20 +12,14 @@ from proxytune import ProxyTuner, SamplingParams
 from proxytune.engine.decode import ModelRunner
 from proxytune.engine.prompts import left_pad
 from proxytune.engine.static_step import StaticDecoder, bucket_for, static_support
-from tiny_models import EOS_ID, PROMPTS, tiny_model, tiny_tokenizer
+from tiny_models import EOS_ID, KINDS, PROMPTS, tiny_trio
 
-KINDS = ["llama", "qwen2", "gpt2"]
 N_NEW = 10
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def models():
-    return {kind: tuple(tiny_model(kind, seed=s) for s in (0, 1, 2)) for kind in KINDS}
+    return {kind: tiny_trio(kind) for kind in KINDS}
 
 
 def pair(models, tok, kind, poll_every=3, **kw):

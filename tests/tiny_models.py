@@ -82,6 +82,14 @@ def tiny_model(kind: str = "llama", vocab_size: int = 320, seed: int = 0, **conf
     return model.eval()
 
 
+KINDS = ("llama", "qwen2", "gpt2")
+
+
+def tiny_trio(kind: str = "llama") -> tuple:
+    """(base, expert, anti-expert): three ``kind`` models with different random weights (seeds 0, 1, 2)."""
+    return tuple(tiny_model(kind, seed=s) for s in (0, 1, 2))
+
+
 def save_tiny(directory: str | os.PathLike, kind: str = "llama", vocab_size: int = 320, seed: int = 0,
               tokenizer=None, **config_kwargs) -> str:  # fmt: skip
     """Save a tiny model and its tokenizer to ``directory`` (safetensors) and return the path as a string."""
