@@ -90,13 +90,14 @@ inline float load(const void* p, int64_t j) {
 }
 
 template <int D>
-void load_block(const void* src, float* __restrict dst, int64_t n) {
+__attribute__((always_inline)) inline void load_block(const void* src, float* __restrict dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = load<D>(src, j);
 }
 
 // dst = dst + w * (e - a), three roundings, in this order (the reference's order).
 template <int DE, int DA>
-void add_pair_block(const void* e, const void* a, float w, float* __restrict dst, int64_t n) {
+__attribute__((always_inline)) inline void add_pair_block(const void* e, const void* a, float w,
+                                                          float* __restrict dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     const float diff = load<DE>(e, j) - load<DA>(a, j);
     const float term = w * diff;
@@ -104,14 +105,33 @@ void add_pair_block(const void* e, const void* a, float w, float* __restrict dst
   }
 }
 
-using LoadFn = void (*)(const void*, float*, int64_t);
-using PairFn = void (*)(const void*, const void*, float, float*, int64_t);
-constexpr LoadFn kLoad[3] = {load_block<kF32>, load_block<kBF16>, load_block<kF16>};
-constexpr PairFn kPair[3][3] = {
-    {add_pair_block<kF32, kF32>, add_pair_block<kF32, kBF16>, add_pair_block<kF32, kF16>},
-    {add_pair_block<kBF16, kF32>, add_pair_block<kBF16, kBF16>, add_pair_block<kBF16, kF16>},
-    {add_pair_block<kF16, kF32>, add_pair_block<kF16, kBF16>, add_pair_block<kF16, kF16>},
-};
+// The dtype dispatch happens inside the (cloned) callers, so every instantiation is compiled per target.
+__attribute__((always_inline)) inline void load_any(int dt, const void* src, float* __restrict dst, int64_t n) {
+  switch (dt) {
+    case kF32: return load_block<kF32>(src, dst, n);
+    case kBF16: return load_block<kBF16>(src, dst, n);
+    default: return load_block<kF16>(src, dst, n);
+  }
+}
+
+template <int DE>
+__attribute__((always_inline)) inline void add_pair_e(int da, const void* e, const void* a, float w,
+                                                      float* __restrict dst, int64_t n) {
+  switch (da) {
+    case kF32: return add_pair_block<DE, kF32>(e, a, w, dst, n);
+    case kBF16: return add_pair_block<DE, kBF16>(e, a, w, dst, n);
+    default: return add_pair_block<DE, kF16>(e, a, w, dst, n);
+  }
+}
+
+__attribute__((always_inline)) inline void add_pair_any(int de, int da, const void* e, const void* a, float w,
+                                                        float* __restrict dst, int64_t n) {
+  switch (de) {
+    case kF32: return add_pair_e<kF32>(da, e, a, w, dst, n);
+    case kBF16: return add_pair_e<kBF16>(da, e, a, w, dst, n);
+    default: return add_pair_e<kF16>(da, e, a, w, dst, n);
+  }
+}
 
 // exp for x <= ~88, vectorisable (Cephes expf polynomial, ~1 ulp); 0 below -87.3 and for -inf.
 inline float exp_approx(float x) {
@@ -261,15 +281,24 @@ inline float max_sub(const float* __restrict x) {  // max of kSub floats (no NaN
   return mx;
 }
 
+// s for n tokens from column b0 of row r into d; not-finite (NaN, inf) -> -inf (masked).
+__attribute__((always_inline)) inline void combine_values(const Inputs& in, int64_t r, int64_t b0, int64_t n,
+                                                          float* __restrict d) {
+  load_any(in.base_dt, offset(in.base, in.base_dt, r * in.base_stride + b0), d, n);
+  for (int64_t i = 0; i < in.n_pairs; ++i)
+    add_pair_any(in.ex_dt[i], in.an_dt[i], offset(in.ex[i], in.ex_dt[i], r * in.ex_stride[i] + b0),
+                 offset(in.an[i], in.an_dt[i], r * in.an_stride[i] + b0), in.weights[i * in.batch + r], d, n);
+  for (int64_t j = 0; j < n; ++j) d[j] = std::fabs(d[j]) <= FLT_MAX ? d[j] : kNegInf;
+}
+
+PT_HOT void combine_values_hot(const Inputs& in, int64_t r, int64_t b0, int64_t n, float* __restrict d) {
+  combine_values(in, r, b0, n, d);
+}
+
 // One block of s (n <= kBlock tokens from column b0 of row r) into d; sub-block maxima into bm.
 PT_HOT void combine_block(const Inputs& in, int64_t r, int64_t b0, int64_t n, float* __restrict d,
                           float* __restrict bm) {
-  kLoad[in.base_dt](offset(in.base, in.base_dt, r * in.base_stride + b0), d, n);
-  for (int64_t i = 0; i < in.n_pairs; ++i)
-    kPair[in.ex_dt[i]][in.an_dt[i]](offset(in.ex[i], in.ex_dt[i], r * in.ex_stride[i] + b0),
-                                    offset(in.an[i], in.an_dt[i], r * in.an_stride[i] + b0),
-                                    in.weights[i * in.batch + r], d, n);
-  for (int64_t j = 0; j < n; ++j) d[j] = std::fabs(d[j]) <= FLT_MAX ? d[j] : kNegInf;  // NaN/inf -> masked
+  combine_values(in, r, b0, n, d);
   int64_t sb = 0;
   for (; sb + kSub <= n; sb += kSub) bm[sb / kSub] = max_sub(d + sb);
   if (sb < n) {
@@ -305,29 +334,41 @@ void combine_chunk(const Inputs& in, int64_t r, int64_t lo, int64_t hi, float* s
   *cidx = ci;
 }
 
-// (s - M) / T approximately, by a multiplication; 0 at the maximum, -inf for masked tokens.
-// inv_t is finite (clamped), so the maximum maps to exactly 0.
-inline float zc_of(float v, float M, float inv_t) {
-  const float z = (v - M) * inv_t;
-  return (v > kNegInf && z == z) ? z : kNegInf;
+// 2^x for x <= 0 (0 below -126 and for -inf), within 1e-7 relative; vectorisable. The sums below use it
+// (they only steer the search or carry fp32 error anyway), so it may contract into FMAs where the target
+// has them: a clone-dependent last ulp of S, never of s or z.
+#define PT_CONTRACT __attribute__((optimize("fp-contract=fast")))
+PT_CONTRACT inline float exp2_neg(float x) {
+  const float xc = std::max(x, -126.0f);
+  const float n = (xc + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float f = xc - n;                             // [-0.5, 0.5]
+  float p = 1.5345811e-4f;  // 2^f, degree-6 minimax (relative error 1e-7 in fp32)
+  p = p * f + 1.3399931e-3f;
+  p = p * f + 9.6184891e-3f;
+  p = p * f + 5.5503286e-2f;
+  p = p * f + 2.4022646e-1f;
+  p = p * f + 6.9314718e-1f;
+  p = p * f + 1.0f;
+  const float y = p * from_bits(uint32_t(int32_t(n) + 127) << 23);
+  return x < -126.0f ? 0.0f : y;
 }
 
-inline void zc_exp_sub(const float* __restrict x, float M, float inv_t, float* __restrict zc, float* __restrict e) {
-  for (int j = 0; j < kSub; ++j) {
-    const float z = zc_of(x[j], M, inv_t);
-    zc[j] = z;
-    e[j] = exp_approx(z);
-  }
-}
+// x = (s - M) / T * log2(e) approximately (a multiplication); 0 at the maximum, -inf for masked tokens.
+// c is finite (clamped), so the maximum maps to exactly 0 and nothing becomes NaN.
+inline float xc_of(float v, float M, float c) { return v > kNegInf ? (v - M) * c : kNegInf; }
+
+constexpr float kLog2e = 1.44269504088896341f;
 
 // S = sum exp(zc) and the ladder masses (mass with zc >= rung) over [lo, hi), where zc = (s - M) / T is
 // taken relative to the chunk maximum M (and multiplied by 1/T: these sums only steer the search, the exact
 // z = (s - m) / T is computed wherever a decision depends on it). Reads s, writes nothing. A rung above
 // a sub-block's maximum gets nothing from it and is skipped. Lane accumulators flush into doubles.
-PT_HOT void scale_chunk(const float* __restrict s, const float* __restrict bm, int64_t lo, int64_t hi, float M,
-                        float t, bool with_ladder, double* S, double* ladder) {
-  const float inv_t = std::min(1.0f / t, FLT_MAX);
-  float e[kSub], zc[kSub];
+PT_HOT PT_CONTRACT void scale_chunk(const float* __restrict s, const float* __restrict bm, int64_t lo, int64_t hi,
+                                    float M, float t, bool with_ladder, double* S, double* ladder) {
+  const float c = std::min(kLog2e / t, FLT_MAX);
+  float rung[kLadder];
+  for (int i = 0; i < kLadder; ++i) rung[i] = kLadderZ[i] * kLog2e;
+  float e[kSub], xs[kSub];
   float acc[kLanes] = {0};
   float la[kLadder][kLanes] = {{0}};
   double sum = 0.0, lad[kLadder] = {0};
@@ -349,24 +390,27 @@ PT_HOT void scale_chunk(const float* __restrict s, const float* __restrict bm, i
     const int64_t len = std::min(kSub, hi - sb);
     const float* __restrict x = s + sb;
     if (!(bm[sb / kSub] > kNegInf)) continue;  // fully masked sub-block
-    const float zmax = zc_of(bm[sb / kSub], M, inv_t);
+    const float xmax = xc_of(bm[sb / kSub], M, c);
     if (len == kSub) {
-      zc_exp_sub(x, M, inv_t, zc, e);
+      for (int j = 0; j < kSub; ++j) {
+        xs[j] = xc_of(x[j], M, c);
+        e[j] = exp2_neg(xs[j]);
+      }
       for (int q = 0; q < kSub; q += kLanes)
         for (int l = 0; l < kLanes; ++l) acc[l] += e[q + l];
       if (with_ladder)
-        for (int i = kLadder - 1; i >= 0 && kLadderZ[i] <= zmax; --i) {
-          const float thr = kLadderZ[i];
+        for (int i = kLadder - 1; i >= 0 && rung[i] <= xmax; --i) {
+          const float thr = rung[i];
           for (int q = 0; q < kSub; q += kLanes)
-            for (int l = 0; l < kLanes; ++l) la[i][l] += zc[q + l] >= thr ? e[q + l] : 0.0f;
+            for (int l = 0; l < kLanes; ++l) la[i][l] += xs[q + l] >= thr ? e[q + l] : 0.0f;
         }
     } else {
       for (int64_t j = 0; j < len; ++j) {
-        const float z = zc_of(x[j], M, inv_t);
-        const float ej = exp_approx(z);
+        const float xj = xc_of(x[j], M, c);
+        const float ej = exp2_neg(xj);
         sum += ej;
         if (with_ladder)
-          for (int i = 0; i < kLadder; ++i) lad[i] += z >= kLadderZ[i] ? ej : 0.0f;
+          for (int i = 0; i < kLadder; ++i) lad[i] += xj >= rung[i] ? ej : 0.0f;
       }
     }
     if (++pending == 32) flush();
@@ -381,7 +425,29 @@ PT_HOT void z_block(const float* __restrict x, int64_t n, float m, float t, floa
   for (int64_t j = 0; j < n; ++j) z[j] = z_of(x[j], m, t);
 }
 
-// Best key over every finite token in [lo, hi) (the no-filter case), seeded with the chunk maximum.
+// hit[j] = 1 where (x[j] - m) * inv_t >= lim (masked -inf never), for j < n <= kSub, 0 up to kSub; returns
+// the number of hits. Vectorised; the caller walks the hits eight flags at a time.
+PT_HOT int mark_at_least(const float* __restrict x, int64_t n, float m, float inv_t, float lim,
+                         uint8_t* __restrict hit) {
+  int hits = 0;
+  if (n == kSub) {
+    for (int j = 0; j < kSub; ++j) {
+      const uint8_t h = (x[j] > kNegInf) & ((x[j] - m) * inv_t >= lim);
+      hit[j] = h;
+      hits += h;
+    }
+    return hits;
+  }
+  for (int64_t j = 0; j < kSub; ++j) {
+    const uint8_t h = j < n && (x[j] > kNegInf) & ((x[j] - m) * inv_t >= lim);
+    hit[j] = h;
+    hits += h;
+  }
+  return hits;
+}
+
+// Best key over every finite token in [lo, hi) (the no-filter case), seeded with the key of token seed_idx
+// (the row's first maximum, wherever it lies: the bound it gives holds for every chunk of the row).
 Best draw_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, int64_t seed_idx, float m, float t,
                 Noise nz) {
   Best best;
@@ -405,11 +471,16 @@ Best draw_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, int64_t
     if (z_of(bm[sb / kSub], m, t) < lim) continue;
     const int64_t len = std::min(kSub, hi - sb);
     const float lim_c = lim - 1e-3f;
-    for (int64_t j = 0; j < len; ++j) {
-      const float v = s[sb + j];
-      tok[cnt] = uint32_t(sb + j);
-      sv[cnt] = v;
-      cnt += (v > kNegInf) & ((v - m) * inv_t >= lim_c);
+    uint8_t hit[kSub];
+    if (!mark_at_least(s + sb, len, m, inv_t, lim_c, hit)) continue;
+    for (int w = 0; w < kSub; w += 8) {
+      uint64_t flags;  // eight 0/1 bytes
+      std::memcpy(&flags, hit + w, 8);
+      for (; flags; flags &= flags - 1) {
+        const int64_t j = sb + w + (__builtin_ctzll(flags) >> 3);
+        tok[cnt] = uint32_t(j);
+        sv[cnt++] = s[j];
+      }
     }
     if (cnt > kGroup - kSub) flush();
   }
@@ -868,8 +939,8 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
       if (rows[r].done) continue;
       int64_t lo, hi;
       range(it % chunks, &lo, &hi);
-      if (lo < hi && cmax[it] > kNegInf)
-        cbest[it] = draw_chunk(sbuf.data() + r * V, bmb.data() + r * nsub, lo, hi, cidx[it], rows[r].m,
+      if (lo < hi && cmax[it] > kNegInf)  // seeded with the row maximum: a tight bound in every chunk
+        cbest[it] = draw_chunk(sbuf.data() + r * V, bmb.data() + r * nsub, lo, hi, rows[r].first, rows[r].m,
                                rows[r].rp.t, rows[r].rp.nz);
     }
   });
@@ -895,13 +966,7 @@ at::Tensor combine_cpu(const at::Tensor& base, at::TensorList experts, at::Tenso
   at::parallel_for(0, B * nblk, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t r = it / nblk, b0 = (it % nblk) * kBlock, n = std::min(kBlock, V - b0);
-      float* d = o + r * V + b0;
-      kLoad[in.base_dt](offset(in.base, in.base_dt, r * in.base_stride + b0), d, n);
-      for (int64_t i = 0; i < in.n_pairs; ++i)
-        kPair[in.ex_dt[i]][in.an_dt[i]](offset(in.ex[i], in.ex_dt[i], r * in.ex_stride[i] + b0),
-                                        offset(in.an[i], in.an_dt[i], r * in.an_stride[i] + b0),
-                                        in.weights[i * in.batch + r], d, n);
-      for (int64_t j = 0; j < n; ++j) d[j] = std::fabs(d[j]) <= FLT_MAX ? d[j] : kNegInf;
+      combine_values_hot(in, r, b0, n, o + r * V + b0);
     }
   });
   return out;
