@@ -8,6 +8,7 @@ tensors on the host and run only when ``validate=True``.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -25,7 +26,11 @@ _INT64_MIN, _UINT64_END = -(2**63), 2**64
 
 @dataclass(frozen=True)
 class SampleArgs:
-    """Normalised op arguments. Logits keep their dtype; every parameter is ``[B]`` (weights ``[P, B]``)."""
+    """Normalised op arguments. Logits keep their dtype; every parameter is ``[B]`` (weights ``[P, B]``).
+
+    Parameter tensors made from Python scalars are shared between calls (see :func:`_filled`): backends
+    read them and never write them.
+    """
 
     base: torch.Tensor  # [B, Vb]
     experts: tuple[torch.Tensor, ...]  # P x [B, Vx]
@@ -71,6 +76,9 @@ def _per_row(
     name: str, value: object, batch: int, device: torch.device, dtype: torch.dtype, integer: bool
 ) -> torch.Tensor:
     """A scalar or ``[B]`` tensor as a ``[B]`` tensor of ``dtype`` on ``device`` (no host sync)."""
+    kind = type(value)
+    if kind is float and not integer or kind is int and -(2**62) <= value < 2**62:  # the common case, fast
+        return _filled(value, batch, dtype, device)
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
         raise TypeError(f"{name} must be a number or a [B] tensor, got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
@@ -93,7 +101,21 @@ def _per_row(
             raise ValueError(f"{name}={value} does not fit in 64 bits")
         if value >= 2**63:  # a uint64 word: keep its bits
             value -= 2**64
+    return _filled(value, batch, dtype, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_full(value: Scalar, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def _filled(value: Scalar, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.full((batch,), value)``, cached: a decode loop passes the same scalars at every step, and
+    building them anew costs more than the CPU op on a small batch. Not cached while a CUDA graph is being
+    captured (there ``torch.full`` is recorded, not run, so the tensor holds nothing until a replay)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.full((batch,), value, dtype=dtype, device=device)
+    return _cached_full(value, batch, dtype, device)
 
 
 def _weights(weights: object, n_pairs: int, batch: int, device: torch.device) -> torch.Tensor:
@@ -114,18 +136,23 @@ def _weights(weights: object, n_pairs: int, batch: int, device: torch.device) ->
     return _per_row("weights", weights, batch, device, torch.float32, False).expand(n_pairs, batch)
 
 
+def _real(x: object) -> bool:
+    """A Python/numpy real number (bool included, as ``numbers.Real`` has it); plain floats and ints first."""
+    return type(x) is float or type(x) is int or isinstance(x, numbers.Real)
+
+
 def _check_scalar_ranges(temperature, top_k, top_p, min_p, weights) -> None:
     """Range checks for Python scalars: free, so always done."""
-    if isinstance(temperature, numbers.Real) and not (0 <= temperature < float("inf")):
+    if _real(temperature) and not (0 <= temperature < float("inf")):
         raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
-    if isinstance(top_k, numbers.Integral) and top_k < 0:
+    if (type(top_k) is int or isinstance(top_k, numbers.Integral)) and top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if isinstance(top_p, numbers.Real) and not (0 < top_p <= 1):
+    if _real(top_p) and not (0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    if isinstance(min_p, numbers.Real) and not (0 <= min_p < 1):
+    if _real(min_p) and not (0 <= min_p < 1):
         raise ValueError(f"min_p must be in [0, 1) (0 = off), got {min_p}")
-    for w in weights if isinstance(weights, (list, tuple)) else [weights]:
-        if isinstance(w, numbers.Real) and not abs(w) < float("inf"):
+    for w in weights if isinstance(weights, (list, tuple)) else (weights,):
+        if _real(w) and not abs(w) < float("inf"):
             raise ValueError(f"weights must be finite, got {w}")
 
 
@@ -187,11 +214,10 @@ def normalize(
     if len(experts) != len(antis):
         raise ValueError(f"got {len(experts)} experts but {len(antis)} anti_experts; they come in pairs")
     batch = base.shape[0]
-    for name, x in [(f"experts[{i}]", x) for i, x in enumerate(experts)] + [
-        (f"anti_experts[{i}]", x) for i, x in enumerate(antis)
-    ]:
-        if x.shape[0] != batch:
-            raise ValueError(f"{name} has batch size {x.shape[0]} but base has {batch}")
+    for group, xs in (("experts", experts), ("anti_experts", antis)):
+        for i, x in enumerate(xs):
+            if x.shape[0] != batch:
+                raise ValueError(f"{group}[{i}] has batch size {x.shape[0]} but base has {batch}")
     min_width = min(x.shape[1] for x in (base, *experts, *antis))
     if vocab_size is None:
         vocab_size = min_width
