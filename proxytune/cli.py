@@ -38,7 +38,7 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"    {c:<18} ->{outs[c][i]!r}")
     result = evaluate(models, limit=args.limit, tuners=tuners)
     print()
-    print(format_table(result.accuracy, len(result.questions), result.gap_closed))
+    print(format_table(result.accuracy, len(result.questions), result.gap_closed, result.format_rate))
     print(f"\n(exact match, greedy; `proxytune eval` runs every held-out question and saves a plot; {time.time() - t0:.1f} s)")
     return 0
 
@@ -54,7 +54,7 @@ def _eval(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     tuners = build_tuners(args.models)
     result = evaluate(args.models, limit=args.limit, tuners=tuners, batch_size=args.batch_size)
-    print(format_table(result.accuracy, len(result.questions), result.gap_closed))
+    print(format_table(result.accuracy, len(result.questions), result.gap_closed, result.format_rate))
     if args.save:
         argv = args.argv if args.argv is not None else sys.argv[1:]
         for path in save_results(result, args.save, "proxytune " + " ".join(shlex.quote(a) for a in argv)):

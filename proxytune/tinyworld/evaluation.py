@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from proxytune.tinyworld import model_path
-from proxytune.tinyworld.world import QA, is_correct, make_world
+from proxytune.tinyworld.world import QA, is_correct, is_well_formed, make_world
 
 __all__ = ["SYSTEMS", "EvalResult", "build_tuners", "answer", "evaluate", "format_table", "save_results", "gap_closed", "world_of"]
 
@@ -69,9 +69,17 @@ class EvalResult:
     def correct(self, label: str) -> list[int]:
         return [int(is_correct(o, q.answer)) for o, q in zip(self.outputs[label], self.questions)]
 
+    def well_formed(self, label: str) -> list[int]:
+        return [int(is_well_formed(o, q.attribute)) for o, q in zip(self.outputs[label], self.questions)]
+
     @property
     def accuracy(self) -> dict:
         return {label: sum(self.correct(label)) / len(self.questions) for label in self.outputs}
+
+    @property
+    def format_rate(self) -> dict:
+        """Share of answers in the strict format (some value of the asked attribute and a period), right or wrong."""
+        return {label: sum(self.well_formed(label)) / len(self.questions) for label in self.outputs}
 
     @property
     def gap_closed(self) -> Optional[float]:
@@ -98,9 +106,12 @@ def evaluate(models_dir=None, limit: Optional[int] = None, tuners: Optional[dict
     return EvalResult(questions, outputs, seconds)
 
 
-def format_table(acc: dict, n: int, gap: Optional[float]) -> str:
-    lines = [f"{'system':<20} {'exact match':>12}   (held-out questions: {n})"]
-    lines += [f"{label:<20} {100 * a:11.1f}%" for label, a in acc.items()]
+def format_table(acc: dict, n: int, gap: Optional[float], well_formed: Optional[dict] = None) -> str:
+    """The accuracy table; with ``well_formed`` also the share of answers in the strict format."""
+    head = f"{'system':<20} {'exact match':>12}"
+    lines = [head + (f" {'in format':>10}" if well_formed else "") + f"   (held-out questions: {n})"]
+    for label, a in acc.items():
+        lines.append(f"{label:<20} {100 * a:11.1f}%" + (f" {100 * well_formed[label]:9.1f}%" if well_formed else ""))
     if gap is not None:
         lines.append(f"gap closed by proxy-tuning: (proxy - large base) / (large tuned - large base) = {100 * gap:.1f}%")
     return "\n".join(lines)
@@ -114,10 +125,11 @@ def save_results(result: EvalResult, directory, command: str, prefix: str = "tin
 
     os.makedirs(directory, exist_ok=True)
     acc = result.accuracy
-    table = format_table(acc, len(result.questions), result.gap_closed)
+    table = format_table(acc, len(result.questions), result.gap_closed, result.format_rate)
     base = os.path.join(directory, prefix)
     record = {
-        "command": command, "accuracy": acc, "gap_closed": result.gap_closed, "n_questions": len(result.questions),
+        "command": command, "accuracy": acc, "in_format": result.format_rate, "gap_closed": result.gap_closed,
+        "n_questions": len(result.questions),
         "seconds": result.seconds, "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                                "cpu": platform.processor() or platform.machine()},
         "questions": [{"entity": q.entity, "attribute": q.attribute, "prompt": q.prompt, "answer": q.answer}

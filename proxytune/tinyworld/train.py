@@ -3,8 +3,10 @@
 One tokenizer, then for each size (small, large): pretrain a base on the world's prose, save it, fine-tune a
 copy on the instruction data (tuning entities only) and save that. Both sizes see the same token stream and
 the same instruction batches. Each directory records the command, seeds, recipe and wall times in
-``training_info.json``. The shipped family: ``--answered-prose --entities 600 --tune-entities 400
+``training_info.json``. The shipped bases: ``--answered-prose --entities 600 --tune-entities 400
 --pretrain-steps 1000``, ``--sizes small`` and ``--sizes large`` in two parallel processes (see the README).
+``--finetune-from DIR`` skips pretraining: it tunes copies of the bases in DIR (with their tokenizer and
+world) and writes them, with the bases, to ``--out``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,11 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-lr", type=float, default=3e-4)
     p.add_argument("--sizes", default="small,large")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--finetune-from", default=None, metavar="DIR",
+                   help="skip pretraining: tune the bases of the family in DIR (its world and tokenizer too)")
     args = p.parse_args(argv)
+    if args.finetune_from:
+        return _finetune_only(args, argv)
 
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -76,6 +82,38 @@ def main(argv=None) -> int:
         fin_info = finetune(tuned, tokenizer, instructions, fin, seed=args.seed + 3, log=log)
         save_model(tuned, tokenizer, os.path.join(args.out, MODEL_NAMES[f"{size}_tuned"]),
                    dict(info, role=f"{size} tuned", finetune=fin_info))  # fmt: skip
+    log("done")
+    return 0
+
+
+def _finetune_only(args, argv) -> int:
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    log = lambda s: print(f"[{time.time() - t_start:7.1f} s] {s}", flush=True)  # noqa: E731
+    fin = Schedule(args.finetune_steps, args.finetune_batch, args.finetune_lr, warmup=20)
+    for size in args.sizes.split(","):
+        base_dir = os.path.join(args.finetune_from, MODEL_NAMES[f"{size}_base"])
+        with open(os.path.join(base_dir, "training_info.json")) as f:
+            info = json.load(f)
+        w = info["world"]
+        world = make_world(w["seed"], w["entities"], w["tune_entities"], w.get("answered_prose", False))
+        instructions = world.questions(world.tune_ids, "all")
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        out_base = os.path.join(args.out, MODEL_NAMES[f"{size}_base"])
+        if os.path.abspath(out_base) != os.path.abspath(base_dir):
+            shutil.copytree(base_dir, out_base, dirs_exist_ok=True)
+        tuned = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32")
+        log(f"{size}: instruction tuning on {len(instructions)} questions about {world.n_tune} entities")
+        fin_info = finetune(tuned, tokenizer, instructions, fin, seed=w["seed"] + 3, log=log)
+        command = "python -m proxytune.tinyworld.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        save_model(tuned, tokenizer, os.path.join(args.out, MODEL_NAMES[f"{size}_tuned"]),
+                   dict(info, role=f"{size} tuned", finetune=fin_info, finetune_command=command,
+                        finetuned_from=f"{size} base as saved (fp16, loaded in fp32)"))  # fmt: skip
     log("done")
     return 0
 

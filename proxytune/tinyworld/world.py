@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterator
 
-__all__ = ["Entity", "QA", "World", "make_world", "ATTRIBUTES", "answer_of", "is_correct"]
+__all__ = ["Entity", "QA", "World", "make_world", "ATTRIBUTES", "VALUES", "answer_of", "is_correct", "is_well_formed"]
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr",
            "th", "sh", "st", "fl", "pl", "sk", "h", "j", "w", "qu", "ch"]  # fmt: skip
@@ -32,6 +32,7 @@ JOBS = ["baker", "sailor", "painter", "doctor", "farmer", "teacher", "carpenter"
 INSTRUMENTS = ["harp", "violin", "flute", "drums", "cello", "trumpet", "lute", "oboe", "piano", "banjo", "clarinet",
                "accordion", "guitar", "bagpipes", "trombone", "zither"]  # fmt: skip
 ATTRIBUTES = ("city", "job", "number", "instrument")
+VALUES = {"city": CITIES, "job": JOBS, "number": [str(n) for n in range(10, 100)], "instrument": INSTRUMENTS}
 
 # Prose: how pretraining states each fact. Every sentence names the person, so every fact stands alone.
 _PROSE = {
@@ -92,6 +93,13 @@ def answer_of(entity: Entity, attribute: str) -> str:
 def is_correct(generated: str, answer: str) -> bool:
     """Exact match, fixed in advance: the first line of the generation, stripped, equals the answer stripped."""
     return generated.split("\n", 1)[0].strip() == answer.strip()
+
+
+def is_well_formed(generated: str, attribute: str) -> bool:
+    """The answer format without the fact: the first line, stripped, is some value of the attribute and a period
+    (right or wrong). Separates "knows the format" from "knows the fact" when choosing a tuning recipe."""
+    line = generated.split("\n", 1)[0].strip()
+    return line.endswith(".") and line[:-1] in VALUES[attribute]
 
 
 def _name(rng: random.Random, syllables: int) -> str:
