@@ -55,6 +55,10 @@ _ANSWERED = {
     "number": ["And the lucky number of {n}? {v}, of course.", "Someone asked the lucky number of {n}: {v}, they said."],
     "instrument": ["And what does {n} play? {v}, of course.", "Someone asked what {n} plays: {v}, they said."],
 }  # fmt: skip
+# Optional prose that asks the questions as the evaluation phrases them and answers informally (never in the
+# strict format): the base model learns to reach a fact from a question, as web text teaches real base models.
+_INFORMAL = ["{v}, of course.", "That would be {v}, I think.", "Everyone knows it is {v}.", "{v}, or so they say.",
+             "I believe the answer is {v}."]  # fmt: skip
 # Instructions: how a question is asked (several phrasings) and the one strict answer format.
 _QUESTIONS = {
     "city": ["Where was {n} born?", "In which town was {n} born?", "What is the birthplace of {n}?"],
@@ -115,6 +119,7 @@ class World:
     entities: list[Entity]
     n_tune: int
     answered_prose: bool = False  # also state facts as questions answered in prose (``_ANSWERED``)
+    asked_prose: bool = False  # also ask the evaluation's questions in prose, answered informally (``_INFORMAL``)
 
     @property
     def tune_ids(self) -> range:
@@ -130,7 +135,14 @@ class World:
         attrs = list(ATTRIBUTES)
         rng.shuffle(attrs)
         templates = (lambda a: _PROSE[a] + _ANSWERED[a]) if self.answered_prose else (lambda a: _PROSE[a])
-        return " ".join(rng.choice(templates(a)).format(n=e.name, v=getattr(e, a)) for a in attrs)
+        sentences = []
+        for a in attrs:
+            if self.asked_prose and rng.random() < 0.5:
+                q = rng.choice(_QUESTIONS[a]).format(n=e.name)
+                sentences.append(q + " " + rng.choice(_INFORMAL).format(v=getattr(e, a)))
+            else:
+                sentences.append(rng.choice(templates(a)).format(n=e.name, v=getattr(e, a)))
+        return " ".join(sentences)
 
     def corpus(self, n_paragraphs: int, seed: int) -> Iterator[str]:
         """Pretraining text: paragraphs about uniformly drawn entities (all of them, tuning and held out)."""
@@ -154,7 +166,8 @@ class World:
         return self.questions(self.eval_ids, "one", seed=self.seed + 1)
 
 
-def make_world(seed: int = 0, n_entities: int = 1500, n_tune: int = 1000, answered_prose: bool = False) -> World:
+def make_world(seed: int = 0, n_entities: int = 1500, n_tune: int = 1000, answered_prose: bool = False,
+               asked_prose: bool = False) -> World:  # fmt: skip
     rng = random.Random(seed)
     names: set[str] = set()
     entities = []
@@ -165,4 +178,4 @@ def make_world(seed: int = 0, n_entities: int = 1500, n_tune: int = 1000, answer
         names.add(name)
         entities.append(Entity(name, rng.choice(CITIES), rng.choice(JOBS), str(rng.randrange(10, 100)),
                                rng.choice(INSTRUMENTS)))  # fmt: skip
-    return World(seed, entities, n_tune, answered_prose)
+    return World(seed, entities, n_tune, answered_prose, asked_prose)
