@@ -5,7 +5,8 @@ For each schedule length in ``--steps``, tunes copies of the shipped bases (``py
 --finetune-from``) and measures, on the held-out questions, each tuned model's exact match and the share of its
 answers in the strict format (right or wrong). It never runs the proxy-tuned system. The rule, fixed before
 running: the shortest schedule at which both tuned models answer at least ``--format-target`` of the
-held-out questions in format. Writes ``tinyworld_finetune_sweep.{json,txt}`` to ``--save``.
+held-out questions in format. Also reports each base's :func:`choice_accuracy` (can it reach the fact from
+a question at all). Writes ``tinyworld_finetune_sweep.{json,txt}`` to ``--save``.
 
     python scripts/finetune_sweep.py --steps 40,80,150,300 --save benchmarks/results
 """
@@ -21,8 +22,8 @@ import time
 
 import torch
 
-from proxytune.tinyworld import default_models_dir
-from proxytune.tinyworld.evaluation import build_tuners, evaluate
+from proxytune.tinyworld import default_models_dir, model_path
+from proxytune.tinyworld.evaluation import build_tuners, choice_accuracy, evaluate, world_of
 from proxytune.tinyworld.train import main as train_main
 
 LABELS = ["small tuned", "large tuned"]
@@ -38,6 +39,16 @@ def main(argv=None) -> int:
     p.add_argument("--save", default=None, metavar="DIR")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    questions = world_of(args.bases).eval_questions()
+    tokenizer = AutoTokenizer.from_pretrained(model_path("small_base", args.bases))
+    choice = {}
+    for role in ("small_base", "large_base"):
+        model = AutoModelForCausalLM.from_pretrained(model_path(role, args.bases), dtype="float32").eval()
+        choice[role.replace("_", " ")] = choice_accuracy(model, tokenizer, questions)
+    print(json.dumps({"base choice accuracy": choice}), flush=True)
 
     rows = []
     for steps in [int(s) for s in args.steps.split(",")]:
@@ -56,6 +67,8 @@ def main(argv=None) -> int:
     lines = [f"$ python scripts/finetune_sweep.py {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}",
              f"rule: the shortest schedule with both tuned models >= {100 * args.format_target:.0f}% in format "
              "(held-out questions; proxy-tuned never evaluated here)",
+             "bases, best-scoring value among all values of the attribute (knowledge without format): "
+             + ", ".join(f"{k} {100 * v:.1f}%" for k, v in choice.items()),
              f"{'steps':>6} {'small tuned EM':>15} {'in format':>10} {'large tuned EM':>15} {'in format':>10}"]  # fmt: skip
     for r in rows:
         a, f = r["accuracy"], r["in_format"]
@@ -66,7 +79,8 @@ def main(argv=None) -> int:
     if args.save:
         os.makedirs(args.save, exist_ok=True)
         with open(os.path.join(args.save, "tinyworld_finetune_sweep.json"), "w") as f:
-            json.dump({"rule_format_target": args.format_target, "rows": rows, "chosen_steps": chosen}, f, indent=1)
+            json.dump({"rule_format_target": args.format_target, "base_choice_accuracy": choice, "rows": rows,
+                       "chosen_steps": chosen}, f, indent=1)  # fmt: skip
             f.write("\n")
         with open(os.path.join(args.save, "tinyworld_finetune_sweep.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -2,13 +2,15 @@
 
 import json
 import os
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from proxytune.tinyworld import MODEL_NAMES, default_models_dir, model_path
-from proxytune.tinyworld.world import ATTRIBUTES, is_correct, make_world
+from proxytune.tinyworld.world import ATTRIBUTES, is_correct, is_well_formed, make_world
 
 RECORDED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "tinyworld_eval.json"
 
@@ -38,6 +40,59 @@ def test_instruction_data_never_mentions_held_out_entities():
 def test_exact_match_rule():
     assert is_correct(" Velmora.", " Velmora.") and is_correct("  Velmora. \nQuestion: ...", " Velmora.")
     assert not is_correct(" Velmora", " Velmora.") and not is_correct(" He was born in Velmora.", " Velmora.")
+
+
+def test_format_rule_ignores_the_fact():
+    assert is_well_formed(" Velmora.", "city") and is_well_formed(" Ostrand.\nmore", "city")
+    assert is_well_formed(" 42.", "number") and is_well_formed(" baker.", "job")
+    assert not is_well_formed(" Velmora", "city") and not is_well_formed(" Velmora, of course.", "city")
+    assert not is_well_formed(" baker.", "city") and not is_well_formed(" 7.", "number")
+
+
+def test_asked_prose_asks_the_evaluation_questions_informally():
+    w = make_world(0, 120, 80, answered_prose=True, asked_prose=True)
+    assert list(w.corpus(40, seed=2)) == list(make_world(0, 120, 80, True, True).corpus(40, seed=2))
+    text = " ".join(w.corpus(2000, seed=2))
+    e = w.entities[100]  # held out
+    assert f"Where was {e.name} born?" in text or f"What is the birthplace of {e.name}?" in text
+    # never the instruction format: no "Question:"/"Answer:" and no question followed by the strict answer
+    assert "Question:" not in text and "Answer:" not in text
+    assert not re.search(r"\? [A-Z][a-z]+\.(?= |$)", text)
+    # the plain worlds are unchanged by the new option
+    assert list(make_world(0, 120, 80, True).corpus(5, seed=2)) != list(w.corpus(5, seed=2))
+
+
+def test_choice_accuracy_scores_every_value_of_the_attribute():
+    from proxytune.tinyworld.evaluation import choice_accuracy
+
+    w = make_world(0, 40, 30)
+    questions = w.eval_questions()[:6]
+
+    class CharTokenizer:  # one id per character: enough to score answers
+        pad_token_id = 0
+
+        def __call__(self, text):
+            return {"input_ids": [ord(c) % 250 + 1 for c in text]}
+
+    class Oracle(torch.nn.Module):  # puts all its mass on the right answer's characters (`wrong`: on every other answer)
+        def __init__(self, truth, wrong=False):
+            super().__init__()
+            self.truth, self.wrong = truth, wrong
+
+        def forward(self, input_ids, attention_mask):
+            logits = torch.zeros(*input_ids.shape, 256)
+            for r in range(input_ids.shape[0]):
+                n = int(attention_mask[r].sum())
+                seq = input_ids[r, :n].tolist()
+                good = any(seq == t for t in self.truth) != self.wrong
+                for j in range(1, n):
+                    logits[r, j - 1, seq[j]] = 20.0 if good else -20.0
+            return SimpleNamespace(logits=logits)
+
+    tokenizer = CharTokenizer()
+    truth = [tokenizer(q.prompt + q.answer)["input_ids"] for q in questions]
+    assert choice_accuracy(Oracle(truth), tokenizer, questions) == 1.0
+    assert choice_accuracy(Oracle(truth, wrong=True), tokenizer, questions) == 0.0
 
 
 def test_shipped_family_is_small_fp16_and_loads_with_auto_classes():
@@ -105,7 +160,7 @@ def test_demo_runs_end_to_end(capsys):
     out = capsys.readouterr().out
     assert out.count("[expected:") == 3
     rows = [line for line in out.splitlines() if line.endswith("%") and not line.startswith("gap")]
-    assert [r.rsplit(None, 1)[0].strip() for r in rows] == [
+    assert [re.match(r"(.+?)\s+[\d.]+%", r).group(1) for r in rows] == [
         "small base", "large base", "small tuned", "large tuned", "proxy-tuned large"]
     assert "gap closed" in out
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from proxytune.tinyworld import model_path
-from proxytune.tinyworld.world import QA, is_correct, is_well_formed, make_world
+from proxytune.tinyworld.world import QA, VALUES, is_correct, is_well_formed, make_world
 
-__all__ = ["SYSTEMS", "EvalResult", "build_tuners", "answer", "evaluate", "format_table", "save_results", "gap_closed", "world_of"]
+__all__ = ["SYSTEMS", "EvalResult", "build_tuners", "answer", "evaluate", "format_table", "save_results", "gap_closed",
+           "world_of", "choice_accuracy"]
 
 # (label, base role, expert role, anti-expert role), in the table's order
 SYSTEMS = [
@@ -104,6 +105,31 @@ def evaluate(models_dir=None, limit: Optional[int] = None, tuners: Optional[dict
         outputs[label] = answer(tuner, [q.prompt for q in questions], batch_size)
         seconds[label] = round(time.time() - t0, 2)
     return EvalResult(questions, outputs, seconds)
+
+
+def choice_accuracy(model, tokenizer, questions: Sequence[QA]) -> float:
+    """Knowledge without format: the share of questions where the strict answer of the right value has the
+    highest log-probability among the answers of every value of the attribute (teacher-forced, no generation).
+    For a base model this says whether it can reach the fact from the question, whatever it would generate."""
+    import torch
+
+    right = 0
+    for q in questions:
+        prompt = tokenizer(q.prompt)["input_ids"]
+        values = VALUES[q.attribute]
+        seqs = [prompt + tokenizer(f" {v}.")["input_ids"] for v in values]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        with torch.no_grad():
+            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        scores = [sum(logp[i, j - 1, seq[j]].item() for j in range(len(prompt), len(seq))) for i, seq in enumerate(seqs)]
+        best = max(range(len(values)), key=scores.__getitem__)
+        right += f" {values[best]}." == q.answer
+    return right / max(1, len(questions))
 
 
 def format_table(acc: dict, n: int, gap: Optional[float], well_formed: Optional[dict] = None) -> str:
