@@ -2,7 +2,7 @@
 
 Cases: B in {1, 8, 32} x V in {32000 (Llama-2), 128256 (Llama-3), 152064 (Qwen2)} x {fp32, bf16}, one expert
 pair, temperature 0.7, top-p 0.9, on realistic peaked logits (:func:`proxytune.testing.proxy_inputs`); plus
-top-p 1.0 (no nucleus) at V = 128256 in fp32. CPU always; CUDA too when a GPU is present.
+top-p 1.0 (no nucleus) at V = 128256 in fp32 and bf16. CPU always; CUDA too when a GPU is present.
 
 Backends: ``naive`` and every registered backend that ``auto`` may pick for the device (so the C++ and
 Triton backends appear once they are registered; the Triton interpreter on the CPU is not timed) plus
@@ -38,7 +38,7 @@ MIN_ROUNDS, MAX_ROUNDS = 3, 200
 
 # (dtype, B, V, top_p): the full matrix at top-p 0.9, and top-p 1.0 (no sort in naive, no nucleus) at one V.
 CASES = [(dt, b, v, 0.9) for dt in DTYPES for v in VOCABS for b in BATCHES]
-CASES += [("fp32", b, 128256, 1.0) for b in BATCHES]
+CASES += [(dt, b, 128256, 1.0) for dt in DTYPES for b in BATCHES]
 
 
 def _backend_params(device_type: str) -> list:
