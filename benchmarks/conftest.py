@@ -246,7 +246,8 @@ def _git_revision() -> Optional[str]:
 
 
 def save_results(run: BenchRun, config) -> list[Path]:
-    """Write ``<date>_<device>.json`` (metadata + records) and ``.csv`` (records) under ``benchmarks/results``."""
+    """Write ``<date>_<device>.json`` (metadata + records), ``.csv`` (records) and ``.txt`` (the printed summary,
+    after the command) under ``benchmarks/results``."""
     import proxytune
 
     devices = sorted({r.device for r in run.records})
@@ -283,13 +284,14 @@ def save_results(run: BenchRun, config) -> list[Path]:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(main_dev)).strip("-").lower() or main_dev
     stem = RESULTS_DIR / f"{now:%Y%m%d-%H%M%S}_{slug}"
-    json_path, csv_path = stem.with_suffix(".json"), stem.with_suffix(".csv")
+    json_path, csv_path, txt_path = stem.with_suffix(".json"), stem.with_suffix(".csv"), stem.with_suffix(".txt")
     json_path.write_text(json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
+    txt_path.write_text("\n".join([f"$ {meta['command']}", *summary_lines(run)]) + "\n")
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "times_s"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    return [json_path, csv_path]
+    return [json_path, csv_path, txt_path]
 
 
 def _version(module: str) -> Optional[str]:

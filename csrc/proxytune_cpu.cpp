@@ -425,6 +425,16 @@ PT_HOT void z_block(const float* __restrict x, int64_t n, float m, float t, floa
   for (int64_t j = 0; j < n; ++j) z[j] = z_of(x[j], m, t);
 }
 
+// Calls f(j) for every j < kSub with hit[j] != 0 (0/1 flags), in increasing order, eight flags at a time.
+template <typename F>
+inline void for_each_hit(const uint8_t* hit, F&& f) {
+  for (int w = 0; w < kSub; w += 8) {
+    uint64_t flags;
+    std::memcpy(&flags, hit + w, 8);
+    for (; flags; flags &= flags - 1) f(w + (__builtin_ctzll(flags) >> 3));
+  }
+}
+
 // hit[j] = 1 where (x[j] - m) * inv_t >= lim (masked -inf never), for j < n <= kSub, 0 up to kSub; returns
 // the number of hits. Vectorised; the caller walks the hits eight flags at a time.
 PT_HOT int mark_at_least(const float* __restrict x, int64_t n, float m, float inv_t, float lim,
@@ -473,15 +483,10 @@ Best draw_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, int64_t
     const float lim_c = lim - 1e-3f;
     uint8_t hit[kSub];
     if (!mark_at_least(s + sb, len, m, inv_t, lim_c, hit)) continue;
-    for (int w = 0; w < kSub; w += 8) {
-      uint64_t flags;  // eight 0/1 bytes
-      std::memcpy(&flags, hit + w, 8);
-      for (; flags; flags &= flags - 1) {
-        const int64_t j = sb + w + (__builtin_ctzll(flags) >> 3);
-        tok[cnt] = uint32_t(j);
-        sv[cnt++] = s[j];
-      }
-    }
+    for_each_hit(hit, [&](int j) {
+      tok[cnt] = uint32_t(sb + j);
+      sv[cnt++] = s[sb + j];
+    });
     if (cnt > kGroup - kSub) flush();
   }
   if (cnt) flush();
@@ -494,10 +499,19 @@ struct RowParams {
   Noise nz;
 };
 
+struct Scratch {  // per-thread buffers of the filter stage, reused across rows and calls
+  std::vector<Cand> C, D, kept, tmp;
+  std::vector<float> bmz, minz;
+  std::vector<double> mass;
+  std::vector<int64_t> count;
+  std::vector<int32_t> bucket_of;
+};
+
 // The top-p cut over D (the top-k survivors, or a value-prefix of them): returns true and the cut value
 // (keep z >= cut) when the exclusive cumulative mass reaches p inside D; false when it never does.
-bool nucleus_cut(std::vector<Cand>& D, double SK, float p, float* cut, std::vector<int32_t>& bucket_of,
-                 std::vector<Cand>& tmp) {
+bool nucleus_cut(std::vector<Cand>& D, double SK, float p, float* cut, Scratch& sc) {
+  std::vector<int32_t>& bucket_of = sc.bucket_of;
+  std::vector<Cand>& tmp = sc.tmp;
   const int64_t n = int64_t(D.size());
   auto q_of = [SK](float z) { return double(float(double(exp_approx(z)) / SK)); };
   if (n <= 512) {
@@ -522,9 +536,12 @@ bool nucleus_cut(std::vector<Cand>& D, double SK, float p, float* cut, std::vect
   for (const Cand& c : D) zlo = std::min(zlo, c.z);
   zlo = std::max(zlo, -1000.0f);
   const float inv_w = zlo < 0.0f ? float(kBuckets) / -zlo : 0.0f;
-  std::vector<double> mass(kBuckets, 0.0);
-  std::vector<float> minz(kBuckets, std::numeric_limits<float>::infinity());
-  std::vector<int64_t> count(kBuckets, 0);
+  std::vector<double>& mass = sc.mass;
+  std::vector<float>& minz = sc.minz;
+  std::vector<int64_t>& count = sc.count;
+  mass.assign(kBuckets, 0.0);
+  minz.assign(kBuckets, std::numeric_limits<float>::infinity());
+  count.assign(kBuckets, 0);
   bucket_of.resize(n);
   for (int64_t i = 0; i < n; ++i) {
     const float f = -D[i].z * inv_w;
@@ -566,27 +583,24 @@ bool nucleus_cut(std::vector<Cand>& D, double SK, float p, float* cut, std::vect
   return false;
 }
 
-struct Scratch {
-  std::vector<Cand> C, D, kept, tmp;
-  std::vector<float> bmz;
-  std::vector<int32_t> bucket_of;
-};
-
 // Collects C = {j : z_j >= c_lo} (every finite token when c_lo = -inf), skipping sub-blocks below c_lo.
 void collect(const float* s, const float* bm, int64_t V, float m, float t, float c_lo, std::vector<Cand>& C) {
   C.clear();
-  const bool all = !(c_lo > kNegInf);
   const int64_t nsub = (V + kSub - 1) / kSub;
-  float zb[kSub];
+  const float inv_t = std::min(1.0f / t, FLT_MAX);
+  // Flag by the cheap (s - m) * inv_t >= c_lo - margin (a superset: the margin is far above the few ulps
+  // between the product and the division), then keep by the exact z >= c_lo.
+  const float lim = c_lo > kNegInf ? c_lo - (1e-3f + 1e-5f * std::fabs(c_lo)) : kNegInf;
   for (int64_t b = 0; b < nsub; ++b) {
     const float bmz = z_of(bm[b], m, t);
     if (!(bmz >= c_lo) || !(bmz > kNegInf)) continue;
     const int64_t j0 = b * kSub, j1 = std::min(V, j0 + kSub);
-    z_block(s + j0, j1 - j0, m, t, zb);
-    for (int64_t j = j0; j < j1; ++j) {
-      const float v = zb[j - j0];
-      if (all ? v > kNegInf : v >= c_lo) C.push_back(Cand{v, int32_t(j)});
-    }
+    uint8_t hit[kSub];
+    if (!mark_at_least(s + j0, j1 - j0, m, inv_t, lim, hit)) continue;
+    for_each_hit(hit, [&](int j) {
+      const float z = z_of(s[j0 + j], m, t);
+      if (z > kNegInf && z >= c_lo) C.push_back(Cand{z, int32_t(j0 + j)});
+    });
   }
 }
 
@@ -661,7 +675,7 @@ bool finish_filtered(const float* s, const float* bm, int64_t V, float m, const 
         sc.D.clear();
         for (const Cand& c : C)
           if (c.z >= thr) sc.D.push_back(c);
-        if (!nucleus_cut(sc.D, SK, rp.p, &cut, sc.bucket_of, sc.tmp)) {
+        if (!nucleus_cut(sc.D, SK, rp.p, &cut, sc)) {
           if (!(k_inside || exhaustive)) continue;  // the cut lies below C: widen
           cut = kNegInf;
         }
