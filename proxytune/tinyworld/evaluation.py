@@ -91,7 +91,8 @@ def world_of(models_dir=None):
     """The world the family was trained on (its parameters are in every model's ``training_info.json``)."""
     with open(os.path.join(model_path("small_base", models_dir), "training_info.json")) as f:
         w = json.load(f)["world"]
-    return make_world(w["seed"], w["entities"], w["tune_entities"], w.get("answered_prose", False), w.get("asked_prose", False))
+    return make_world(w["seed"], w["entities"], w["tune_entities"], w.get("answered_prose", False),
+                      w.get("asked_prose", False), w.get("line_breaks", False))
 
 
 def evaluate(models_dir=None, limit: Optional[int] = None, tuners: Optional[dict] = None,

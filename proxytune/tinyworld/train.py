@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--answered-prose", action="store_true", help="pretraining prose also answers questions in passing")
     p.add_argument("--asked-prose", action="store_true",
                    help="pretraining prose also asks the evaluation's questions and answers them informally")
+    p.add_argument("--line-breaks", action="store_true", help="prose sentences sometimes end a line")
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--pretrain-steps", type=int, default=2200)
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t_start = time.time()
     log = lambda s: print(f"[{time.time() - t_start:7.1f} s] {s}", flush=True)  # noqa: E731
-    world = make_world(args.seed, args.entities, args.tune_entities, args.answered_prose, args.asked_prose)
+    world = make_world(args.seed, args.entities, args.tune_entities, args.answered_prose, args.asked_prose, args.line_breaks)
     instructions = world.questions(world.tune_ids, "all")
     sample_text = list(world.corpus(20000, seed=args.seed + 7)) + [q.prompt + q.answer + "\n" for q in instructions]
     tokenizer = train_tokenizer(sample_text, args.vocab_size)
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         "command": "python -m proxytune.tinyworld.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "world": {"seed": args.seed, "entities": args.entities, "tune_entities": args.tune_entities,
-                  "answered_prose": args.answered_prose, "asked_prose": args.asked_prose},
+                  "answered_prose": args.answered_prose, "asked_prose": args.asked_prose, "line_breaks": args.line_breaks},
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                     "threads": args.threads},
     }  # fmt: skip
@@ -104,7 +105,7 @@ def _finetune_only(args, argv) -> int:
             info = json.load(f)
         w = info["world"]
         world = make_world(w["seed"], w["entities"], w["tune_entities"], w.get("answered_prose", False),
-                           w.get("asked_prose", False))
+                           w.get("asked_prose", False), w.get("line_breaks", False))
         instructions = world.questions(world.tune_ids, "all")
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         out_base = os.path.join(args.out, MODEL_NAMES[f"{size}_base"])

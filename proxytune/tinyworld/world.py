@@ -120,6 +120,7 @@ class World:
     n_tune: int
     answered_prose: bool = False  # also state facts as questions answered in prose (``_ANSWERED``)
     asked_prose: bool = False  # also ask the evaluation's questions in prose, answered informally (``_INFORMAL``)
+    line_breaks: bool = False  # prose sentences end a line 30% of the time (else a space), as text does
 
     @property
     def tune_ids(self) -> range:
@@ -142,7 +143,9 @@ class World:
                 sentences.append(q + " " + rng.choice(_INFORMAL).format(v=getattr(e, a)))
             else:
                 sentences.append(rng.choice(templates(a)).format(n=e.name, v=getattr(e, a)))
-        return " ".join(sentences)
+        if not self.line_breaks:
+            return " ".join(sentences)
+        return "".join(x + ("\n" if rng.random() < 0.3 else " ") for x in sentences[:-1]) + sentences[-1]
 
     def corpus(self, n_paragraphs: int, seed: int) -> Iterator[str]:
         """Pretraining text: paragraphs about uniformly drawn entities (all of them, tuning and held out)."""
@@ -167,7 +170,7 @@ class World:
 
 
 def make_world(seed: int = 0, n_entities: int = 1500, n_tune: int = 1000, answered_prose: bool = False,
-               asked_prose: bool = False) -> World:  # fmt: skip
+               asked_prose: bool = False, line_breaks: bool = False) -> World:  # fmt: skip
     rng = random.Random(seed)
     names: set[str] = set()
     entities = []
@@ -178,4 +181,4 @@ def make_world(seed: int = 0, n_entities: int = 1500, n_tune: int = 1000, answer
         names.add(name)
         entities.append(Entity(name, rng.choice(CITIES), rng.choice(JOBS), str(rng.randrange(10, 100)),
                                rng.choice(INSTRUMENTS)))  # fmt: skip
-    return World(seed, entities, n_tune, answered_prose, asked_prose)
+    return World(seed, entities, n_tune, answered_prose, asked_prose, line_breaks)
