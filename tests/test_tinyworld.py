@@ -62,6 +62,16 @@ def test_asked_prose_asks_the_evaluation_questions_informally():
     assert list(make_world(0, 120, 80, True).corpus(5, seed=2)) != list(w.corpus(5, seed=2))
 
 
+def test_line_breaks_end_some_sentences_only_when_asked_for():
+    plain = " ".join(make_world(0, 120, 80, True, True).corpus(300, seed=4))
+    broken = list(make_world(0, 120, 80, True, True, line_breaks=True).corpus(300, seed=4))
+    assert "\n" not in plain
+    lines = [line for p in broken for line in p.split("\n")]
+    assert 0.1 < sum("\n" in p for p in broken) / len(broken) < 0.95
+    assert all(line.endswith((".", "?")) for line in lines)  # a line ends where a sentence ends
+    assert broken == list(make_world(0, 120, 80, True, True, line_breaks=True).corpus(300, seed=4))
+
+
 def test_choice_accuracy_scores_every_value_of_the_attribute():
     from proxytune.tinyworld.evaluation import choice_accuracy
 
