@@ -9,11 +9,12 @@
 //   stream  s = base + sum_i w_i (e_i - a_i) in fp32, in L1-sized blocks, into a row scratch buffer, with
 //           the maximum of every 64-token sub-block; then S = sum exp(zc) and the mass above a ladder of
 //           thresholds, with zc = (s - M) / T relative to the chunk maximum M (chunks merge exactly for S
-//           and as lower bounds for the ladder).
+//           and as lower bounds for the ladder). These sums use a 2^x polynomial that may contract into
+//           FMAs (1e-7 relative); nothing else is contracted.
 //   select  a value threshold c_lo that provably bounds the kept set (top-k: the k-th largest sub-block
 //           maximum; top-p: the highest ladder rung holding mass >= p; min-p: ln(min_p)); the candidates
 //           C = {z >= c_lo}, with the exact z = (s - m) / T (sub-blocks whose maximum is below c_lo are
-//           skipped), are filtered exactly: nth_element for top-k, a bucketed scan plus a sort of the
+//           skipped; within a sub-block a cheap product flags a superset, vectorised), are filtered exactly: nth_element for top-k, a bucketed scan plus a sort of the
 //           boundary bucket for top-p. When C turns out not to decide the row (rounding, flat rows) it
 //           becomes every finite token: exact, only slower.
 //   draw    argmax over kept j of z_j + g_j. Noise is computed only where it can matter: a token with
@@ -21,7 +22,8 @@
 //           either (g(u) <= -log(1 - u)); only the rest get the two logs. Exact, and with top_p = 1 it
 //           touches a fraction of the vocabulary.
 // Rows run in parallel (one row per task, scratch in that thread's cache); when the batch is smaller than
-// the thread count, long rows are split into chunks for the streaming pass and the top_p = 1 draw.
+// the thread count, long rows are split into chunks for the streaming pass and the top_p = 1 draw (each
+// chunk's draw seeded with the row maximum's key, so every chunk prunes as tightly as the row allows).
 
 #include <Python.h>
 
