@@ -194,3 +194,21 @@ def test_fuzz_unvalidated_junk_never_gives_an_invalid_token(inputs):
     base, experts, antis, kwargs = inputs
     tokens, logprobs = proxytune.sample(base, experts, antis, return_logprobs=True, validate=False, **kwargs)
     check_tokens(base, experts, antis, tokens, logprobs)
+
+
+def test_scalar_parameters_become_shared_tensors_with_the_right_values():
+    from proxytune._args import normalize
+
+    base = torch.randn(3, 50)
+    kw = dict(weights=0.5, temperature=0.7, top_k=5, top_p=0.9, min_p=0.0, seed=2**64 - 1, step=2**62 + 1,
+              vocab_size=None, validate=True)  # fmt: skip
+    a, b = normalize(base, [], [], **kw), normalize(base, [], [], **kw)
+    assert a.temperature is b.temperature and a.top_k is b.top_k  # cached: a decode loop builds nothing
+    assert a.temperature.tolist() == pytest.approx([0.7] * 3) and a.temperature.dtype == torch.float32
+    assert a.top_k.tolist() == [5] * 3 and a.top_k.dtype == torch.int64
+    assert a.seed.tolist() == [-1] * 3 and a.step.tolist() == [2**62 + 1] * 3  # uint64 bits kept; big ints
+    c = normalize(torch.randn(2, 50), [], [], **{**kw, "temperature": 1})  # int for a float parameter
+    assert c.temperature.tolist() == [1.0, 1.0] and c.temperature.dtype == torch.float32
+    assert normalize(base, [], [], **{**kw, "temperature": 0.8}).temperature.tolist() == pytest.approx([0.8] * 3)
+    with pytest.raises(TypeError, match="top_k must be an integer"):
+        normalize(base, [], [], **{**kw, "top_k": 5.0})
