@@ -14,9 +14,10 @@
 //   select  a value threshold c_lo that provably bounds the kept set (top-k: the k-th largest sub-block
 //           maximum; top-p: the highest ladder rung holding mass >= p; min-p: ln(min_p)); the candidates
 //           C = {z >= c_lo}, with the exact z = (s - m) / T (sub-blocks whose maximum is below c_lo are
-//           skipped; within a sub-block a cheap product flags a superset, vectorised), are filtered exactly: nth_element for top-k, a bucketed scan plus a sort of the
-//           boundary bucket for top-p. When C turns out not to decide the row (rounding, flat rows) it
-//           becomes every finite token: exact, only slower.
+//           skipped; within a sub-block a cheap product flags a superset, vectorised), are filtered
+//           exactly: nth_element for top-k, a bucketed scan plus a sort of the boundary bucket for top-p.
+//           When C turns out not to decide the row (rounding, flat rows) it becomes every finite token:
+//           exact, only slower.
 //   draw    argmax over kept j of z_j + g_j. Noise is computed only where it can matter: a token with
 //           z_j < best - max(g) - eps cannot win, and one with 1 - u_j > exp(z_j - best + eps) cannot
 //           either (g(u) <= -log(1 - u)); only the rest get the two logs. Exact, and with top_p = 1 it
@@ -339,7 +340,11 @@ void combine_chunk(const Inputs& in, int64_t r, int64_t lo, int64_t hi, float* s
 // 2^x for x <= 0 (0 below -126 and for -inf), within 1e-7 relative; vectorisable. The sums below use it
 // (they only steer the search or carry fp32 error anyway), so it may contract into FMAs where the target
 // has them: a clone-dependent last ulp of S, never of s or z.
+#if defined(__GNUC__) && !defined(__clang__)
 #define PT_CONTRACT __attribute__((optimize("fp-contract=fast")))
+#else
+#define PT_CONTRACT
+#endif
 PT_CONTRACT inline float exp2_neg(float x) {
   const float xc = std::max(x, -126.0f);
   const float n = (xc + 12582912.0f) - 12582912.0f;  // round to nearest
@@ -426,6 +431,8 @@ PT_HOT PT_CONTRACT void scale_chunk(const float* __restrict s, const float* __re
 PT_HOT void z_block(const float* __restrict x, int64_t n, float m, float t, float* __restrict z) {
   for (int64_t j = 0; j < n; ++j) z[j] = z_of(x[j], m, t);
 }
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "for_each_hit reads flag bytes as little-endian words");
 
 // Calls f(j) for every j < kSub with hit[j] != 0 (0/1 flags), in increasing order, eight flags at a time.
 template <typename F>
