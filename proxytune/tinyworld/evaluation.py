@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from proxytune.tinyworld import model_path
-from proxytune.tinyworld.world import QA, VALUES, is_correct, is_well_formed, make_world
+from proxytune.tinyworld.world import QA, VALUES, is_correct, is_well_formed, world_from_config
 
 __all__ = ["SYSTEMS", "EvalResult", "build_tuners", "answer", "evaluate", "format_table", "save_results", "gap_closed",
            "world_of", "choice_accuracy"]
@@ -91,8 +91,7 @@ def world_of(models_dir=None):
     """The world the family was trained on (its parameters are in every model's ``training_info.json``)."""
     with open(os.path.join(model_path("small_base", models_dir), "training_info.json")) as f:
         w = json.load(f)["world"]
-    return make_world(w["seed"], w["entities"], w["tune_entities"], w.get("answered_prose", False),
-                      w.get("asked_prose", False), w.get("line_breaks", False))
+    return world_from_config(w)
 
 
 def evaluate(models_dir=None, limit: Optional[int] = None, tuners: Optional[dict] = None,

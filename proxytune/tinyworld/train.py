@@ -24,7 +24,7 @@ import torch
 from proxytune.tinyworld import MODEL_NAMES, default_models_dir
 from proxytune.tinyworld.tokenizer import train_tokenizer
 from proxytune.tinyworld.training import SHAPES, Schedule, finetune, new_model, pretrain, pretrain_batches, save_model
-from proxytune.tinyworld.world import make_world
+from proxytune.tinyworld.world import make_world, world_from_config
 
 
 def main(argv=None) -> int:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     batches = pretrain_batches(world, tokenizer, pre, args.seq_len, seed=args.seed)
     log(f"pretraining data: {batches.numel():,} tokens")
     common = {
-        "command": "python -m proxytune.tinyworld.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": _command(argv),
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "world": {"seed": args.seed, "entities": args.entities, "tune_entities": args.tune_entities,
                   "answered_prose": args.answered_prose, "asked_prose": args.asked_prose, "line_breaks": args.line_breaks},
@@ -89,6 +89,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def _command(argv) -> str:
+    return "python -m proxytune.tinyworld.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+
+
 def _finetune_only(args, argv) -> int:
     import json
     import shutil
@@ -103,9 +107,7 @@ def _finetune_only(args, argv) -> int:
         base_dir = os.path.join(args.finetune_from, MODEL_NAMES[f"{size}_base"])
         with open(os.path.join(base_dir, "training_info.json")) as f:
             info = json.load(f)
-        w = info["world"]
-        world = make_world(w["seed"], w["entities"], w["tune_entities"], w.get("answered_prose", False),
-                           w.get("asked_prose", False), w.get("line_breaks", False))
+        world = world_from_config(info["world"])
         instructions = world.questions(world.tune_ids, "all")
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         out_base = os.path.join(args.out, MODEL_NAMES[f"{size}_base"])
@@ -113,10 +115,9 @@ def _finetune_only(args, argv) -> int:
             shutil.copytree(base_dir, out_base, dirs_exist_ok=True)
         tuned = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32")
         log(f"{size}: instruction tuning on {len(instructions)} questions about {world.n_tune} entities")
-        fin_info = finetune(tuned, tokenizer, instructions, fin, seed=w["seed"] + 3, log=log)
-        command = "python -m proxytune.tinyworld.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        fin_info = finetune(tuned, tokenizer, instructions, fin, seed=world.seed + 3, log=log)
         save_model(tuned, tokenizer, os.path.join(args.out, MODEL_NAMES[f"{size}_tuned"]),
-                   dict(info, role=f"{size} tuned", finetune=fin_info, finetune_command=command,
+                   dict(info, role=f"{size} tuned", finetune=fin_info, finetune_command=_command(argv),
                         finetuned_from=f"{size} base as saved (fp16, loaded in fp32)"))  # fmt: skip
     log("done")
     return 0

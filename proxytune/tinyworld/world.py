@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterator
 
-__all__ = ["Entity", "QA", "World", "make_world", "ATTRIBUTES", "VALUES", "answer_of", "is_correct", "is_well_formed"]
+__all__ = ["Entity", "QA", "World", "make_world", "world_from_config", "ATTRIBUTES", "VALUES", "answer_of", "is_correct", "is_well_formed"]
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr",
            "th", "sh", "st", "fl", "pl", "sk", "h", "j", "w", "qu", "ch"]  # fmt: skip
@@ -182,3 +182,9 @@ def make_world(seed: int = 0, n_entities: int = 1500, n_tune: int = 1000, answer
         entities.append(Entity(name, rng.choice(CITIES), rng.choice(JOBS), str(rng.randrange(10, 100)),
                                rng.choice(INSTRUMENTS)))  # fmt: skip
     return World(seed, entities, n_tune, answered_prose, asked_prose, line_breaks)
+
+
+def world_from_config(w: dict) -> World:
+    """The world a model was trained on, from the ``"world"`` entry of its ``training_info.json``."""
+    return make_world(w["seed"], w["entities"], w["tune_entities"], w.get("answered_prose", False),
+                      w.get("asked_prose", False), w.get("line_breaks", False))  # fmt: skip
