@@ -28,7 +28,7 @@ _INT64_MIN, _UINT64_END = -(2**63), 2**64
 class SampleArgs:
     """Normalised op arguments. Logits keep their dtype; every parameter is ``[B]`` (weights ``[P, B]``).
 
-    Parameter tensors made from Python scalars are shared between calls (see :func:`_filled`): backends
+    CPU parameter tensors made from Python scalars are shared between calls (see :func:`_filled`): backends
     read them and never write them.
     """
 
@@ -110,10 +110,11 @@ def _cached_full(value: Scalar, batch: int, dtype: torch.dtype, device: torch.de
 
 
 def _filled(value: Scalar, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.full((batch,), value)``, cached: a decode loop passes the same scalars at every step, and
-    building them anew costs more than the CPU op on a small batch. Not cached while a CUDA graph is being
-    captured (there ``torch.full`` is recorded, not run, so the tensor holds nothing until a replay)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    """``torch.full((batch,), value)``, cached for CPU tensors: a decode loop passes the same scalars at every
+    step, and building them anew costs more than the CPU op on a small batch. Device tensors are built
+    afresh (a cached one could be read on another stream before its fill ran, or be recorded, not filled,
+    inside a CUDA graph capture)."""
+    if device.type != "cpu":
         return torch.full((batch,), value, dtype=dtype, device=device)
     return _cached_full(value, batch, dtype, device)
 
