@@ -92,6 +92,81 @@ inline float load(const void* p, int64_t j) {
   else return f16_to_f32(static_cast<const uint16_t*>(p)[j]);
 }
 
+// ---- 16-lane vectors ----------------------------------------------------------------------------------
+// GCC/Clang vector extensions: each clone lowers them to its own registers (one AVX-512, two AVX2, four
+// SSE or NEON), with the same elementwise IEEE rounding, so the hot loops are vectorised by construction
+// rather than by the auto-vectoriser's mood (it left lane reductions scalar).
+#define PT_INLINE __attribute__((always_inline)) inline
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors only ever live inside inlined helpers
+#endif
+constexpr int kW = 16;
+typedef float vf __attribute__((vector_size(4 * kW)));
+typedef int32_t vi __attribute__((vector_size(4 * kW)));
+typedef uint32_t vu __attribute__((vector_size(4 * kW)));
+typedef uint16_t vh __attribute__((vector_size(2 * kW)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+
+PT_INLINE vf splat(float x) { return vf{} + x; }
+PT_INLINE vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+PT_INLINE void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+PT_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
+PT_INLINE float hmax(vf v) {  // maximum of the 16 lanes (no NaN)
+  vf8 a, b;
+  std::memcpy(&a, &v, 32);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
+  a = a > b ? a : b;
+  vf4 c, d;
+  std::memcpy(&c, &a, 16);
+  std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
+  c = c > d ? c : d;
+  const float x = c[0] > c[1] ? c[0] : c[1], y = c[2] > c[3] ? c[2] : c[3];
+  return x > y ? x : y;
+}
+PT_INLINE float hsum(vf v) {  // sum of the 16 lanes, pairwise
+  vf8 a, b;
+  std::memcpy(&a, &v, 32);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
+  a = a + b;
+  vf4 c, d;
+  std::memcpy(&c, &a, 16);
+  std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
+  c = c + d;
+  return (c[0] + c[1]) + (c[2] + c[3]);
+}
+
+// Tokens [j, j + 16) of a row of dtype D as fp32 (exact: the scalar conversions above, lane-wise).
+template <int D>
+PT_INLINE vf vload_as(const void* p, int64_t j) {
+  if constexpr (D == kF32) {
+    return vload(static_cast<const float*>(p) + j);
+  } else {
+    vh h;
+    std::memcpy(&h, static_cast<const uint16_t*>(p) + j, sizeof h);
+    const vu w = __builtin_convertvector(h, vu) << 16;
+    if constexpr (D == kBF16) {
+      return (vf)w;
+    } else {
+      const vu sign = w & 0x80000000u;
+      const vu two_w = w + w;
+      const vf normalized = (vf)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+      const vf denormalized = (vf)((two_w >> 17) | (126u << 23)) - 0.5f;
+      const vu bits = two_w < (1u << 27) ? (vu)denormalized : (vu)normalized;
+      return (vf)(sign | bits);
+    }
+  }
+}
+
+// Not finite (NaN, +-inf) -> -inf (masked).
+PT_INLINE vf masked_if_not_finite(vf v) {
+  return ((vu)v & 0x7FFFFFFFu) <= 0x7F7FFFFFu ? v : splat(-std::numeric_limits<float>::infinity());
+}
+
 template <int D>
 __attribute__((always_inline)) inline void load_block(const void* src, float* __restrict dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = load<D>(src, j);
@@ -269,19 +344,16 @@ struct Inputs {
   const float* weights;  // [P, B] contiguous
 };
 
+inline int64_t padded(int64_t v) { return (v + kSub - 1) / kSub * kSub; }
+
 inline size_t elem_size(int dt) { return dt == kF32 ? 4 : 2; }
 inline const void* offset(const void* p, int dt, int64_t elems) {
   return static_cast<const char*>(p) + elems * int64_t(elem_size(dt));
 }
 
-inline float max_sub(const float* __restrict x) {  // max of kSub floats (no NaN)
-  float lane[kLanes];
-  for (int l = 0; l < kLanes; ++l) lane[l] = x[l];
-  for (int q = kLanes; q < kSub; q += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] = x[q + l] > lane[l] ? x[q + l] : lane[l];
-  float mx = lane[0];
-  for (int l = 1; l < kLanes; ++l) mx = lane[l] > mx ? lane[l] : mx;
-  return mx;
+PT_INLINE float max_sub(const float* __restrict x) {  // max of kSub floats (no NaN)
+  static_assert(kSub == 4 * kW, "one sub-block is four vectors");
+  return hmax(vmax(vmax(vload(x), vload(x + kW)), vmax(vload(x + 2 * kW), vload(x + 3 * kW))));
 }
 
 // s for n tokens from column b0 of row r into d; not-finite (NaN, inf) -> -inf (masked).
@@ -298,11 +370,54 @@ PT_HOT void combine_values_hot(const Inputs& in, int64_t r, int64_t b0, int64_t 
   combine_values(in, r, b0, n, d);
 }
 
+// One sub-block (kSub tokens from column j) of s into d in one sweep: loads, combination, masking, store
+// and maximum (returned). The base alone, or one pair with every input of dtype D: the common cases.
+template <int D, bool kPair>
+PT_INLINE float combine_sub(const void* b, const void* e, const void* a, float w, int64_t j,
+                            float* __restrict d) {
+  vf mx = splat(kNegInf);
+  for (int q = 0; q < kSub; q += kW) {
+    vf v = vload_as<D>(b, j + q);
+    if constexpr (kPair) v = v + w * (vload_as<D>(e, j + q) - vload_as<D>(a, j + q));
+    v = masked_if_not_finite(v);
+    vstore(d + q, v);
+    mx = vmax(mx, v);
+  }
+  return hmax(mx);
+}
+
+template <int D, bool kPair>
+PT_INLINE void combine_subs(const Inputs& in, int64_t r, int64_t b0, int64_t nsubs, float* __restrict d,
+                            float* __restrict bm) {
+  const void* b = offset(in.base, D, r * in.base_stride + b0);
+  const void* e = kPair ? offset(in.ex[0], D, r * in.ex_stride[0] + b0) : nullptr;
+  const void* a = kPair ? offset(in.an[0], D, r * in.an_stride[0] + b0) : nullptr;
+  const float w = kPair ? in.weights[r] : 0.0f;
+  for (int64_t i = 0; i < nsubs; ++i) bm[i] = combine_sub<D, kPair>(b, e, a, w, i * kSub, d + i * kSub);
+}
+
 // One block of s (n <= kBlock tokens from column b0 of row r) into d; sub-block maxima into bm.
 PT_HOT void combine_block(const Inputs& in, int64_t r, int64_t b0, int64_t n, float* __restrict d,
                           float* __restrict bm) {
-  combine_values(in, r, b0, n, d);
-  int64_t sb = 0;
+  const int dt = in.base_dt;
+  const bool fused = in.n_pairs == 0 || (in.n_pairs == 1 && in.ex_dt[0] == dt && in.an_dt[0] == dt);
+  int64_t done = 0;
+  if (fused) {
+    const int64_t nsubs = n / kSub;
+    switch (dt * 2 + int(in.n_pairs)) {
+      case kF32 * 2: combine_subs<kF32, false>(in, r, b0, nsubs, d, bm); break;
+      case kF32 * 2 + 1: combine_subs<kF32, true>(in, r, b0, nsubs, d, bm); break;
+      case kBF16 * 2: combine_subs<kBF16, false>(in, r, b0, nsubs, d, bm); break;
+      case kBF16 * 2 + 1: combine_subs<kBF16, true>(in, r, b0, nsubs, d, bm); break;
+      case kF16 * 2: combine_subs<kF16, false>(in, r, b0, nsubs, d, bm); break;
+      default: combine_subs<kF16, true>(in, r, b0, nsubs, d, bm); break;
+    }
+    done = nsubs * kSub;
+  }
+  if (done == n) return;
+  // Mixed dtypes, several pairs, or the row's last partial sub-block: stage by stage through d.
+  combine_values(in, r, b0 + done, n - done, d + done);
+  int64_t sb = done;
   for (; sb + kSub <= n; sb += kSub) bm[sb / kSub] = max_sub(d + sb);
   if (sb < n) {
     float mx = kNegInf;
@@ -312,9 +427,12 @@ PT_HOT void combine_block(const Inputs& in, int64_t r, int64_t b0, int64_t n, fl
 }
 
 // s[lo, hi) of row r into s (the row's buffer); returns the chunk max and its first index and writes each
-// sub-block maximum into bm (indexed by global sub-block). lo is a multiple of kSub.
+// sub-block maximum into bm (indexed by global sub-block). lo is a multiple of kSub. The row's last
+// sub-block is padded with -inf up to a multiple of kSub (the buffer holds padded(V) floats), so the
+// later passes read whole sub-blocks only.
 void combine_chunk(const Inputs& in, int64_t r, int64_t lo, int64_t hi, float* s, float* bm, float* cmax,
                    int64_t* cidx) {
+  for (int64_t j = hi; j < padded(hi); ++j) s[j] = kNegInf;
   float cm = kNegInf;
   int64_t csub = -1;
   for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
@@ -337,94 +455,83 @@ void combine_chunk(const Inputs& in, int64_t r, int64_t lo, int64_t hi, float* s
   *cidx = ci;
 }
 
-// 2^x for x <= 0 (0 below -126 and for -inf), within 1e-7 relative; vectorisable. The sums below use it
-// (they only steer the search or carry fp32 error anyway), so it may contract into FMAs where the target
-// has them: a clone-dependent last ulp of S, never of s or z.
+// The sums below (S and the ladder) only steer the search or carry fp32 error anyway, so their 2^x may
+// contract into FMAs where the target has them: a clone-dependent last ulp of S, never of s or z.
 #if defined(__GNUC__) && !defined(__clang__)
 #define PT_CONTRACT __attribute__((optimize("fp-contract=fast")))
 #else
 #define PT_CONTRACT
 #endif
-PT_CONTRACT inline float exp2_neg(float x) {
-  const float xc = std::max(x, -126.0f);
-  const float n = (xc + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float f = xc - n;                             // [-0.5, 0.5]
-  float p = 1.5345811e-4f;  // 2^f, degree-6 minimax (relative error 1e-7 in fp32)
-  p = p * f + 1.3399931e-3f;
-  p = p * f + 9.6184891e-3f;
-  p = p * f + 5.5503286e-2f;
-  p = p * f + 2.4022646e-1f;
-  p = p * f + 6.9314718e-1f;
-  p = p * f + 1.0f;
-  const float y = p * from_bits(uint32_t(int32_t(n) + 127) << 23);
-  return x < -126.0f ? 0.0f : y;
-}
 
-// x = (s - M) / T * log2(e) approximately (a multiplication); 0 at the maximum, -inf for masked tokens.
-// c is finite (clamped), so the maximum maps to exactly 0 and nothing becomes NaN.
-inline float xc_of(float v, float M, float c) { return v > kNegInf ? (v - M) * c : kNegInf; }
+// 2^x for x <= ~0.5, within 2.2e-7 relative; at or below -125 (and for -inf) 2^-125 instead of ~0, which
+// no sum here can notice (every S includes its maximum's 1). n = round(x) rides in the low mantissa bits of
+// x + 1.5 * 2^23, and shifting them into the exponent field scales the polynomial by 2^n (a normal number:
+// n >= -125).
+PT_INLINE PT_CONTRACT vf exp2_neg(vf x) {
+  const vf lo = splat(-125.0f);
+  const vf xc = lo > x ? lo : x;  // this operand order compiles to one max instruction
+  const vf shifted = xc + 12582912.0f;
+  const vf f = xc - (shifted - 12582912.0f);  // [-0.5, 0.5]
+  vf p = splat(1.3276445e-3f);  // 2^f, degree 5, near-minimax for relative error (2.2e-7 in fp32 with FMA)
+  p = p * f + 9.6755372e-3f;
+  p = p * f + 5.5507135e-2f;
+  p = p * f + 2.4022120e-1f;
+  p = p * f + 6.9314694e-1f;
+  p = p * f + 1.0000001f;
+  return (vf)((vu)p + ((vu)shifted << 23));
+}
 
 constexpr float kLog2e = 1.44269504088896341f;
 
 // S = sum exp(zc) and the ladder masses (mass with zc >= rung) over [lo, hi), where zc = (s - M) / T is
 // taken relative to the chunk maximum M (and multiplied by 1/T: these sums only steer the search, the exact
-// z = (s - m) / T is computed wherever a decision depends on it). Reads s, writes nothing. A rung above
-// a sub-block's maximum gets nothing from it and is skipped. Lane accumulators flush into doubles.
+// z = (s - m) / T is computed wherever a decision depends on it). Reads s (whole sub-blocks: the padding is
+// -inf), writes nothing. A rung above a sub-block's maximum gets nothing from it and is skipped. Vector
+// accumulators flush into doubles every 32 sub-blocks.
 PT_HOT PT_CONTRACT void scale_chunk(const float* __restrict s, const float* __restrict bm, int64_t lo, int64_t hi,
                                     float M, float t, bool with_ladder, double* S, double* ladder) {
-  const float c = std::min(kLog2e / t, FLT_MAX);
+  static_assert(kSub == 4 * kW, "one sub-block is four vectors");
+  const float c = std::min(kLog2e / t, FLT_MAX);  // finite, so x is 0 at the maximum and never NaN
   float rung[kLadder];
   for (int i = 0; i < kLadder; ++i) rung[i] = kLadderZ[i] * kLog2e;
-  float e[kSub], xs[kSub];
-  float acc[kLanes] = {0};
-  float la[kLadder][kLanes] = {{0}};
+  vf acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+  vf la[kLadder] = {};
   double sum = 0.0, lad[kLadder] = {0};
-  int64_t pending = 0;
+  int pending = 0;
   auto flush = [&]() {
-    for (int l = 0; l < kLanes; ++l) {
-      sum += acc[l];
-      acc[l] = 0.0f;
+    sum += double(hsum(acc0)) + double(hsum(acc1)) + double(hsum(acc2)) + double(hsum(acc3));
+    acc0 = acc1 = acc2 = acc3 = vf{};
+    for (int i = 0; i < kLadder; ++i) {
+      lad[i] += double(hsum(la[i]));
+      la[i] = vf{};
     }
-    if (with_ladder)
-      for (int i = 0; i < kLadder; ++i)
-        for (int l = 0; l < kLanes; ++l) {
-          lad[i] += la[i][l];
-          la[i][l] = 0.0f;
-        }
     pending = 0;
   };
+  const vf zero = {};
   for (int64_t sb = lo; sb < hi; sb += kSub) {
-    const int64_t len = std::min(kSub, hi - sb);
-    const float* __restrict x = s + sb;
-    if (!(bm[sb / kSub] > kNegInf)) continue;  // fully masked sub-block
-    const float xmax = xc_of(bm[sb / kSub], M, c);
-    if (len == kSub) {
-      for (int j = 0; j < kSub; ++j) {
-        xs[j] = xc_of(x[j], M, c);
-        e[j] = exp2_neg(xs[j]);
-      }
-      for (int q = 0; q < kSub; q += kLanes)
-        for (int l = 0; l < kLanes; ++l) acc[l] += e[q + l];
-      if (with_ladder)
-        for (int i = kLadder - 1; i >= 0 && rung[i] <= xmax; --i) {
-          const float thr = rung[i];
-          for (int q = 0; q < kSub; q += kLanes)
-            for (int l = 0; l < kLanes; ++l) la[i][l] += xs[q + l] >= thr ? e[q + l] : 0.0f;
-        }
-    } else {
-      for (int64_t j = 0; j < len; ++j) {
-        const float xj = xc_of(x[j], M, c);
-        const float ej = exp2_neg(xj);
-        sum += ej;
-        if (with_ladder)
-          for (int i = 0; i < kLadder; ++i) lad[i] += xj >= rung[i] ? ej : 0.0f;
+    const float bmax = bm[sb / kSub];
+    if (!(bmax > kNegInf)) continue;  // fully masked sub-block
+    const float* __restrict xs = s + sb;
+    const vf x0 = (vload(xs) - M) * c, x1 = (vload(xs + kW) - M) * c;
+    const vf x2 = (vload(xs + 2 * kW) - M) * c, x3 = (vload(xs + 3 * kW) - M) * c;
+    const vf e0 = exp2_neg(x0), e1 = exp2_neg(x1), e2 = exp2_neg(x2), e3 = exp2_neg(x3);
+    acc0 += e0;
+    acc1 += e1;
+    acc2 += e2;
+    acc3 += e3;
+    if (with_ladder) {
+      const float xmax = (bmax - M) * c;
+      for (int i = kLadder - 1; i >= 0 && rung[i] <= xmax; --i) {
+        const vf r = splat(rung[i]);
+        la[i] += ((x0 >= r ? e0 : zero) + (x1 >= r ? e1 : zero)) + ((x2 >= r ? e2 : zero) + (x3 >= r ? e3 : zero));
       }
     }
     if (++pending == 32) flush();
   }
   flush();
   *S += sum;
-  for (int i = 0; i < kLadder; ++i) ladder[i] += lad[i];
+  if (with_ladder)
+    for (int i = 0; i < kLadder; ++i) ladder[i] += lad[i];
 }
 
 // Exact z = (s - m) / T for n tokens (vectorised division).
@@ -792,7 +899,8 @@ Prepared prepare(const at::Tensor& base, at::TensorList experts, at::TensorList 
     in.ex_dt.push_back(dtype_code(e, "experts[i]"));
     in.an_dt.push_back(dtype_code(a, "anti_experts[i]"));
   }
-  at::Tensor w = weights.to(at::kFloat).contiguous();
+  at::Tensor w = weights.scalar_type() == at::kFloat && weights.is_contiguous() ? weights
+                                                                                 : weights.to(at::kFloat).contiguous();
   TORCH_CHECK(w.numel() == in.n_pairs * in.batch, "weights must be [P, B]");
   pr.keep_alive.push_back(w);
   in.weights = w.data_ptr<float>();
@@ -801,6 +909,7 @@ Prepared prepare(const at::Tensor& base, at::TensorList experts, at::TensorList 
 
 at::Tensor per_row(const at::Tensor& x, at::ScalarType dt, int64_t batch, const char* name) {
   TORCH_CHECK(x.numel() == batch, name, " must have B = ", batch, " entries");
+  if (x.scalar_type() == dt && x.is_contiguous() && x.device().is_cpu()) return x;  // the usual case, free
   return x.to(dt).contiguous();
 }
 
@@ -811,7 +920,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
                                               const at::Tensor& seed, const at::Tensor& step, int64_t vocab_size) {
   Prepared pr = prepare(base, experts, anti_experts, weights, vocab_size);
   const Inputs& in = pr.in;
-  const int64_t B = in.batch, V = in.vocab, nsub = (V + kSub - 1) / kSub;
+  const int64_t B = in.batch, V = in.vocab, nsub = (V + kSub - 1) / kSub, Vp = nsub * kSub;
   at::Tensor T = per_row(temperature, at::kFloat, B, "temperature");
   at::Tensor K = per_row(top_k, at::kLong, B, "top_k");
   at::Tensor P = per_row(top_p, at::kFloat, B, "top_p");
@@ -845,7 +954,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
     at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
       std::vector<float>& sbuf = tls_vec<float>(0);
       std::vector<float>& bmb = tls_vec<float>(1);
-      if (int64_t(sbuf.size()) < V) sbuf.resize(V);
+      if (int64_t(sbuf.size()) < Vp) sbuf.resize(Vp);
       if (int64_t(bmb.size()) < nsub) bmb.resize(nsub);
       thread_local Scratch sc;
       for (int64_t r = r0; r < r1; ++r) {
@@ -878,7 +987,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
   // Few long rows: split each row into `chunks` pieces for the streaming passes and the draw.
   std::vector<float>& sbuf = tls_vec<float>(2);
   std::vector<float>& bmb = tls_vec<float>(3);
-  if (int64_t(sbuf.size()) < B * V) sbuf.resize(B * V);
+  if (int64_t(sbuf.size()) < B * Vp) sbuf.resize(B * Vp);
   if (int64_t(bmb.size()) < B * nsub) bmb.resize(B * nsub);
   const int64_t per = ((V + chunks - 1) / chunks + kSub - 1) / kSub * kSub;
   const int64_t items = B * chunks;
@@ -902,7 +1011,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
       cS[it] = 0.0;
       for (int i = 0; i < kLadder; ++i) cL[it * kLadder + i] = 0.0;
       if (lo >= hi) continue;
-      float* s = sbuf.data() + r * V;
+      float* s = sbuf.data() + r * Vp;
       float* bm = bmb.data() + r * nsub;
       combine_chunk(in, r, lo, hi, s, bm, &cmax[it], &cidx[it]);
       if (R.greedy || !(cmax[it] > kNegInf)) continue;
@@ -948,7 +1057,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
   for (int64_t r = 0; r < B; ++r) {  // B < threads here: the filters run on the calling thread
     RowState& R = rows[r];
     if (R.done) continue;
-    if (finish_filtered(sbuf.data() + r * V, bmb.data() + r * nsub, V, R.m, R.rp, R.S, R.ladder, sc_main,
+    if (finish_filtered(sbuf.data() + r * Vp, bmb.data() + r * nsub, V, R.m, R.rp, R.S, R.ladder, sc_main,
                         &tok_out[r], &lp_out[r]))
       R.done = true;
   }
@@ -963,7 +1072,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
       int64_t lo, hi;
       range(it % chunks, &lo, &hi);
       if (lo < hi && cmax[it] > kNegInf)  // seeded with the row maximum: a tight bound in every chunk
-        cbest[it] = draw_chunk(sbuf.data() + r * V, bmb.data() + r * nsub, lo, hi, rows[r].first, rows[r].m,
+        cbest[it] = draw_chunk(sbuf.data() + r * Vp, bmb.data() + r * nsub, lo, hi, rows[r].first, rows[r].m,
                                rows[r].rp.t, rows[r].rp.nz);
     }
   });
@@ -973,7 +1082,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
     for (int64_t c = 0; c < chunks; ++c)
       if (cbest[r * chunks + c].idx >= 0) best.offer(cbest[r * chunks + c].key, cbest[r * chunks + c].idx);
     tok_out[r] = best.idx;
-    lp_out[r] = z_of(sbuf[r * V + best.idx], rows[r].m, rows[r].rp.t) - float(std::log(rows[r].S));
+    lp_out[r] = z_of(sbuf[r * Vp + best.idx], rows[r].m, rows[r].rp.t) - float(std::log(rows[r].S));
   }
   return {tokens, logprobs};
 }

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 import torch
 
@@ -22,14 +21,15 @@ PerRow = Union[int, float, torch.Tensor]
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT64_MIN, _UINT64_END = -(2**63), 2**64
+_CPU = torch.device("cpu")
 
 
-@dataclass(frozen=True)
-class SampleArgs:
+class SampleArgs(NamedTuple):
     """Normalised op arguments. Logits keep their dtype; every parameter is ``[B]`` (weights ``[P, B]``).
 
     CPU parameter tensors made from Python scalars are shared between calls (see :func:`_filled`): backends
-    read them and never write them.
+    read them and never write them. (A named tuple: built on every call, and cheaper to build than a frozen
+    dataclass.)
     """
 
     base: torch.Tensor  # [B, Vb]
@@ -50,6 +50,12 @@ class SampleArgs:
 
 
 def _check_logits(name: str, x: object, device: torch.device | None) -> torch.Tensor:
+    """``x`` itself when it is a usable ``[B, V]`` logits tensor (on ``device`` when given); else raises.
+    ``name`` may be a ``(sequence name, index)`` pair, formatted only for an error (the call is per op)."""
+    if type(name) is tuple:
+        if isinstance(x, torch.Tensor) and x.dim() == 2 and x.dtype in LOGIT_DTYPES and x.device == device and x.shape[1]:
+            return x
+        name = f"{name[0]}[{name[1]}]"
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of logits [B, V], got {type(x).__name__}")
     if x.dim() != 2:
@@ -105,18 +111,18 @@ def _per_row(
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached_full(value: Scalar, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.full((batch,), value, dtype=dtype, device=device)
+def _cached_full(value: Scalar, shape: Union[int, tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((shape,) if type(shape) is int else shape, value, dtype=dtype)
 
 
-def _filled(value: Scalar, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.full((batch,), value)``, cached for CPU tensors: a decode loop passes the same scalars at every
-    step, and building them anew costs more than the CPU op on a small batch. Device tensors are built
-    afresh (a cached one could be read on another stream before its fill ran, or be recorded, not filled,
-    inside a CUDA graph capture)."""
-    if device.type != "cpu":
-        return torch.full((batch,), value, dtype=dtype, device=device)
-    return _cached_full(value, batch, dtype, device)
+def _filled(value: Scalar, shape: Union[int, tuple[int, int]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.full(shape, value)`` (``shape`` an int: ``[shape]``), cached for CPU tensors: a decode loop
+    passes the same scalars at every step, and building them anew costs more than the CPU op on a small
+    batch. Device tensors are built afresh (a cached one could be read on another stream before its fill
+    ran, or be recorded, not filled, inside a CUDA graph capture)."""
+    if device == _CPU:
+        return _cached_full(value, shape, dtype)
+    return torch.full((shape,) if type(shape) is int else shape, value, dtype=dtype, device=device)
 
 
 def _weights(weights: object, n_pairs: int, batch: int, device: torch.device) -> torch.Tensor:
@@ -134,6 +140,8 @@ def _weights(weights: object, n_pairs: int, batch: int, device: torch.device) ->
             raise ValueError(f"weights has {len(weights)} entries but there are {n_pairs} expert pairs")
         rows = [_per_row(f"weights[{i}]", w, batch, device, torch.float32, False) for i, w in enumerate(weights)]
         return torch.stack(rows) if rows else torch.empty(0, batch, device=device)
+    if type(weights) is float or type(weights) is int:  # the common case, fast
+        return _filled(weights, (n_pairs, batch), torch.float32, device)
     return _per_row("weights", weights, batch, device, torch.float32, False).expand(n_pairs, batch)
 
 
@@ -208,18 +216,17 @@ def normalize(
     """
     base = _check_logits("base", base, None)
     device = base.device
-    experts = tuple(_check_logits(f"experts[{i}]", x, device) for i, x in enumerate(_as_tensor_sequence("experts", experts)))
-    antis = tuple(
-        _check_logits(f"anti_experts[{i}]", x, device) for i, x in enumerate(_as_tensor_sequence("anti_experts", anti_experts))
-    )
+    batch, min_width = base.shape
+    experts = _as_tensor_sequence("experts", experts)
+    antis = _as_tensor_sequence("anti_experts", anti_experts)
     if len(experts) != len(antis):
         raise ValueError(f"got {len(experts)} experts but {len(antis)} anti_experts; they come in pairs")
-    batch = base.shape[0]
     for group, xs in (("experts", experts), ("anti_experts", antis)):
         for i, x in enumerate(xs):
-            if x.shape[0] != batch:
-                raise ValueError(f"{group}[{i}] has batch size {x.shape[0]} but base has {batch}")
-    min_width = min(x.shape[1] for x in (base, *experts, *antis))
+            rows, width = _check_logits((group, i), x, device).shape
+            if rows != batch:
+                raise ValueError(f"{group}[{i}] has batch size {rows} but base has {batch}")
+            min_width = min(min_width, width)
     if vocab_size is None:
         vocab_size = min_width
     elif isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
