@@ -95,7 +95,9 @@ inline float load(const void* p, int64_t j) {
 // ---- 16-lane vectors ----------------------------------------------------------------------------------
 // GCC/Clang vector extensions: each clone lowers them to its own registers (one AVX-512, two AVX2, four
 // SSE or NEON), with the same elementwise IEEE rounding, so the hot loops are vectorised by construction
-// rather than by the auto-vectoriser's mood (it left lane reductions scalar).
+// rather than by the auto-vectoriser's mood (it left lane reductions scalar). Comparisons only ever feed a
+// select (`c ? a : b`): a comparison kept as a value is lowered lane by lane before the helper is inlined
+// into a cloned caller.
 #define PT_INLINE __attribute__((always_inline)) inline
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors only ever live inside inlined helpers
@@ -539,43 +541,34 @@ PT_HOT void z_block(const float* __restrict x, int64_t n, float m, float t, floa
   for (int64_t j = 0; j < n; ++j) z[j] = z_of(x[j], m, t);
 }
 
-static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "for_each_hit reads flag bytes as little-endian words");
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "hits_at_least packs flag bytes as little-endian words");
 
-// Calls f(j) for every j < kSub with hit[j] != 0 (0/1 flags), in increasing order, eight flags at a time.
-template <typename F>
-inline void for_each_hit(const uint8_t* hit, F&& f) {
-  for (int w = 0; w < kSub; w += 8) {
-    uint64_t flags;
-    std::memcpy(&flags, hit + w, 8);
-    for (; flags; flags &= flags - 1) f(w + (__builtin_ctzll(flags) >> 3));
+// Bit j is set where (x[j] - m) * inv_t >= lim for the kSub tokens of a sub-block (the row is padded to
+// whole sub-blocks; a masked -inf token is set only when lim = -inf). The product is a cheap stand-in for
+// z = (s - m) / T: callers lower lim by a margin far above the few ulps between the two, then check the
+// exact z of each hit.
+PT_INLINE uint64_t hits_at_least(const float* __restrict x, float m, float inv_t, float lim) {
+  typedef int8_t vb __attribute__((vector_size(kW)));
+  const vi one = vi{} + 1, zero = {};
+  uint8_t flag[kSub];
+  for (int q = 0; q < kSub; q += kW) {
+    const vi h = (vload(x + q) - m) * inv_t >= splat(lim) ? one : zero;
+    const vb b = __builtin_convertvector(h, vb);  // 1 or 0 per byte
+    std::memcpy(flag + q, &b, kW);
   }
-}
-
-// hit[j] = 1 where (x[j] - m) * inv_t >= lim (masked -inf never), for j < n <= kSub, 0 up to kSub; returns
-// the number of hits. Vectorised; the caller walks the hits eight flags at a time.
-PT_HOT int mark_at_least(const float* __restrict x, int64_t n, float m, float inv_t, float lim,
-                         uint8_t* __restrict hit) {
-  int hits = 0;
-  if (n == kSub) {
-    for (int j = 0; j < kSub; ++j) {
-      const uint8_t h = (x[j] > kNegInf) & ((x[j] - m) * inv_t >= lim);
-      hit[j] = h;
-      hits += h;
-    }
-    return hits;
+  uint64_t bits = 0;
+  for (int w = 0; w < kSub / 8; ++w) {  // eight 0/1 bytes -> eight bits
+    uint64_t f;
+    std::memcpy(&f, flag + 8 * w, 8);
+    bits |= ((f * 0x0102040810204080ull) >> 56) << (8 * w);
   }
-  for (int64_t j = 0; j < kSub; ++j) {
-    const uint8_t h = j < n && (x[j] > kNegInf) & ((x[j] - m) * inv_t >= lim);
-    hit[j] = h;
-    hits += h;
-  }
-  return hits;
+  return bits;
 }
 
 // Best key over every finite token in [lo, hi) (the no-filter case), seeded with the key of token seed_idx
 // (the row's first maximum, wherever it lies: the bound it gives holds for every chunk of the row).
-Best draw_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, int64_t seed_idx, float m, float t,
-                Noise nz) {
+PT_HOT Best draw_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, int64_t seed_idx, float m,
+                       float t, Noise nz) {
   Best best;
   const float zseed = z_of(s[seed_idx], m, t);
   if (!(zseed > kNegInf)) return best;
@@ -594,15 +587,13 @@ Best draw_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, int64_t
     lim = best.key - kGumbelMax - kEps;
   };
   for (int64_t sb = lo; sb < hi; sb += kSub) {
-    if (z_of(bm[sb / kSub], m, t) < lim) continue;
-    const int64_t len = std::min(kSub, hi - sb);
     const float lim_c = lim - 1e-3f;
-    uint8_t hit[kSub];
-    if (!mark_at_least(s + sb, len, m, inv_t, lim_c, hit)) continue;
-    for_each_hit(hit, [&](int j) {
-      tok[cnt] = uint32_t(sb + j);
-      sv[cnt++] = s[sb + j];
-    });
+    if (!((bm[sb / kSub] - m) * inv_t >= lim_c)) continue;
+    for (uint64_t bits = hits_at_least(s + sb, m, inv_t, lim_c); bits; bits &= bits - 1) {
+      const int64_t j = sb + __builtin_ctzll(bits);
+      tok[cnt] = uint32_t(j);
+      sv[cnt++] = s[j];
+    }
     if (cnt > kGroup - kSub) flush();
   }
   if (cnt) flush();
@@ -700,7 +691,7 @@ bool nucleus_cut(std::vector<Cand>& D, double SK, float p, float* cut, Scratch& 
 }
 
 // Collects C = {j : z_j >= c_lo} (every finite token when c_lo = -inf), skipping sub-blocks below c_lo.
-void collect(const float* s, const float* bm, int64_t V, float m, float t, float c_lo, std::vector<Cand>& C) {
+PT_HOT void collect(const float* s, const float* bm, int64_t V, float m, float t, float c_lo, std::vector<Cand>& C) {
   C.clear();
   const int64_t nsub = (V + kSub - 1) / kSub;
   const float inv_t = std::min(1.0f / t, FLT_MAX);
@@ -710,13 +701,12 @@ void collect(const float* s, const float* bm, int64_t V, float m, float t, float
   for (int64_t b = 0; b < nsub; ++b) {
     const float bmz = z_of(bm[b], m, t);
     if (!(bmz >= c_lo) || !(bmz > kNegInf)) continue;
-    const int64_t j0 = b * kSub, j1 = std::min(V, j0 + kSub);
-    uint8_t hit[kSub];
-    if (!mark_at_least(s + j0, j1 - j0, m, inv_t, lim, hit)) continue;
-    for_each_hit(hit, [&](int j) {
-      const float z = z_of(s[j0 + j], m, t);
-      if (z > kNegInf && z >= c_lo) C.push_back(Cand{z, int32_t(j0 + j)});
-    });
+    const int64_t j0 = b * kSub;
+    for (uint64_t bits = hits_at_least(s + j0, m, inv_t, lim); bits; bits &= bits - 1) {
+      const int64_t j = j0 + __builtin_ctzll(bits);
+      const float z = z_of(s[j], m, t);
+      if (z > kNegInf && z >= c_lo) C.push_back(Cand{z, int32_t(j)});
+    }
   }
 }
 
