@@ -193,6 +193,25 @@ def _check_tensor_values(args: SampleArgs) -> None:
             )
 
 
+def _filter_tensors(weights, temperature, top_k, top_p, min_p, n_pairs: int, batch: int, device: torch.device):
+    """Checked ``(weights [P, B], temperature, top_k, top_p, min_p [B])`` tensors on ``device``."""
+    _check_scalar_ranges(temperature, top_k, top_p, min_p, weights)
+    return (
+        _weights(weights, n_pairs, batch, device),
+        _per_row("temperature", temperature, batch, device, torch.float32, False),
+        _per_row("top_k", top_k, batch, device, torch.int64, True),
+        _per_row("top_p", top_p, batch, device, torch.float32, False),
+        _per_row("min_p", min_p, batch, device, torch.float32, False),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_filters(weights, temperature, top_k, top_p, min_p, n_pairs: int, batch: int):
+    """:func:`_filter_tensors` of plain Python numbers on the CPU, checked and built once per distinct call
+    (a failed check raises and caches nothing)."""
+    return _filter_tensors(weights, temperature, top_k, top_p, min_p, n_pairs, batch, _CPU)
+
+
 def normalize(
     base: object,
     experts: object,
@@ -234,18 +253,15 @@ def normalize(
     elif not 1 <= vocab_size <= min_width:
         raise ValueError(f"vocab_size must be in [1, {min_width}] (the narrowest logits' width), got {vocab_size}")
 
-    _check_scalar_ranges(temperature, top_k, top_p, min_p, weights)
     if seed is None:
         seed = int(torch.randint(_INT64_MIN, 2**63 - 1, ()))
+    filters = (weights, temperature, top_k, top_p, min_p)
+    if device == _CPU and all(type(x) is float or type(x) is int for x in filters) and type(top_k) is int:
+        filters = _cached_filters(*filters, len(experts), batch)  # a decode loop's usual call: one lookup
+    else:
+        filters = _filter_tensors(*filters, len(experts), batch, device)
     args = SampleArgs(
-        base=base,
-        experts=experts,
-        anti_experts=antis,
-        weights=_weights(weights, len(experts), batch, device),
-        temperature=_per_row("temperature", temperature, batch, device, torch.float32, False),
-        top_k=_per_row("top_k", top_k, batch, device, torch.int64, True),
-        top_p=_per_row("top_p", top_p, batch, device, torch.float32, False),
-        min_p=_per_row("min_p", min_p, batch, device, torch.float32, False),
+        base, experts, antis, *filters,
         seed=_per_row("seed", seed, batch, device, torch.int64, True),
         step=_per_row("step", step, batch, device, torch.int64, True),
         vocab_size=int(vocab_size),

@@ -52,8 +52,25 @@ def names() -> list[str]:
     return [b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)]
 
 
+_resolved: dict[tuple[str, torch.device], tuple[Backend, int]] = {}
+
+
 def resolve(name: str, device: torch.device) -> Backend:
-    """The backend to run for ``name`` (a registered name or ``"auto"``) on ``device``."""
+    """The backend to run for ``name`` (a registered name or ``"auto"``) on ``device``.
+
+    Remembered per ``(name, device)``: the op calls this on every step. A remembered answer stands while
+    its backend is still the registered one under its name and the registry has not grown; failures are not
+    remembered.
+    """
+    hit = _resolved.get((name, device))
+    if hit is not None and _REGISTRY.get(hit[0].name) is hit[0] and hit[1] == len(_REGISTRY):
+        return hit[0]
+    backend = _resolve(name, device)
+    _resolved[name, device] = (backend, len(_REGISTRY))
+    return backend
+
+
+def _resolve(name: str, device: torch.device) -> Backend:
     if name == "auto":
         for backend in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
             if not backend.serves(device, auto=True):
