@@ -565,6 +565,20 @@ PT_INLINE uint64_t hits_at_least(const float* __restrict x, float m, float inv_t
   return bits;
 }
 
+// Calls f(b) for every sub-block b in [b0, b1) whose maximum passes (bm[b] - m) * inv_t >= lim(), in
+// increasing order, deciding 64 sub-blocks per vector sweep (no branch per sub-block). lim() is read once
+// per 64: a caller whose limit only rises sees a superset. Reads bm up to b1 + 63 (buffers hold kSub
+// extra floats; what lies past b1 is masked off).
+template <typename Lim, typename F>
+PT_INLINE void for_each_sub_at_least(const float* bm, int64_t b0, int64_t b1, float m, float inv_t, Lim&& lim,
+                                     F&& f) {
+  for (int64_t g = b0; g < b1; g += kSub) {
+    uint64_t bits = hits_at_least(bm + g, m, inv_t, lim());
+    if (b1 - g < kSub) bits &= (uint64_t(1) << (b1 - g)) - 1;
+    for (; bits; bits &= bits - 1) f(g + __builtin_ctzll(bits));
+  }
+}
+
 // Best key over every finite token in [lo, hi) (the no-filter case), seeded with the key of token seed_idx
 // (the row's first maximum, wherever it lies: the bound it gives holds for every chunk of the row).
 PT_HOT Best draw_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, int64_t seed_idx, float m,
@@ -586,16 +600,16 @@ PT_HOT Best draw_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, 
     cnt = 0;
     lim = best.key - kGumbelMax - kEps;
   };
-  for (int64_t sb = lo; sb < hi; sb += kSub) {
-    const float lim_c = lim - 1e-3f;
-    if (!((bm[sb / kSub] - m) * inv_t >= lim_c)) continue;
-    for (uint64_t bits = hits_at_least(s + sb, m, inv_t, lim_c); bits; bits &= bits - 1) {
+  auto lim_c = [&]() { return lim - 1e-3f; };
+  for_each_sub_at_least(bm, lo / kSub, padded(hi) / kSub, m, inv_t, lim_c, [&](int64_t b) {
+    const int64_t sb = b * kSub;
+    for (uint64_t bits = hits_at_least(s + sb, m, inv_t, lim_c()); bits; bits &= bits - 1) {
       const int64_t j = sb + __builtin_ctzll(bits);
       tok[cnt] = uint32_t(j);
       sv[cnt++] = s[j];
     }
     if (cnt > kGroup - kSub) flush();
-  }
+  });
   if (cnt) flush();
   return best;
 }
@@ -608,11 +622,19 @@ struct RowParams {
 
 struct Scratch {  // per-thread buffers of the filter stage, reused across rows and calls
   std::vector<Cand> C, D, kept, tmp;
-  std::vector<float> bmz, minz;
+  std::vector<float> bmz, minz, q;
   std::vector<double> mass;
   std::vector<int64_t> count;
   std::vector<int32_t> bucket_of;
 };
+
+// q[i] = exp(D[i].z) / SK rounded to fp32 (the probability the nucleus cut accumulates), for n candidates.
+PT_HOT void probs(const Cand* __restrict D, int64_t n, double SK, float* __restrict ex, float* __restrict q) {
+  for (int64_t i = 0; i < n; ++i) ex[i] = D[i].z;
+  for (int64_t i = 0; i < n; ++i) ex[i] = exp_approx(ex[i]);  // vectorised
+  const double inv = 1.0 / SK;
+  for (int64_t i = 0; i < n; ++i) q[i] = float(double(ex[i]) * inv);
+}
 
 // The top-p cut over D (the top-k survivors, or a value-prefix of them): returns true and the cut value
 // (keep z >= cut) when the exclusive cumulative mass reaches p inside D; false when it never does.
@@ -620,7 +642,8 @@ bool nucleus_cut(std::vector<Cand>& D, double SK, float p, float* cut, Scratch& 
   std::vector<int32_t>& bucket_of = sc.bucket_of;
   std::vector<Cand>& tmp = sc.tmp;
   const int64_t n = int64_t(D.size());
-  auto q_of = [SK](float z) { return double(float(double(exp_approx(z)) / SK)); };
+  const double inv = 1.0 / SK;  // q = exp(z) / SK in fp32, as probs() computes it
+  auto q_of = [inv](float z) { return double(float(double(exp_approx(z)) * inv)); };
   if (n <= 512) {
     std::sort(D.begin(), D.end(), by_z_desc);
     double cum = 0.0;
@@ -638,7 +661,9 @@ bool nucleus_cut(std::vector<Cand>& D, double SK, float p, float* cut, Scratch& 
     return false;
   }
   // Bucket by z (monotone, so ties share a bucket), find the bucket where the mass crosses p, sort it.
-  constexpr int kBuckets = 4096;
+  const int kBuckets = int(std::min<int64_t>(4096, std::max<int64_t>(256, n)));  // ~1 candidate per bucket
+  sc.q.resize(2 * n);
+  probs(D.data(), n, SK, sc.q.data() + n, sc.q.data());
   float zlo = 0.0f;
   for (const Cand& c : D) zlo = std::min(zlo, c.z);
   zlo = std::max(zlo, -1000.0f);
@@ -654,7 +679,7 @@ bool nucleus_cut(std::vector<Cand>& D, double SK, float p, float* cut, Scratch& 
     const float f = -D[i].z * inv_w;
     const int b = f < float(kBuckets - 1) ? int(f) : kBuckets - 1;
     bucket_of[i] = b;
-    mass[b] += q_of(D[i].z);
+    mass[b] += double(sc.q[i]);
     minz[b] = std::min(minz[b], D[i].z);
     count[b]++;
   }
@@ -698,16 +723,14 @@ PT_HOT void collect(const float* s, const float* bm, int64_t V, float m, float t
   // Flag by the cheap (s - m) * inv_t >= c_lo - margin (a superset: the margin is far above the few ulps
   // between the product and the division), then keep by the exact z >= c_lo.
   const float lim = c_lo > kNegInf ? c_lo - (1e-3f + 1e-5f * std::fabs(c_lo)) : kNegInf;
-  for (int64_t b = 0; b < nsub; ++b) {
-    const float bmz = z_of(bm[b], m, t);
-    if (!(bmz >= c_lo) || !(bmz > kNegInf)) continue;
+  for_each_sub_at_least(bm, 0, nsub, m, inv_t, [lim]() { return lim; }, [&](int64_t b) {
     const int64_t j0 = b * kSub;
     for (uint64_t bits = hits_at_least(s + j0, m, inv_t, lim); bits; bits &= bits - 1) {
       const int64_t j = j0 + __builtin_ctzll(bits);
       const float z = z_of(s[j], m, t);
       if (z > kNegInf && z >= c_lo) C.push_back(Cand{z, int32_t(j)});
     }
-  }
+  });
 }
 
 // Everything after pass 2 for a sampled row whose kept set is bounded by a filter. Returns false when no
@@ -945,7 +968,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
       std::vector<float>& sbuf = tls_vec<float>(0);
       std::vector<float>& bmb = tls_vec<float>(1);
       if (int64_t(sbuf.size()) < Vp) sbuf.resize(Vp);
-      if (int64_t(bmb.size()) < nsub) bmb.resize(nsub);
+      if (int64_t(bmb.size()) < nsub + kSub) bmb.resize(nsub + kSub);  // see for_each_sub_at_least
       thread_local Scratch sc;
       for (int64_t r = r0; r < r1; ++r) {
         RowState& R = rows[r];
@@ -978,7 +1001,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
   std::vector<float>& sbuf = tls_vec<float>(2);
   std::vector<float>& bmb = tls_vec<float>(3);
   if (int64_t(sbuf.size()) < B * Vp) sbuf.resize(B * Vp);
-  if (int64_t(bmb.size()) < B * nsub) bmb.resize(B * nsub);
+  if (int64_t(bmb.size()) < B * nsub + kSub) bmb.resize(B * nsub + kSub);  // see for_each_sub_at_least
   const int64_t per = ((V + chunks - 1) / chunks + kSub - 1) / kSub * kSub;
   const int64_t items = B * chunks;
   std::vector<float> cmax(items);
