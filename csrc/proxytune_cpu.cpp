@@ -26,10 +26,9 @@
 // the thread count, long rows are split into chunks for the streaming pass and the top_p = 1 draw (each
 // chunk's draw seeded with the row maximum's key, so every chunk prunes as tightly as the row allows).
 
-#include <Python.h>
-
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -912,6 +911,7 @@ Prepared prepare(const at::Tensor& base, at::TensorList experts, at::TensorList 
     in.ex_dt.push_back(dtype_code(e, "experts[i]"));
     in.an_dt.push_back(dtype_code(a, "anti_experts[i]"));
   }
+  TORCH_CHECK(weights.device().is_cpu(), "weights must be a CPU tensor");
   at::Tensor w = weights.scalar_type() == at::kFloat && weights.is_contiguous() ? weights
                                                                                  : weights.to(at::kFloat).contiguous();
   TORCH_CHECK(w.numel() == in.n_pairs * in.batch, "weights must be [P, B]");
@@ -921,8 +921,9 @@ Prepared prepare(const at::Tensor& base, at::TensorList experts, at::TensorList 
 }
 
 at::Tensor per_row(const at::Tensor& x, at::ScalarType dt, int64_t batch, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(x.numel() == batch, name, " must have B = ", batch, " entries");
-  if (x.scalar_type() == dt && x.is_contiguous() && x.device().is_cpu()) return x;  // the usual case, free
+  if (x.scalar_type() == dt && x.is_contiguous()) return x;  // the usual case, free
   return x.to(dt).contiguous();
 }
 
@@ -1132,9 +1133,23 @@ TORCH_LIBRARY_IMPL(proxytune, CPU, m) {
   m.impl("combine", &proxytune_cpu::combine_cpu);
 }
 
-// `import proxytune._C` loads this library (registering the ops above); the module itself is empty.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "proxytune C++ CPU ops (torch.ops.proxytune)", -1,
-                            nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&def);
+// `import proxytune._C` loads this library, registering the ops above, and binds the same two functions for
+// direct calls from Python: proxytune's own backend skips the dispatcher's boxing of eleven arguments
+// (2.3 us of 4.7 per call measured at B=1, V=64). Both take CPU tensors and release the GIL.
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "proxytune C++ CPU ops (also registered as torch.ops.proxytune.sample / combine)";
+  m.def(
+      "sample",
+      [](const at::Tensor& base, const std::vector<at::Tensor>& experts, const std::vector<at::Tensor>& anti_experts,
+         const at::Tensor& weights, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+         const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& step, int64_t vocab_size) {
+        pybind11::gil_scoped_release no_gil;
+        return proxytune_cpu::sample_cpu(base, experts, anti_experts, weights, temperature, top_k, top_p, min_p, seed,
+                                         step, vocab_size);
+      });
+  m.def("combine", [](const at::Tensor& base, const std::vector<at::Tensor>& experts,
+                      const std::vector<at::Tensor>& anti_experts, const at::Tensor& weights, int64_t vocab_size) {
+    pybind11::gil_scoped_release no_gil;
+    return proxytune_cpu::combine_cpu(base, experts, anti_experts, weights, vocab_size);
+  });
 }

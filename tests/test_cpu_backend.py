@@ -151,6 +151,29 @@ def test_combine_is_bitwise_equal():
     )  # fmt: skip
 
 
+def test_registered_ops_equal_the_direct_bindings():
+    """Other stacks call torch.ops.proxytune.*; proxytune calls the module's direct bindings: one function."""
+    import proxytune._C as ext
+
+    base, experts, antis = proxy_inputs(3, 5000, n_pairs=2, dtype=torch.float16, seed=9)
+    w = torch.tensor([[0.5, 1.0, 1.5], [-0.3, 0.2, 0.0]])
+    rows = dict(
+        temperature=torch.tensor([0.0, 0.7, 1.2]), top_k=torch.tensor([0, 40, 0]), top_p=torch.tensor([1.0, 0.9, 0.8]),
+        min_p=torch.tensor([0.0, 0.0, 0.05]), seed=torch.tensor([1, 2, -3]), step=torch.tensor([0, 5, 9]),
+    )  # fmt: skip
+    params = list(rows.values())
+    via_ops = torch.ops.proxytune.sample(base, experts, antis, w, *params, 4999)
+    direct = ext.sample(base, experts, antis, w, *params, 4999)
+    public = proxytune.sample(base, experts, antis, weights=w, vocab_size=4999, return_logprobs=True, backend="cpu", **rows)
+    for a, b in zip(via_ops, direct):
+        assert torch.equal(a, b)
+    for a, b in zip(direct, public):
+        assert torch.equal(a, b)
+    assert torch.equal(torch.ops.proxytune.combine(base, experts, antis, w, 4999), ext.combine(base, experts, antis, w, 4999))
+    with pytest.raises(RuntimeError, match="temperature must have B = 3"):
+        ext.sample(base, experts, antis, w, torch.ones(2), *params[1:], 4999)
+
+
 def test_validation_errors_through_the_public_api():
     base = torch.randn(2, 100)
     with pytest.raises(ValueError, match="temperature"):
