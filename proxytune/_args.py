@@ -22,6 +22,7 @@ PerRow = Union[int, float, torch.Tensor]
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT64_MIN, _UINT64_END = -(2**63), 2**64
 _CPU = torch.device("cpu")
+_PLAIN = (float, int)  # Python numbers that need no conversion (bool is a subclass, not one of these)
 
 
 class SampleArgs(NamedTuple):
@@ -255,11 +256,13 @@ def normalize(
 
     if seed is None:
         seed = int(torch.randint(_INT64_MIN, 2**63 - 1, ()))
-    filters = (weights, temperature, top_k, top_p, min_p)
-    if device == _CPU and all(type(x) is float or type(x) is int for x in filters) and type(top_k) is int:
-        filters = _cached_filters(*filters, len(experts), batch)  # a decode loop's usual call: one lookup
+    if (
+        type(top_k) is int and type(weights) in _PLAIN and type(temperature) in _PLAIN and type(top_p) in _PLAIN
+        and type(min_p) in _PLAIN and device == _CPU
+    ):  # fmt: skip
+        filters = _cached_filters(weights, temperature, top_k, top_p, min_p, len(experts), batch)  # one lookup
     else:
-        filters = _filter_tensors(*filters, len(experts), batch, device)
+        filters = _filter_tensors(weights, temperature, top_k, top_p, min_p, len(experts), batch, device)
     args = SampleArgs(
         base, experts, antis, *filters,
         seed=_per_row("seed", seed, batch, device, torch.int64, True),
