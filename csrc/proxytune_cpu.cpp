@@ -6,15 +6,16 @@
 // accumulated in a different order (see "Floating point across backends" in the semantics page).
 //
 // Per row (or per chunk of a long row):
-//   stream  s = base + sum_i w_i (e_i - a_i) in fp32, in L1-sized blocks, into a row scratch buffer, with
-//           the maximum of every 64-token sub-block; then S = sum exp(zc) and the mass above a ladder of
-//           thresholds, with zc = (s - M) / T relative to the chunk maximum M (chunks merge exactly for S
-//           and as lower bounds for the ladder). These sums use a 2^x polynomial that may contract into
-//           FMAs (1e-7 relative); nothing else is contracted.
+//   stream  s = base + sum_i w_i (e_i - a_i) in fp32, in one sweep per 64-token sub-block (loads,
+//           combination, masking, store, maximum), into a row scratch buffer padded with -inf to whole
+//           sub-blocks; then S = sum exp(zc) and the mass above a ladder of thresholds, with
+//           zc = (s - M) / T relative to the chunk maximum M (chunks merge exactly for S and as lower
+//           bounds for the ladder). These sums use a 2^x polynomial that may contract into FMAs (2.2e-7
+//           relative); nothing else is contracted.
 //   select  a value threshold c_lo that provably bounds the kept set (top-k: the k-th largest sub-block
 //           maximum; top-p: the highest ladder rung holding mass >= p; min-p: ln(min_p)); the candidates
-//           C = {z >= c_lo}, with the exact z = (s - m) / T (sub-blocks whose maximum is below c_lo are
-//           skipped; within a sub-block a cheap product flags a superset, vectorised), are filtered
+//           C = {z >= c_lo}, with the exact z = (s - m) / T (a cheap product flags a superset of the
+//           sub-blocks, 64 per vector sweep, then of their tokens; only the flags are walked), are filtered
 //           exactly: nth_element for top-k, a bucketed scan plus a sort of the boundary bucket for top-p.
 //           When C turns out not to decide the row (rounding, flat rows) it becomes every finite token:
 //           exact, only slower.
@@ -39,9 +40,10 @@
 #include <limits>
 #include <vector>
 
-// The hot loops are plain C++ that the compiler vectorises. On x86-64 with GCC they are also compiled for
-// AVX2 and AVX-512 and picked at load time (ifunc); the default build stays baseline x86-64. No FMA is
-// ever formed (-ffp-contract=off), so every clone rounds exactly alike.
+// The hot loops use explicit 16-lane vectors (below) or plain loops the compiler vectorises. On x86-64 with
+// GCC they are also compiled for AVX2 and AVX-512 and picked at load time (ifunc); the default build stays
+// baseline x86-64. No FMA is formed outside the sums S and the ladder (-ffp-contract=off), so every clone
+// draws the same tokens (tests/test_cpu_builds.py builds and compares them).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
     !defined(PROXYTUNE_NO_CLONES)
 #define PT_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
