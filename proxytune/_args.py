@@ -166,9 +166,10 @@ def _check_scalar_ranges(temperature, top_k, top_p, min_p, weights) -> None:
             raise ValueError(f"weights must be finite, got {w}")
 
 
-def _check_tensor_values(args: SampleArgs) -> None:
-    """Range checks for per-row tensors and finite-or--inf checks for the logits (host syncs)."""
-    checks = [
+def _check_tensor_values(args: SampleArgs, params: bool = True) -> None:
+    """Finite-or--inf checks for the logits and (``params``) range checks for the per-row parameter tensors
+    (host syncs). Parameters built from Python numbers were checked already: pass ``params=False``."""
+    checks = [] if not params else [
         ("temperature", ~((args.temperature >= 0) & (args.temperature < float("inf"))), "finite and >= 0"),
         ("top_k", args.top_k < 0, ">= 0"),
         ("top_p", ~((args.top_p > 0) & (args.top_p <= 1)), "in (0, 1]"),
@@ -185,6 +186,8 @@ def _check_tensor_values(args: SampleArgs) -> None:
     named += [(f"anti_experts[{i}]", x) for i, x in enumerate(args.anti_experts)]
     for name, x in named:
         x = x[:, : args.vocab_size]  # columns past the common vocabulary are ignored
+        if not x.numel() or x.max().item() < float("inf"):  # one reduction: max is NaN if any entry is NaN
+            continue
         bad = torch.isnan(x) | torch.isposinf(x)
         if bool(bad.any()):
             row, col = bad.nonzero()[0].tolist()
@@ -261,8 +264,10 @@ def normalize(
         and type(min_p) in _PLAIN and device == _CPU
     ):  # fmt: skip
         filters = _cached_filters(weights, temperature, top_k, top_p, min_p, len(experts), batch)  # one lookup
+        plain = True
     else:
         filters = _filter_tensors(weights, temperature, top_k, top_p, min_p, len(experts), batch, device)
+        plain = False
     args = SampleArgs(
         base, experts, antis, *filters,
         seed=_per_row("seed", seed, batch, device, torch.int64, True),
@@ -270,5 +275,5 @@ def normalize(
         vocab_size=int(vocab_size),
     )
     if validate:
-        _check_tensor_values(args)
+        _check_tensor_values(args, params=not plain)
     return args

@@ -72,7 +72,8 @@ def sample(
     validate : bool
         Check parameter tensors and logits for invalid values (NaN, +inf, out-of-range parameters, rows
         with every token masked) and raise ``ValueError`` naming the argument. These checks sync with the
-        device; pass False inside CUDA graphs. Without them invalid entries are treated as masked and the
+        device (they cost one max reduction per logits tensor, plus a look at the result for a fully masked
+        row); pass False inside CUDA graphs. Without them invalid entries are treated as masked and the
         result is still a token id in ``[0, V)``.
 
     Returns
@@ -84,10 +85,9 @@ def sample(
         base, experts, anti_experts, weights=weights, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, seed=seed, step=step, vocab_size=vocab_size, validate=validate,
     )  # fmt: skip
-    impl = backends.resolve(backend, args.base.device)
-    if validate:
-        _check_not_fully_masked(impl.combine(args))
-    tokens, logprobs = impl.sample(args)
+    tokens, logprobs = backends.resolve(backend, args.base.device).sample(args)
+    if validate:  # every backend returns logprob NaN exactly for a row with no finite combined logit
+        _check_not_fully_masked(logprobs)
     return (tokens, logprobs) if return_logprobs else tokens
 
 
@@ -117,8 +117,8 @@ def combine(
     return backends.resolve(backend, args.base.device).combine(args)
 
 
-def _check_not_fully_masked(s: torch.Tensor) -> None:
-    alive = torch.isfinite(s).any(dim=1)
-    if not bool(alive.all()):
-        row = int((~alive).nonzero()[0, 0])
+def _check_not_fully_masked(logprobs: torch.Tensor) -> None:
+    dead = torch.isnan(logprobs)
+    if bool(dead.any()):
+        row = int(dead.nonzero()[0, 0])
         raise ValueError(f"row {row} has no finite combined logit: every token is masked, nothing can be sampled")
