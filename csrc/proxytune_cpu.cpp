@@ -56,7 +56,6 @@ namespace {
 
 constexpr int64_t kBlock = 2048;  // pass-1 block (fits L1 with the inputs)
 constexpr int64_t kSub = 64;      // sub-block whose maximum is kept
-constexpr int kLanes = 16;        // accumulator lanes (vectorisable reductions without -ffast-math)
 constexpr int kLadder = 8;
 constexpr float kLadderZ[kLadder] = {-1.0f, -2.0f, -3.0f, -4.5f, -6.0f, -8.0f, -11.0f, -16.0f};
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
