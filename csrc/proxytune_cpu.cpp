@@ -9,9 +9,8 @@
 //   stream  s = base + sum_i w_i (e_i - a_i) in fp32, in one sweep per 64-token sub-block (loads,
 //           combination, masking, store, maximum), into a row scratch buffer padded with -inf to whole
 //           sub-blocks; then S = sum exp(zc) and the mass above a ladder of thresholds, with
-//           zc = (s - M) / T relative to the chunk maximum M (chunks merge exactly for S and as lower
-//           bounds for the ladder). These sums use a 2^x polynomial that may contract into FMAs (2.2e-7
-//           relative); nothing else is contracted.
+//           zc = (s - m) / T relative to the row maximum m. These sums use a 2^x polynomial that may
+//           contract into FMAs (2.2e-7 relative); nothing else is contracted.
 //   select  a value threshold c_lo that provably bounds the kept set (top-k: the k-th largest sub-block
 //           maximum; top-p: the highest ladder rung holding mass >= p; min-p: ln(min_p)); the candidates
 //           C = {z >= c_lo}, with the exact z = (s - m) / T (a cheap product flags a superset of the
@@ -24,8 +23,9 @@
 //           either (g(u) <= -log(1 - u)); only the rest get the two logs. Exact, and with top_p = 1 it
 //           touches a fraction of the vocabulary.
 // Rows run in parallel (one row per task, scratch in that thread's cache); when the batch is smaller than
-// the thread count, long rows are split into chunks for the streaming pass and the top_p = 1 draw (each
-// chunk's draw seeded with the row maximum's key, so every chunk prunes as tightly as the row allows).
+// the thread count, long rows are split into chunks: s and the chunk maxima in one parallel phase, then
+// the sums relative to the row maximum and the no-filter draw (seeded with the row maximum's key, so every
+// chunk prunes as tightly as the row allows) in a second; the filters run on the calling thread.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -486,7 +486,7 @@ PT_INLINE PT_CONTRACT vf exp2_neg(vf x) {
 constexpr float kLog2e = 1.44269504088896341f;
 
 // S = sum exp(zc) and the ladder masses (mass with zc >= rung) over [lo, hi), where zc = (s - M) / T is
-// taken relative to the chunk maximum M (and multiplied by 1/T: these sums only steer the search, the exact
+// taken relative to the row maximum M (and multiplied by 1/T: these sums only steer the search, the exact
 // z = (s - m) / T is computed wherever a decision depends on it). Reads s (whole sub-blocks: the padding is
 // -inf), writes nothing. A rung above a sub-block's maximum gets nothing from it and is skipped. Vector
 // accumulators flush into doubles every 32 sub-blocks.
@@ -620,6 +620,13 @@ struct RowParams {
   Noise nz;
 };
 
+// A row whose kept set some filter bounds (else the draw runs over every finite token).
+inline bool has_filter(const RowParams& rp, int64_t V) {
+  return (rp.k > 0 && rp.k < V) || !(rp.p >= 1.0f) || !(rp.min_p <= 0.0f);
+}
+// A row whose filter stage reads the ladder: top-p without top-k.
+inline bool has_ladder(const RowParams& rp, int64_t V) { return !(rp.p >= 1.0f) && !(rp.k > 0 && rp.k < V); }
+
 struct Scratch {  // per-thread buffers of the filter stage, reused across rows and calls
   std::vector<Cand> C, D, kept, tmp;
   std::vector<float> bmz, minz, q;
@@ -738,10 +745,10 @@ PT_HOT void collect(const float* s, const float* bm, int64_t V, float m, float t
 bool finish_filtered(const float* s, const float* bm, int64_t V, float m, const RowParams& rp, double S_all,
                      const double* ladder, Scratch& sc, int64_t* token, float* logprob) {
   const int64_t nsub = (V + kSub - 1) / kSub;
+  if (!has_filter(rp, V)) return false;
   const bool k_on = rp.k > 0 && rp.k < V;
   const bool p_on = !(rp.p >= 1.0f);
   const bool mp_on = !(rp.min_p <= 0.0f);
-  if (!k_on && !p_on && !mp_on) return false;
 
   float c_lo = kNegInf;
   if (k_on) {
@@ -844,7 +851,7 @@ bool finish_filtered(const float* s, const float* bm, int64_t V, float m, const 
 struct RowState {
   float m = kNegInf;
   int64_t first = 0;
-  bool greedy = false, full = false, done = false;
+  bool greedy = false, done = false;
   double S = 0.0;
   double ladder[kLadder] = {0};
   RowParams rp;
@@ -988,8 +995,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
           continue;
         }
         const RowParams& rp = R.rp;
-        const bool ladder = !(rp.p >= 1.0f) && !(rp.k > 0 && rp.k < V);
-        scale_chunk(s, bm, 0, V, R.m, rp.t, ladder, &R.S, R.ladder);
+        scale_chunk(s, bm, 0, V, R.m, rp.t, has_ladder(rp, V), &R.S, R.ladder);
         if (finish_filtered(s, bm, V, R.m, rp, R.S, R.ladder, sc, &tok_out[r], &lp_out[r])) continue;
         Best best = draw_chunk(s, bm, 0, V, R.first, R.m, rp.t, rp.nz);
         tok_out[r] = best.idx;
@@ -1014,28 +1020,18 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
     *lo = std::min(V, c * per);
     *hi = std::min(V, *lo + per);
   };
-  // Phase A, per chunk: s, the chunk maximum M_c, and S / ladder masses relative to M_c.
+  // Phase A, per chunk: s and the chunk maximum.
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t r = it / chunks;
-      const RowState& R = rows[r];
       int64_t lo, hi;
       range(it % chunks, &lo, &hi);
       cmax[it] = kNegInf;
       cidx[it] = lo;
-      cS[it] = 0.0;
-      for (int i = 0; i < kLadder; ++i) cL[it * kLadder + i] = 0.0;
-      if (lo >= hi) continue;
-      float* s = sbuf.data() + r * Vp;
-      float* bm = bmb.data() + r * nsub;
-      combine_chunk(in, r, lo, hi, s, bm, &cmax[it], &cidx[it]);
-      if (R.greedy || !(cmax[it] > kNegInf)) continue;
-      const bool ladder = !(R.rp.p >= 1.0f) && !(R.rp.k > 0 && R.rp.k < V);
-      scale_chunk(s, bm, lo, hi, cmax[it], R.rp.t, ladder, &cS[it], &cL[it * kLadder]);
+      if (lo < hi) combine_chunk(in, r, lo, hi, sbuf.data() + r * Vp, bmb.data() + r * nsub, &cmax[it], &cidx[it]);
     }
   });
-  // Per row: the maximum, S, and ladder masses as lower bounds relative to the row maximum (a chunk whose
-  // maximum is delta nats below contributes its rung j to rung i when rung j - delta >= rung i).
+  // The row maxima (the first index of the first maximum), greedy and fully masked rows.
   for (int64_t r = 0; r < B; ++r) {
     RowState& R = rows[r];
     for (int64_t c = 0; c < chunks; ++c)
@@ -1047,57 +1043,46 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
       tok_out[r] = 0;
       lp_out[r] = std::numeric_limits<float>::quiet_NaN();
       R.done = true;
-      continue;
-    }
-    if (R.greedy) {
+    } else if (R.greedy) {
       tok_out[r] = R.first;
       lp_out[r] = 0.0f;
       R.done = true;
-      continue;
-    }
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t it = r * chunks + c;
-      if (!(cmax[it] > kNegInf)) continue;
-      const double delta = (double(R.m) - double(cmax[it])) / double(R.rp.t);
-      const double scale = std::exp(-delta);
-      R.S += cS[it] * scale;
-      for (int i = 0; i < kLadder; ++i) {
-        int j = kLadder - 1;
-        while (j >= 0 && double(kLadderZ[j]) - delta < double(kLadderZ[i])) --j;
-        if (j >= 0) R.ladder[i] += cL[it * kLadder + j] * scale;
-      }
     }
   }
+  // Phase B, per chunk: S and the ladder relative to the row maximum (so the ladder is exact, as for a
+  // whole row), and for a row without filters its draw (seeded with the row maximum's key).
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t r = it / chunks;
+      const RowState& R = rows[r];
+      cS[it] = 0.0;
+      for (int i = 0; i < kLadder; ++i) cL[it * kLadder + i] = 0.0;
+      cbest[it] = Best();
+      int64_t lo, hi;
+      range(it % chunks, &lo, &hi);
+      if (R.done || lo >= hi || !(cmax[it] > kNegInf)) continue;
+      const float* s = sbuf.data() + r * Vp;
+      const float* bm = bmb.data() + r * nsub;
+      scale_chunk(s, bm, lo, hi, R.m, R.rp.t, has_ladder(R.rp, V), &cS[it], &cL[it * kLadder]);
+      if (!has_filter(R.rp, V)) cbest[it] = draw_chunk(s, bm, lo, hi, R.first, R.m, R.rp.t, R.rp.nz);
+    }
+  });
   thread_local Scratch sc_main;
   for (int64_t r = 0; r < B; ++r) {  // B < threads here: the filters run on the calling thread
     RowState& R = rows[r];
     if (R.done) continue;
-    if (finish_filtered(sbuf.data() + r * Vp, bmb.data() + r * nsub, V, R.m, R.rp, R.S, R.ladder, sc_main,
-                        &tok_out[r], &lp_out[r]))
-      R.done = true;
-  }
-  bool any_full = false;
-  for (int64_t r = 0; r < B; ++r) any_full |= !rows[r].done;
-  if (!any_full) return {tokens, logprobs};
-  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t it = i0; it < i1; ++it) {
-      const int64_t r = it / chunks;
-      cbest[it] = Best();
-      if (rows[r].done) continue;
-      int64_t lo, hi;
-      range(it % chunks, &lo, &hi);
-      if (lo < hi && cmax[it] > kNegInf)  // seeded with the row maximum: a tight bound in every chunk
-        cbest[it] = draw_chunk(sbuf.data() + r * Vp, bmb.data() + r * nsub, lo, hi, rows[r].first, rows[r].m,
-                               rows[r].rp.t, rows[r].rp.nz);
+    for (int64_t c = 0; c < chunks; ++c) {
+      R.S += cS[r * chunks + c];
+      for (int i = 0; i < kLadder; ++i) R.ladder[i] += cL[(r * chunks + c) * kLadder + i];
     }
-  });
-  for (int64_t r = 0; r < B; ++r) {
-    if (rows[r].done) continue;
+    const float* s = sbuf.data() + r * Vp;
+    if (finish_filtered(s, bmb.data() + r * nsub, V, R.m, R.rp, R.S, R.ladder, sc_main, &tok_out[r], &lp_out[r]))
+      continue;
     Best best;
     for (int64_t c = 0; c < chunks; ++c)
       if (cbest[r * chunks + c].idx >= 0) best.offer(cbest[r * chunks + c].key, cbest[r * chunks + c].idx);
     tok_out[r] = best.idx;
-    lp_out[r] = z_of(sbuf[r * Vp + best.idx], rows[r].m, rows[r].rp.t) - float(std::log(rows[r].S));
+    lp_out[r] = z_of(s[best.idx], R.m, R.rp.t) - float(std::log(R.S));
   }
   return {tokens, logprobs};
 }
