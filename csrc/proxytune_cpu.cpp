@@ -368,10 +368,6 @@ __attribute__((always_inline)) inline void combine_values(const Inputs& in, int6
   for (int64_t j = 0; j < n; ++j) d[j] = std::fabs(d[j]) <= FLT_MAX ? d[j] : kNegInf;
 }
 
-PT_HOT void combine_values_hot(const Inputs& in, int64_t r, int64_t b0, int64_t n, float* __restrict d) {
-  combine_values(in, r, b0, n, d);
-}
-
 // One sub-block (kSub tokens from column j) of s into d in one sweep: loads, combination, masking, store
 // and maximum (returned). The base alone, or one pair with every input of dtype D: the common cases.
 template <int D, bool kPair>
@@ -1098,7 +1094,8 @@ at::Tensor combine_cpu(const at::Tensor& base, at::TensorList experts, at::Tenso
   at::parallel_for(0, B * nblk, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t r = it / nblk, b0 = (it % nblk) * kBlock, n = std::min(kBlock, V - b0);
-      combine_values_hot(in, r, b0, n, o + r * V + b0);
+      float bm[kBlock / kSub];  // the block maxima the sampler keeps; unused here
+      combine_block(in, r, b0, n, o + r * V + b0, bm);
     }
   });
   return out;

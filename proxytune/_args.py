@@ -141,7 +141,7 @@ def _weights(weights: object, n_pairs: int, batch: int, device: torch.device) ->
             raise ValueError(f"weights has {len(weights)} entries but there are {n_pairs} expert pairs")
         rows = [_per_row(f"weights[{i}]", w, batch, device, torch.float32, False) for i, w in enumerate(weights)]
         return torch.stack(rows) if rows else torch.empty(0, batch, device=device)
-    if type(weights) is float or type(weights) is int:  # the common case, fast
+    if type(weights) in _PLAIN:  # the common case, fast
         return _filled(weights, (n_pairs, batch), torch.float32, device)
     return _per_row("weights", weights, batch, device, torch.float32, False).expand(n_pairs, batch)
 
