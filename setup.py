@@ -25,7 +25,8 @@ if sources and os.environ.get("PROXYTUNE_NO_EXT") != "1":
                 "proxytune._C",
                 sources,
                 # -ffp-contract=off: round like the reference (no fused multiply-add); -fno-trapping-math lets
-                # the compiler vectorise float selects (it changes no result).
+                # the compiler vectorise float selects (it changes no result). tests/test_cpu_builds.py builds
+                # with the same flags.
                 extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", *openmp],
                 extra_link_args=openmp,
             )

@@ -40,6 +40,7 @@ RUN_CASES = textwrap.dedent(
         openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
         load(
             name="_C", sources=[sys.argv[3]], build_directory=sys.argv[2], is_python_module=False,
+            # setup.py's flags (keep in step), plus the variant's
             extra_cflags=["-O3", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", *openmp, *sys.argv[4:]],
             extra_ldflags=openmp,
         )
