@@ -41,7 +41,13 @@ def build_tuners(models_dir=None, labels: Optional[Sequence[str]] = None) -> dic
     hf_logging.disable_progress_bar()
     wanted = [s for s in SYSTEMS if labels is None or s[0] in labels]
     roles = {r for s in wanted for r in s[1:] if r is not None}
-    loaded = {r: AutoModelForCausalLM.from_pretrained(model_path(r, models_dir), dtype="float32").eval() for r in sorted(roles)}
+    loaded = {}
+    for r in sorted(roles):
+        path = model_path(r, models_dir)
+        try:  # safetensors only, like every model proxytune loads: a pickled checkpoint can run code
+            loaded[r] = AutoModelForCausalLM.from_pretrained(path, dtype="float32", use_safetensors=True).eval()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load the tiny family's {r} model from {path}: {e}") from e
     tokenizer_dir = model_path(wanted[0][1], models_dir)
     tuners = {}
     for label, base, expert, anti in wanted:
