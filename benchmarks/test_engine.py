@@ -41,6 +41,7 @@ import pytest
 import torch
 
 from benchmarks.naive import naive_sample
+from proxytune.engine.decode import cache_argument
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -230,7 +231,7 @@ def naive_generate(base, expert, anti, prompts, new_tokens: int) -> torch.Tensor
     out = []
     for _ in range(new_tokens):
         logits = [
-            m(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=c, use_cache=True).logits[:, -1, :]
+            m(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_argument(m): c}).logits[:, -1, :]
             for m, c in zip((base, expert, anti), caches)
         ]
         token = naive_sample(logits[0], [logits[1]], [logits[2]], weight=ALPHA, temperature=TEMPERATURE, top_p=TOP_P)

@@ -20,7 +20,7 @@ import torch
 from proxytune.engine.loading import LoadedModel
 from proxytune.engine.prompts import position_ids
 
-__all__ = ["ModelRunner", "SamplerState", "to_device"]
+__all__ = ["ModelRunner", "SamplerState", "to_device", "cache_argument", "forward_parameters", "position_limit"]
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -29,6 +29,28 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     if x.device == device:
         return x
     return x.to(device, non_blocking=device.type == "cuda")
+
+
+def forward_parameters(module: torch.nn.Module) -> frozenset:
+    """The keyword arguments ``module.forward`` names."""
+    return frozenset(inspect.signature(module.forward).parameters)
+
+
+def cache_argument(module: torch.nn.Module) -> str:
+    """The name under which ``module.forward`` takes the KV cache: ``cache`` (transformers >= 5.24, where
+    ``past_key_values`` is deprecated; removed in 5.40) or ``past_key_values`` (earlier releases)."""
+    return "cache" if "cache" in forward_parameters(module) else "past_key_values"
+
+
+def position_limit(module: torch.nn.Module) -> Optional[int]:
+    """The most positions ``module`` is made for (prompt and generated tokens together), or None if its
+    config names no limit: ``max_position_embeddings`` (Llama, Qwen2, ...) or ``n_positions`` (GPT-2)."""
+    config = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 class ModelRunner:
@@ -41,8 +63,8 @@ class ModelRunner:
         self.module = model.module
         self.device = model.device
         self.use_cache = use_cache
-        params = inspect.signature(self.module.forward).parameters
-        self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(self.module) else {}
+        self._cache_arg = cache_argument(self.module)
         self.cache = None
         self.mask: Optional[torch.Tensor] = None  # [B, L] int64, 1 on real tokens
         self.next_pos: Optional[torch.Tensor] = None  # [B] int64
@@ -77,8 +99,8 @@ class ModelRunner:
 
     def _forward(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.module(
-            input_ids=input_ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
-            use_cache=self.use_cache, **self._extra,
+            input_ids=input_ids, attention_mask=self.mask, position_ids=pos, use_cache=self.use_cache,
+            **{self._cache_arg: self.cache}, **self._extra,
         )  # fmt: skip
         return out.logits[:, -1]
 

@@ -19,7 +19,8 @@ graph captures (``graph_step.py``). On a CPU it simply runs eagerly.
 
 The prefill runs eagerly through :class:`~proxytune.engine.decode.ModelRunner` (a ``DynamicCache``, exactly
 the eager engine's prefill); :meth:`StaticDecoder.load` then copies its keys and values into the static
-storage. Nothing is ever reallocated after the first load, so captured graphs stay valid across batches.
+storage. Nothing is reallocated after the first load but by :meth:`StaticDecoder.grow` (a request longer than
+the caches), so captured graphs stay valid across batches until then.
 
 Supported: decoder-only models whose every layer is full attention with a plain per-layer key/value cache and
 that accept a prepared 4-D mask (``sdpa`` or ``eager`` attention). :func:`static_support` says why a model
@@ -28,17 +29,16 @@ set cannot use it. Tested: Llama, Qwen2, GPT-2.
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from proxytune.engine.decode import ModelRunner, SamplerState
+from proxytune.engine.decode import ModelRunner, SamplerState, cache_argument, forward_parameters, position_limit
 from proxytune.ops import sample as proxy_sample
 
 __all__ = [
     "StaticDecoder", "StaticModel", "RingReader", "static_support", "bucket_for", "VERIFIED_MODEL_TYPES", "BUCKETS",
-    "SPARE_STEPS",
+    "SPARE_STEPS", "STATIC_INITIAL_STEPS",
 ]  # fmt: skip
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -46,6 +46,8 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # steps (state restored afterwards) that write cache columns and advance positions beyond the real ones; an
 # index past the cache would be a device-side assert.
 SPARE_STEPS = 16
+# Decode steps the caches first have room for; they double as a request needs more (StaticDecoder.grow).
+STATIC_INITIAL_STEPS = 256
 VERIFIED_MODEL_TYPES = frozenset({"llama", "qwen2", "gpt2"})  # covered by tests/test_static_step.py
 _ATTENTION = ("sdpa", "eager")
 
@@ -117,8 +119,10 @@ class StaticModel:
         self.module, self.name = module, name
         self.capacity, self.max_len = capacity, max_len
         self.device = next(module.parameters()).device
-        params = inspect.signature(module.forward).parameters
-        self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(module) else {}
+        self._cache_arg = cache_argument(module)
+        limit = position_limit(module)
+        self.last_position = limit - 1 if limit is not None else None
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.ids = torch.zeros(capacity, 1, dtype=torch.int64, device=self.device)
@@ -155,6 +159,19 @@ class StaticModel:
         self.pos[:batch, 0].copy_(runner.next_pos)
         self.write_pos.fill_(length)
 
+    def grow(self, max_len: int) -> None:
+        """Room for ``max_len`` positions: new storage holding the old columns (views and graphs over the old
+        storage are invalid afterwards)."""
+        if max_len <= self.max_len:
+            return
+        if self.keys:
+            extra = max_len - self.max_len
+            self.keys = [torch.nn.functional.pad(k, (0, 0, 0, extra)) for k in self.keys]
+            self.values = [torch.nn.functional.pad(v, (0, 0, 0, extra)) for v in self.values]
+            self.mask = torch.nn.functional.pad(self.mask, (0, extra), value=torch.finfo(self.mask.dtype).min)
+        self.max_len = max_len
+        self._caches.clear()
+
     def cache(self, b: int):
         """A transformers ``Cache`` over rows ``[0, b)`` of the storage (built once per bucket)."""
         if b not in self._caches:
@@ -169,13 +186,15 @@ class StaticModel:
         mask = self.mask[:b]
         mask.index_fill_(3, self.write_pos, 0.0)
         out = self.module(
-            input_ids=self.ids[:b], attention_mask=mask, position_ids=self.pos[:b], past_key_values=self.cache(b),
-            use_cache=True, **self._extra,
+            input_ids=self.ids[:b], attention_mask=mask, position_ids=self.pos[:b], use_cache=True,
+            **{self._cache_arg: self.cache(b)}, **self._extra,
         )  # fmt: skip
         return out.logits[:, -1]
 
     def advance(self, b: int) -> None:
         self.pos[:b] += 1
+        if self.last_position is not None:  # rows that finished, or graph warm-up steps, may run on: keep them
+            self.pos[:b].clamp_(max=self.last_position)  # inside the position table (live rows never get here)
         self.write_pos += 1
 
     def feed(self, b: int, tokens: torch.Tensor) -> None:
@@ -224,6 +243,12 @@ class StaticDecoder:
         self.ring = torch.zeros(ring_len, capacity, dtype=torch.int64, device=dev)
         self.ring_logprobs = torch.zeros(ring_len, capacity, dtype=torch.float32, device=dev)
         self.slot = torch.zeros(1, dtype=torch.int64, device=dev)
+
+    def grow(self, max_len: int) -> None:
+        """Room for ``max_len`` positions per row, the state kept (graphs captured before must be recaptured)."""
+        for m in self.models:
+            m.grow(max_len)
+        self.max_len = max(self.max_len, max_len)
 
     def fits(self, modules, batch: int, max_len: int) -> bool:
         return (

@@ -10,8 +10,9 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
+from proxytune._args import check_filter_scalars
 from proxytune.ops import sample as proxy_sample
-from proxytune.engine.decode import ModelRunner, SamplerState, to_device
+from proxytune.engine.decode import ModelRunner, SamplerState, position_limit, to_device
 from proxytune.engine.loading import LoadedModel, ModelSpec, check_spec, load_model, load_tokenizer, parse_dtype
 from proxytune.engine.prompts import encode_prompt, left_pad
 from proxytune.engine.stopping import RowText
@@ -29,7 +30,11 @@ class SamplingParams:
     ``temperature`` 0 is greedy. ``top_k`` 0, ``top_p`` 1 and ``min_p`` 0 are off. ``weights`` overrides the
     tuner's weight of each (expert, anti-expert) pair: one float for all pairs or one per pair. ``seed``
     (None: a fresh random one) and the row's token count drive counter-based noise, so a request draws the
-    same tokens whatever else is in its batch. ``stop``: strings that end the text (cut before them).
+    same tokens whatever else is in its batch. ``stop``: strings that end the text (cut before them); None or
+    one string are accepted too. ``max_new_tokens`` may be as large as you like: a row also ends (finish
+    reason ``"length"``) when prompt and new tokens fill the smallest position limit of the models
+    (``max_position_embeddings`` / ``n_positions``); a prompt that already fills it is a ``ValueError``.
+    Python numbers outside float32's range are refused; positive ones below its smallest value become it.
     """
 
     max_new_tokens: int = 64
@@ -42,7 +47,8 @@ class SamplingParams:
     stop: Sequence[str] = ()
 
     def checked(self, n_pairs: int, where: str) -> "SamplingParams":
-        """A copy with the stop strings as a tuple; raise ``ValueError`` naming a bad field."""
+        """A copy ready for the sampler (stop strings as a tuple, numbers as the op takes them); raise
+        ``ValueError`` naming a bad field, prefixed by ``where``."""
 
         def bad(name: str, rule: str):
             return ValueError(f"{where}: {name} must be {rule}, got {getattr(self, name)!r}")
@@ -50,26 +56,35 @@ class SamplingParams:
         def real(x) -> bool:
             return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
-        if not isinstance(self.max_new_tokens, numbers.Integral) or self.max_new_tokens < 0:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral) \
+                or self.max_new_tokens < 0:  # fmt: skip
             raise bad("max_new_tokens", "an integer >= 0")
-        if not real(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "finite and >= 0 (0 = greedy)")
-        if not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
-            raise bad("top_k", "an integer >= 0 (0 = off)")
-        if not real(self.top_p) or not 0 < self.top_p <= 1:
-            raise bad("top_p", "in (0, 1] (1 = off)")
-        if not real(self.min_p) or not 0 <= self.min_p < 1:
-            raise bad("min_p", "in [0, 1) (0 = off)")
-        if self.seed is not None and (not isinstance(self.seed, numbers.Integral) or not -(2**63) <= self.seed < 2**63):
+        for name, integer in (("temperature", False), ("top_k", True), ("top_p", False), ("min_p", False)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+                raise bad(name, "an integer" if integer else "a number")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                                      or not -(2**63) <= self.seed < 2**63):  # fmt: skip
             raise bad("seed", "None or a 64-bit integer")
-        if self.weights is not None:
-            ws = [self.weights] if real(self.weights) else list(self.weights) if isinstance(self.weights, (list, tuple)) else None
+        weights = self.weights
+        if weights is not None:
+            ws = [weights] if real(weights) else list(weights) if isinstance(weights, (list, tuple)) else None
             if ws is None or not all(real(w) for w in ws) or len(ws) not in (1, n_pairs):
                 raise bad("weights", f"a finite float or {n_pairs} finite floats (one per expert pair)")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        try:  # the op's own rules (fp32 ranges included), so a request fails here and not mid-batch
+            temperature, top_k, top_p, min_p, _ = check_filter_scalars(
+                self.temperature, self.top_k, self.top_p, self.min_p, weights if weights is not None else 1.0
+            )
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
+        try:
+            stop = tuple(stop)
+        except TypeError:
+            raise bad("stop", "a string or a sequence of non-empty strings") from None
         if not all(isinstance(s, str) and s for s in stop):
-            raise bad("stop", "a sequence of non-empty strings")
-        return replace(self, stop=stop)
+            raise bad("stop", "a string or a sequence of non-empty strings")
+        return replace(self, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, stop=stop)
 
 
 @dataclass
@@ -108,6 +123,7 @@ class _Row:
     params: SamplingParams
     seed: int
     text: RowText
+    budget: int  # new tokens the row may draw: max_new_tokens, cut to the models' position limits
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
 
@@ -203,7 +219,8 @@ class ProxyTuner:
             tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         loaded: list[LoadedModel] = []
         for name, spec in self._progress(named, "loading models", unit="model"):
-            loaded.append(load_model(spec, name, dtype=dtype, device=device, trust_remote_code=trust_remote_code))
+            loaded.append(load_model(spec, name, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                     progress=progress))  # fmt: skip
         self.base, self.experts, self.anti_experts = loaded[0], loaded[1 : 1 + n_pairs], loaded[1 + n_pairs :]
         self.models = loaded
         self.device = self.base.device
@@ -216,8 +233,16 @@ class ProxyTuner:
         self.vocab_size = common_vocab_size(tokenizer, [m.width for m in loaded])
         check_same_tokens(("the shared tokenizer", tokenizer), [(m.name, m.tokenizer) for m in loaded], self.vocab_size)
 
-        eos = set(eos_token_ids) if eos_token_ids is not None else self._default_eos(tokenizer, loaded)
+        if eos_token_ids is not None:
+            eos_list = [eos_token_ids] if isinstance(eos_token_ids, numbers.Integral) else _as_list(eos_token_ids)
+            bad = [i for i in eos_list if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
+            if bad:
+                raise TypeError(f"eos_token_ids must be non-negative integer token ids, got {bad[0]!r}")
+            eos = set(eos_list)
+        else:
+            eos = self._default_eos(tokenizer, loaded)
         self.eos_token_ids = frozenset(int(i) for i in eos)
+        self._position_limits = [position_limit(m.module) for m in loaded]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_token_id = int(pad) if pad is not None else 0
         self._template_ids = [
@@ -229,6 +254,7 @@ class ProxyTuner:
         self.decode, self.decode_reason = self._resolve_decode(decode)
         self._decoder = None  # the static decoder (and its graphs), kept between batches
         self._graphs = None
+        self._decoder_in_use = False  # held by a running request (a stream may pause between tokens)
         self.graph_variant = "auto"  # "streams", "sequential" or "auto" (the faster by measurement, per bucket)
 
     def release_decode_buffers(self) -> None:
@@ -371,17 +397,33 @@ class ProxyTuner:
 
     def _prompt_ids(self, index: int, prompt: Prompt) -> tuple[list[int], list[list[int]]]:
         """The shared prompt ids and each model's input ids (template ids spliced around the bare ids)."""
-        with_special, bare = encode_prompt(self.tokenizer, prompt)
-        if not with_special:
-            raise ValueError(f"prompt {index} is empty and the tokenizer adds no BOS token: nothing to condition on")
+        with_special, bare = encode_prompt(self.tokenizer, prompt, f"prompt {index}")
         per_model = []
         for m, tpl in zip(self.models, self._template_ids):
             ids = with_special if tpl is None else tpl[0] + bare + tpl[1]
+            if not ids:
+                how = "the tokenizer adds no BOS token" if tpl is None else "its template adds no text"
+                raise ValueError(f"prompt {index} is empty for {m.name} and {how}: nothing to condition on")
             if max(ids) >= m.width or min(ids) < 0:
                 bad = next(i for i in ids if not 0 <= i < m.width)
                 raise ValueError(f"prompt {index} has token id {bad}, outside {m.name}'s embedding ({m.width} ids)")
             per_model.append(ids)
         return bare or with_special, per_model
+
+    def _room(self, index: int, per_model: list[list[int]]) -> Optional[int]:
+        """How many new tokens fit the models' position limits after this prompt (None: no limit). A prompt
+        that leaves no room is an error up front, not a crash mid-generation."""
+        room = None
+        for m, limit, ids in zip(self.models, self._position_limits, per_model):
+            if limit is None:
+                continue
+            if len(ids) >= limit:
+                raise ValueError(
+                    f"prompt {index} is {len(ids)} tokens for {m.name} (template included), but {m.name} takes at "
+                    f"most {limit} positions, prompt and new tokens together: shorten the prompt"
+                )
+            room = limit - len(ids) if room is None else min(room, limit - len(ids))
+        return room
 
     def _sampler_state(self, rows: list[_Row]) -> SamplerState:
         dev = self.device
@@ -420,8 +462,10 @@ class ProxyTuner:
         rows, inputs = [], []
         for index, prompt, p in requests:
             context, per_model = self._prompt_ids(index, prompt)
+            room = self._room(index, per_model) if p.max_new_tokens > 0 else None
+            budget = p.max_new_tokens if room is None else min(p.max_new_tokens, room)
             seed = p.seed if p.seed is not None else int(torch.randint(-(2**63), 2**63 - 1, ()))
-            rows.append(_Row(index, prompt, p, seed, RowText(self.tokenizer, context, p.stop)))
+            rows.append(_Row(index, prompt, p, seed, RowText(self.tokenizer, context, p.stop), budget))
             inputs.append(per_model)
         for r in rows:
             if r.params.max_new_tokens == 0:
@@ -473,7 +517,7 @@ class ProxyTuner:
             reason = "eos"
         elif row.text.add(tok):
             reason = "stop"
-        elif len(row.ids) >= row.params.max_new_tokens:
+        elif len(row.ids) >= row.budget:
             reason = "length"
         if reason is not None:
             row.text.flush()  # a stop string may sit in a character only now complete
@@ -482,27 +526,34 @@ class ProxyTuner:
 
     # ------------------------------------------------------------------------------------------ static decoding
 
-    def _static_decoder(self, batch: int, max_len: int):
-        """A static decoder for ``batch`` rows and ``max_len`` positions: the kept one if it fits, else a new one
-        (the old one, its graphs and its memory are dropped first)."""
+    def _static_decoder(self, batch: int, max_len: int, shared: bool):
+        """A static decoder for ``batch`` rows and at least ``max_len`` positions, with its CUDA graphs (or None).
+
+        ``shared``: the tuner's kept decoder if it fits (else a new one replaces it: the old one, its graphs and
+        its memory are dropped first). Otherwise a private one for a request that runs while the kept one is in
+        use by another (a paused :meth:`stream`): each request keeps its own caches and state.
+        """
         from proxytune.engine.static_step import StaticDecoder, bucket_for
 
         modules = [m.module for m in self.models]
-        dec = self._decoder
+        dec = self._decoder if shared else None
         if dec is None or not dec.fits(modules, bucket_for(batch), max_len) or dec.ring_len != self.poll_every \
                 or dec.backend != self.backend:  # fmt: skip
-            self._decoder = self._graphs = dec = None
+            if shared:
+                self._decoder = self._graphs = dec = None
             step = 256 if self.device.type == "cuda" else 32  # room for the next batches: fewer recaptures
             dec = StaticDecoder(
                 modules, [m.name for m in self.models], capacity=bucket_for(batch), max_len=-(-max_len // step) * step,
                 vocab_size=self.vocab_size, backend=self.backend, ring_len=self.poll_every,
             )  # fmt: skip
-            self._decoder = dec
-        if self.decode == "graph" and self._graphs is None:
+        graphs = self._graphs if shared else None
+        if self.decode == "graph" and graphs is None:
             from proxytune.engine.graph_step import DecodeGraphs
 
-            self._graphs = DecodeGraphs(dec, variant=self.graph_variant)
-        return dec
+            graphs = DecodeGraphs(dec, variant=self.graph_variant)
+        if shared:
+            self._decoder, self._graphs = dec, graphs
+        return dec, graphs
 
     def _run_static(self, rows: list[_Row], runners: list[ModelRunner], logits, state: SamplerState, return_logprobs: bool):
         """The decode loop over the static step (``decode="static"`` or ``"graph"``); same events as the eager loop.
@@ -511,8 +562,10 @@ class ProxyTuner:
         the front (compaction). The device runs ``poll_every`` steps per chunk; the host reads chunk ``i``'s
         tokens (an asynchronous copy on CUDA) while chunk ``i + 1`` runs, so a finished row may be computed for
         up to two more chunks: its extra tokens are dropped. No step launches past the longest row's budget.
+        The caches start with room for :data:`STATIC_INITIAL_STEPS` steps and double when a chunk would not
+        fit (CUDA graphs are then captured again), so a large ``max_new_tokens`` costs memory only as used.
         """
-        from proxytune.engine.static_step import SPARE_STEPS, RingReader, bucket_for
+        from proxytune.engine.static_step import SPARE_STEPS, STATIC_INITIAL_STEPS
 
         tokens, logprobs = self._sample(logits, state, return_logprobs, validate=True)
         state.step += 1
@@ -525,13 +578,27 @@ class ProxyTuner:
                 finished.add(row.index)
         if len(finished) == len(rows):
             return
-        limit = max(r.params.max_new_tokens for r in rows) - 1  # decode steps the longest row may need
-        max_len = max(r.mask.shape[1] for r in runners) + limit + SPARE_STEPS
-        dec = self._static_decoder(len(rows), max_len)
+        limit = max(r.budget for r in rows) - 1  # decode steps the longest row may need
+        prompt_len = max(r.mask.shape[1] for r in runners)  # the cache column of the first decode step
+        shared = not self._decoder_in_use
+        dec, graphs = self._static_decoder(len(rows), prompt_len + min(limit, STATIC_INITIAL_STEPS) + SPARE_STEPS, shared)
+        if shared:
+            self._decoder_in_use = True
+        try:
+            yield from self._static_chunks(rows, runners, state, tokens, dec, graphs, shared, finished, limit,
+                                           prompt_len, return_logprobs)  # fmt: skip
+        finally:  # also when the caller stops iterating (the generator is closed)
+            if shared:
+                self._decoder_in_use = False
+
+    def _static_chunks(self, rows, runners, state, tokens, dec, graphs, shared, finished, limit, prompt_len,
+                       return_logprobs):  # fmt: skip
+        """The chunked loop of :meth:`_run_static` once the first token is out (same events)."""
+        from proxytune.engine.static_step import SPARE_STEPS, RingReader, bucket_for
+
         dec.load(runners, state, tokens, self.pad_token_id)
         for runner in runners:  # the dynamic caches are copied: free them
             runner.cache = None
-        graphs = self._graphs if self.decode == "graph" else None
         b = bucket_for(len(rows))
         order: list[Optional[_Row]] = list(rows) + [None] * (b - len(rows))  # slot -> row (None: padding)
         reader = RingReader(dec)
@@ -565,6 +632,17 @@ class ProxyTuner:
             chunk = None
             if launched < limit:
                 k = min(self.poll_every, limit - launched)
+                need = prompt_len + launched + k + SPARE_STEPS
+                if need > dec.max_len:  # grow the caches (in place of the old ones): graphs are captured anew
+                    if graphs is not None:
+                        from proxytune.engine.graph_step import DecodeGraphs
+
+                        torch.cuda.current_stream(dec.device).synchronize()  # no replay in flight when they go
+                    dec.grow(max(need, min(2 * dec.max_len, prompt_len + limit + SPARE_STEPS)))
+                    if graphs is not None:
+                        graphs = DecodeGraphs(dec, variant=self.graph_variant)
+                        if shared:
+                            self._graphs = graphs
                 dec.slot.zero_()
                 for _ in range(k):
                     if graphs is not None:
