@@ -30,22 +30,12 @@ def test_auto_backend_serves_cpu_tensors():
     assert backends.resolve("auto", torch.device("cpu")).serves(torch.device("cpu"))
 
 
-def test_demo_shows_the_tiny_family_and_its_table(capsys):
-    assert main(["demo", "--limit", "32", "--examples", "2"]) == 0
-    out = capsys.readouterr().out
-    assert proxytune.__version__ in out and out.count("[expected:") == 2
-    for label in ("large base", "small tuned", "proxy-tuned large"):
-        assert f"    {label}" in out  # the side-by-side answers
-    assert "gap closed by proxy-tuning" in out
-
-
 def test_cli_reports_a_missing_model_directory_cleanly(tmp_path, capsys):
     assert main(["demo", "--models", str(tmp_path / "nowhere")]) == 2
-    assert "nowhere" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"proxytune: error: --models: no such directory: {tmp_path / 'nowhere'}\n"
 
 
 def test_python_dash_m_entry_point():
-    out = subprocess.run([sys.executable, "-m", "proxytune", "demo", "--limit", "16", "--examples", "1"], check=True,
-                         capture_output=True, text=True)  # fmt: skip
-    assert "proxy-tuned large" in out.stdout
-    assert proxytune.__version__ in out.stdout
+    # cheap: the demo itself runs in-process in tests/test_tinyworld.py::test_demo_runs_end_to_end
+    out = subprocess.run([sys.executable, "-m", "proxytune", "--version"], check=True, capture_output=True, text=True)
+    assert out.stdout == f"proxytune {proxytune.__version__}\n"
