@@ -284,6 +284,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
                 bad = f"U+{ord(prompt[e.start]):04X}"
                 raise CliError(f"{name}, line {n}: \"prompt\" holds a lone surrogate {bad}") from None
             prompts.append(prompt)
+    if not prompts and source is not None:
+        raise CliError(f"no prompts: {name} holds none (blank lines are skipped)")
     if not prompts:
         raise CliError("no prompts: give --prompt TEXT, --prompt-file FILE, or pipe prompts (one per line) into stdin")
     return prompts

@@ -307,6 +307,8 @@ def test_prompts_are_split_on_newlines_only(fake, capsys, tmp_path, monkeypatch)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("h\x0bi\r\nj\n".encode())))
     run_ok(capsys, gen("--format", "jsonl", prompt=False))
     assert fake.seen == ["h\x0bi", "j"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\n \r\n")))
+    assert "no prompts: stdin holds none" in error_of(capsys, gen(prompt=False))
     bom = tmp_path / "bom.txt"
     bom.write_bytes(b"\xef\xbb\xbfk\n")
     run_ok(capsys, gen("--prompt-file", str(bom), prompt=False))
