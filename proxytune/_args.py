@@ -14,13 +14,16 @@ from typing import NamedTuple, Sequence, Union
 
 import torch
 
-__all__ = ["SampleArgs", "Scalar", "PerRow", "normalize"]
+__all__ = ["SampleArgs", "Scalar", "PerRow", "normalize", "check_filter_scalars"]
 
 Scalar = Union[int, float]
 PerRow = Union[int, float, torch.Tensor]
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT64_MIN, _UINT64_END = -(2**63), 2**64
+FP32_MAX = float(torch.finfo(torch.float32).max)  # 3.4e38: larger Python floats do not fit the fp32 parameters
+FP32_SMALLEST = 2.0**-149  # the smallest positive fp32 (subnormal): smaller positive values would become 0
+TOP_K_MAX = 2**62  # top_k past any vocabulary: larger values mean the same (keep every token)
 _CPU = torch.device("cpu")
 _PLAIN = (float, int)  # Python numbers that need no conversion (bool is a subclass, not one of these)
 
@@ -65,6 +68,8 @@ def _check_logits(name: str, x: object, device: torch.device | None) -> torch.Te
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
     if device is not None and x.device != device:
         raise ValueError(f"{name} is on {x.device} but base is on {device}; put all logits on one device")
+    if x.is_meta:
+        raise ValueError(f"{name} is a meta tensor (a shape without values); pass real logits")
     if x.shape[1] == 0:
         raise ValueError(f"{name} has an empty vocabulary (shape {tuple(x.shape)})")
     return x
@@ -151,19 +156,39 @@ def _real(x: object) -> bool:
     return type(x) is float or type(x) is int or isinstance(x, numbers.Real)
 
 
-def _check_scalar_ranges(temperature, top_k, top_p, min_p, weights) -> None:
-    """Range checks for Python scalars: free, so always done."""
-    if _real(temperature) and not (0 <= temperature < float("inf")):
-        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
-    if (type(top_k) is int or isinstance(top_k, numbers.Integral)) and top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if _real(top_p) and not (0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    if _real(min_p) and not (0 <= min_p < 1):
-        raise ValueError(f"min_p must be in [0, 1) (0 = off), got {min_p}")
+def check_filter_scalars(temperature, top_k, top_p, min_p, weights, names=None):
+    """Range checks for the Python-number parameters (tensors pass through): free, so always done.
+
+    Returns ``(temperature, top_k, top_p, min_p, weights)`` ready for fp32 / int64 tensors: a positive
+    temperature or top_p below the smallest fp32 becomes that smallest fp32 (top_p: every p <= 1/V keeps the
+    same set; temperature: still a draw, not greedy), a top_k past :data:`TOP_K_MAX` becomes it (the same
+    keep-everything filter). Numbers that cannot be fp32 parameters (above 3.4e38) raise ``ValueError``, as do
+    out-of-range values; ``names`` maps a parameter to the name the message uses (e.g. a CLI flag).
+    """
+    names = names or {}
+
+    def bad(name, rule, value):
+        return ValueError(f"{names.get(name, name)} must be {rule}, got {value!r}")
+
+    if _real(temperature):
+        if not 0 <= temperature <= FP32_MAX:
+            raise bad("temperature", "finite and >= 0 (0 = greedy), at most 3.4e38 (float32)", temperature)
+        if 0 < temperature < FP32_SMALLEST:
+            temperature = FP32_SMALLEST
+    if type(top_k) is int or isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool):
+        if top_k < 0:
+            raise bad("top_k", ">= 0 (0 = off)", top_k)
+        top_k = min(int(top_k), TOP_K_MAX)
+    if _real(top_p):
+        if not 0 < top_p <= 1:
+            raise bad("top_p", "in (0, 1] (1 = off)", top_p)
+        top_p = max(top_p, FP32_SMALLEST)
+    if _real(min_p) and not 0 <= min_p < 1:
+        raise bad("min_p", "in [0, 1) (0 = off)", min_p)
     for w in weights if isinstance(weights, (list, tuple)) else (weights,):
-        if _real(w) and not abs(w) < float("inf"):
-            raise ValueError(f"weights must be finite, got {w}")
+        if _real(w) and not abs(w) <= FP32_MAX:
+            raise bad("weights", "finite, at most 3.4e38 in magnitude (float32)", w)
+    return temperature, top_k, top_p, min_p, weights
 
 
 def _check_tensor_values(args: SampleArgs, params: bool = True) -> None:
@@ -199,7 +224,7 @@ def _check_tensor_values(args: SampleArgs, params: bool = True) -> None:
 
 def _filter_tensors(weights, temperature, top_k, top_p, min_p, n_pairs: int, batch: int, device: torch.device):
     """Checked ``(weights [P, B], temperature, top_k, top_p, min_p [B])`` tensors on ``device``."""
-    _check_scalar_ranges(temperature, top_k, top_p, min_p, weights)
+    temperature, top_k, top_p, min_p, weights = check_filter_scalars(temperature, top_k, top_p, min_p, weights)
     return (
         _weights(weights, n_pairs, batch, device),
         _per_row("temperature", temperature, batch, device, torch.float32, False),

@@ -1,5 +1,9 @@
+import os
+
 import pytest
 import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download: they build tiny models or use the shipped ones
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,7 +5,9 @@ Nothing here imports transformers at module level; ``import proxytune`` stays fa
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -80,9 +82,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                    "vocab.txt", "merges.txt")  # fmt: skip
+
+
 def _resolve_source(source: Union[str, os.PathLike], what: str) -> str:
-    """A local directory, or a hub id; a path that does not exist is a clear error, not a hub lookup."""
+    """A local directory, or a hub id (``org/name`` or a canonical ``name`` such as ``gpt2``); a path that
+    does not exist is a clear error, not a hub lookup."""
     text = os.fspath(source)
+    if not text.strip():
+        raise ModelLoadError(f"{what}: the model path or hub id is empty")
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -90,10 +100,48 @@ def _resolve_source(source: Union[str, os.PathLike], what: str) -> str:
         if not (path / "config.json").exists() and what != "tokenizer":
             raise ModelLoadError(f"{what}: {text} has no config.json; is it a Hugging Face model directory?")
         return str(path)
-    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1 or os.sep != "/" and os.sep in text
-    if looks_like_path or not text or path.parent.is_dir():  # "models/x" next to an existing models/: a path
+    looks_like_path = not _HUB_ID.fullmatch(text) or ".." in text or os.sep != "/" and os.sep in text
+    if looks_like_path or "/" in text and path.parent.is_dir():  # "models/x" next to an existing models/: a path
         raise ModelLoadError(f"{what}: no such directory: {text}")
     return text  # a hub id: transformers resolves it (from its cache when offline)
+
+
+_reachable: dict[str, bool] = {}
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds (asked once per
+    process). Without it, transformers spends half a minute in retries before it says the hub is offline."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _reachable:
+        import socket
+        from urllib.parse import urlparse
+
+        url = urlparse(endpoint)
+        try:
+            socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+            _reachable[endpoint] = True
+        except OSError:
+            _reachable[endpoint] = False
+    return _reachable[endpoint]
+
+
+def _hub_kwargs(source: str) -> dict:
+    """``local_files_only=True`` for a hub id when offline (``HF_HUB_OFFLINE=1``) or the hub is unreachable,
+    so a missing model fails at once; nothing for a local directory."""
+    if Path(source).is_dir():
+        return {}
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return {"local_files_only": True} if offline or not _hub_reachable() else {}
+
+
+def _hub_hint(source: str, kwargs: dict) -> str:
+    if not kwargs.get("local_files_only"):
+        return ""
+    return (
+        f" ({source} is not a local directory and, offline or with the hub unreachable, only the local Hugging "
+        "Face cache is searched: download it where there is a network, or give a local directory)"
+    )
 
 
 def check_spec(spec: ModelSpec, name: str) -> None:
@@ -106,10 +154,25 @@ def check_spec(spec: ModelSpec, name: str) -> None:
         raise ValueError(f"{name}: device {spec.device} requested but CUDA is not available here")
 
 
+@contextlib.contextmanager
+def _progress_bars(show: bool):
+    """transformers' own progress bars ("Loading weights") on or off for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
 def load_model(
-    spec: ModelSpec, name: str, *, dtype: Optional[torch.dtype], device: Optional[torch.device], trust_remote_code: bool
+    spec: ModelSpec, name: str, *, dtype: Optional[torch.dtype], device: Optional[torch.device], trust_remote_code: bool,
+    progress: bool = True,
 ) -> LoadedModel:
-    """Load (or adopt) one model: eval mode, on its device, in its dtype."""
+    """Load (or adopt) one model: eval mode, on its device, in its dtype; ``progress`` shows transformers'
+    loading bars."""
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
     dtype = parse_dtype(spec.dtype) or dtype
@@ -124,12 +187,14 @@ def load_model(
     elif isinstance(spec.model, (str, os.PathLike)):
         source = _resolve_source(spec.model, name)
         dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        hub = _hub_kwargs(source)
         try:
-            module = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-            )
+            with _progress_bars(progress):
+                module = AutoModelForCausalLM.from_pretrained(
+                    source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **hub
+                )
         except (OSError, ValueError) as e:
-            raise ModelLoadError(f"{name}: cannot load a causal LM from {source!r}: {e}") from e
+            raise ModelLoadError(f"{name}: cannot load a causal LM from {source!r}: {e}{_hub_hint(source, hub)}") from e
         module = module.to(device)
     else:
         raise TypeError(f"{name} must be a hub id, a directory or a PreTrainedModel, got {type(spec.model).__name__}")
@@ -141,7 +206,7 @@ def load_model(
         local = source if isinstance(spec.model, (str, os.PathLike)) else None
         if local is None and source and Path(source).is_dir():
             local = source
-        tokenizer = _try_tokenizer(local, trust_remote_code) if local else None
+        tokenizer = _own_tokenizer(local, name, trust_remote_code) if local else None
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     from proxytune.engine.prompts import PromptTemplate
@@ -149,18 +214,26 @@ def load_model(
     return LoadedModel(name, module, device, int(width), tokenizer, PromptTemplate.parse(spec.template), str(source))
 
 
-def _try_tokenizer(source: str, trust_remote_code: bool):
-    try:
-        return load_tokenizer(source, trust_remote_code=trust_remote_code)
-    except ModelLoadError:
+def _own_tokenizer(source: str, name: str, trust_remote_code: bool):
+    """The tokenizer that comes with a model, for the vocabulary check: None where the model has none (a
+    directory without tokenizer files, a hub model without one); a tokenizer that is there but does not load
+    (a corrupt tokenizer.json) is an error, never a skipped check."""
+    if Path(source).is_dir() and not any((Path(source) / f).exists() for f in _TOKENIZER_FILES):
         return None
+    try:
+        return load_tokenizer(source, trust_remote_code=trust_remote_code, what=f"{name}'s tokenizer")
+    except ModelLoadError:
+        if Path(source).is_dir():
+            raise
+        return None  # a hub model without a tokenizer of its own
 
 
-def load_tokenizer(source: Union[str, os.PathLike], *, trust_remote_code: bool = False):
+def load_tokenizer(source: Union[str, os.PathLike], *, trust_remote_code: bool = False, what: str = "tokenizer"):
     from transformers import AutoTokenizer
 
     source = _resolve_source(source, "tokenizer")
+    hub = _hub_kwargs(source)
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as e:
-        raise ModelLoadError(f"cannot load a tokenizer from {source!r}: {e}") from e
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
+    except Exception as e:  # tokenizers raises its own exception types for a corrupt file
+        raise ModelLoadError(f"{what}: cannot load a tokenizer from {source!r}: {e}{_hub_hint(source, hub)}") from e

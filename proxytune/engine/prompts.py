@@ -7,6 +7,7 @@ generated tokens.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -60,10 +61,25 @@ class PromptTemplate:
         return enc(prefix), enc(suffix)
 
 
-def encode_prompt(tokenizer: Any, prompt: Union[str, Sequence[int]]) -> tuple[list[int], list[int]]:
-    """``(ids with the tokenizer's special tokens, bare ids)`` of one prompt; a list of ids is taken as is."""
+def encode_prompt(tokenizer: Any, prompt: Union[str, Sequence[int]], name: str = "prompt") -> tuple[list[int], list[int]]:
+    """``(ids with the tokenizer's special tokens, bare ids)`` of one prompt; a list of ids is taken as is.
+
+    Raises ``ValueError`` / ``TypeError`` naming ``name`` for text that is not valid Unicode (a lone surrogate,
+    as Python makes of undecodable bytes) and for anything that is neither text nor a sequence of ids."""
     if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"{name} is not valid Unicode text: {prompt[e.start:e.end]!r} at character {e.start} (a lone surrogate,"
+                " as from undecodable bytes); decode the input as UTF-8 first"
+            ) from None
         return list(tokenizer(prompt)["input_ids"]), list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
+        raise TypeError(f"{name} must be a string or a sequence of token ids, got {type(prompt).__name__}")
+    bad = [i for i in prompt if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if bad:
+        raise TypeError(f"{name}: token ids must be integers, got {bad[0]!r}")
     ids = [int(i) for i in prompt]
     return ids, ids
 
