@@ -1,0 +1,54 @@
+"""How the C++ op gets loaded and built (``proxytune/_cpu_build.py``), without building it here: the slow
+end-to-end check of a plain ``pip install .`` is tests/test_install.py."""
+
+import subprocess
+import sys
+
+import pytest
+
+from proxytune import _cpu_backend, _cpu_build
+
+
+@pytest.mark.skipif(_cpu_backend.why_unavailable() is not None, reason="the cpu backend is not built")
+def test_import_registers_the_torch_ops_without_a_call():
+    code = (
+        "import sys, torch, proxytune; "
+        "assert 'proxytune._C' in sys.modules; "
+        "print(torch.ops.proxytune.sample, torch.ops.proxytune.combine)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert "proxytune.sample" in out.stdout
+
+
+def test_the_sources_are_found_and_the_flags_shared_with_setup():
+    assert [p.name for p in _cpu_build.sources()] == ["proxytune_cpu.cpp"]
+    setup = (_cpu_build.sources()[0].parents[1] / "setup.py").read_text()
+    assert "_cpu_build.CXX_FLAGS" in setup and "-ffp-contract=off" in _cpu_build.CXX_FLAGS
+
+
+def test_without_a_compiler_the_message_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROXYTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(_cpu_build, "_compiler", lambda: None)
+    with pytest.raises(_cpu_build.BuildError, match=r"no C\+\+ compiler found .* `apt install g\+\+`"):
+        _cpu_build.build()
+    assert _cpu_build.cached_library() is None
+
+
+def test_a_failed_compile_names_its_log(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROXYTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(_cpu_build, "_compiler", lambda: "/bin/false")
+    lines = []
+    with pytest.raises(_cpu_build.BuildError, match="compiling the C\\+\\+ CPU op failed .* see .*build.log"):
+        _cpu_build.build(log=lines.append)
+    assert len(lines) == 1 and "building the C++ CPU op" in lines[0]
+    assert list(tmp_path.glob("*/build.log")) and not list(tmp_path.glob("*/*.so"))  # no half-written library
+
+
+def test_the_cache_is_keyed_by_the_sources(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROXYTUNE_CACHE", str(tmp_path))
+    src = tmp_path / "a.cpp"
+    src.write_text("int x;")
+    first = _cpu_build._library_path([src], "/usr/bin/c++")
+    src.write_text("int y;")
+    assert _cpu_build._library_path([src], "/usr/bin/c++") != first
+    assert first.is_relative_to(tmp_path)
