@@ -1,7 +1,9 @@
 """Per-model prompt ids: raw, chat-templated or wrapped, built by splicing token ids, and left-padded batches.
 
 Every model sees the same prompt ids (tokenised once by the shared tokenizer); a template only adds its own
-prefix and suffix ids around them. Decoded text is never tokenised again, so all models stay aligned on the
+prefix and suffix ids around them. A prompt may also be a conversation (a list of ``{"role", "content"}``
+messages): a model with template ``"chat"`` sees all of it in its chat template, every other model the
+messages' contents, one per line (:func:`messages_text`), with its own template around them. Decoded text is never tokenised again, so all models stay aligned on the
 generated tokens.
 """
 
@@ -9,11 +11,14 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["PromptTemplate", "encode_prompt", "left_pad", "position_ids"]
+__all__ = [
+    "PromptTemplate", "encode_prompt", "left_pad", "position_ids", "is_messages", "check_messages", "messages_text",
+    "chat_ids",
+]  # fmt: skip
 
 _SENTINEL = "\uE000proxytune-prompt\uE001"  # a private-use marker: never in a real template or prompt
 
@@ -59,6 +64,31 @@ class PromptTemplate:
             return list(tokenizer(s, add_special_tokens=False)["input_ids"]) if s else []
 
         return enc(prefix), enc(suffix)
+
+
+def is_messages(prompt: Any) -> bool:
+    """Whether ``prompt`` is a conversation: a non-empty list of ``{"role": ..., "content": ...}`` mappings."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(m, Mapping) for m in prompt)
+
+
+def check_messages(messages: Sequence[Mapping], name: str) -> None:
+    for i, m in enumerate(messages):
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise TypeError(f"{name}: message {i} must have a string 'role' and a string 'content', got {dict(m)!r}")
+
+
+def messages_text(messages: Sequence[Mapping]) -> str:
+    """A conversation as a model without a chat template sees it: the messages' contents, one per line."""
+    return "\n".join(m["content"] for m in messages)
+
+
+def chat_ids(tokenizer: Any, messages: Sequence[Mapping], model_name: str) -> list[int]:
+    """A whole conversation in ``tokenizer``'s chat template, generation prompt added (the template carries
+    its own special tokens)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{model_name} has template 'chat' but its tokenizer has no chat template")
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def encode_prompt(tokenizer: Any, prompt: Union[str, Sequence[int]], name: str = "prompt") -> tuple[list[int], list[int]]:

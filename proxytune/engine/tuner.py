@@ -14,13 +14,13 @@ from proxytune._args import check_filter_scalars
 from proxytune.ops import sample as proxy_sample
 from proxytune.engine.decode import ModelRunner, SamplerState, position_limit, to_device
 from proxytune.engine.loading import LoadedModel, ModelSpec, check_spec, load_model, load_tokenizer, parse_dtype
-from proxytune.engine.prompts import encode_prompt, left_pad
+from proxytune.engine.prompts import chat_ids, check_messages, encode_prompt, is_messages, left_pad, messages_text
 from proxytune.engine.stopping import RowText
 from proxytune.engine.vocabulary import check_same_tokens, common_vocab_size
 
 __all__ = ["ProxyTuner", "SamplingParams", "Generation", "TokenEvent"]
 
-Prompt = Union[str, Sequence[int]]
+Prompt = Union[str, Sequence[int], Sequence[dict]]  # a text, token ids, or a conversation of messages
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,13 @@ class _Row:
     budget: int  # new tokens the row may draw: max_new_tokens, cut to the models' position limits
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+
+
+def _is_single(prompts: Any) -> bool:
+    """One prompt (a text, a list of token ids, a conversation) rather than a batch of them."""
+    return isinstance(prompts, str) or is_messages(prompts) or (
+        isinstance(prompts, (list, tuple)) and len(prompts) > 0 and isinstance(prompts[0], numbers.Integral)
+    )  # fmt: skip
 
 
 def _as_list(x: Any) -> list:
@@ -323,8 +330,10 @@ class ProxyTuner:
 
         Parameters
         ----------
-        prompts : str, list of token ids, or a sequence of those
-            A single prompt returns a single :class:`Generation`, a sequence returns a list.
+        prompts : str, list of token ids, a conversation, or a sequence of those
+            A single prompt returns a single :class:`Generation`, a sequence returns a list. A conversation
+            is a list of ``{"role": ..., "content": ...}`` messages: a model with template ``"chat"`` sees it
+            in its chat template (multi-turn), every other model the contents, one per line.
         params : SamplingParams, or one per prompt
             Default ``SamplingParams()``; keyword ``overrides`` (``max_new_tokens=``, ``temperature=``, ...)
             replace fields for every prompt.
@@ -336,7 +345,7 @@ class ProxyTuner:
         use_cache : bool
             False recomputes every model over the whole sequence each step (for testing; slow).
         """
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], numbers.Integral))
+        single = _is_single(prompts)
         batch = [prompts] if single else list(prompts)
         results: list[Optional[Generation]] = [None] * len(batch)
         texts = [[] for _ in batch]
@@ -359,7 +368,7 @@ class ProxyTuner:
         **overrides: Any,
     ) -> Iterator[TokenEvent]:
         """Like :meth:`generate`, but yield a :class:`TokenEvent` for every token as soon as it is drawn."""
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], numbers.Integral))
+        single = _is_single(prompts)
         batch = [prompts] if single else list(prompts)
         for event, _ in self._events(batch, params, return_logprobs, batch_size, True, overrides):
             yield event
@@ -397,10 +406,17 @@ class ProxyTuner:
 
     def _prompt_ids(self, index: int, prompt: Prompt) -> tuple[list[int], list[list[int]]]:
         """The shared prompt ids and each model's input ids (template ids spliced around the bare ids)."""
-        with_special, bare = encode_prompt(self.tokenizer, prompt, f"prompt {index}")
+        conversation = is_messages(prompt)
+        if conversation:
+            check_messages(prompt, f"prompt {index}")
+        text = messages_text(prompt) if conversation else prompt
+        with_special, bare = encode_prompt(self.tokenizer, text, f"prompt {index}")
         per_model = []
         for m, tpl in zip(self.models, self._template_ids):
-            ids = with_special if tpl is None else tpl[0] + bare + tpl[1]
+            if conversation and m.template is not None and m.template.chat:
+                ids = chat_ids(m.tokenizer or self.tokenizer, prompt, m.name)
+            else:
+                ids = with_special if tpl is None else tpl[0] + bare + tpl[1]
             if not ids:
                 how = "the tokenizer adds no BOS token" if tpl is None else "its template adds no text"
                 raise ValueError(f"prompt {index} is empty for {m.name} and {how}: nothing to condition on")
