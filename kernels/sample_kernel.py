@@ -51,10 +51,27 @@ def _combined_block(
 
 @triton.jit
 def _scaled(s, m, temperature):
-    """``z = (s - m) / T`` exactly as the reference (one subtraction, one IEEE division); masked -> -inf.
-    Adding +0.0 turns a -0.0 into +0.0 so that order keys of equal values are equal."""
-    z = tl.where(s > NEG_INF, (s - m) / temperature, NEG_INF)
+    """``z = (s - m) / T`` exactly as the reference (one subtraction, one IEEE division); masked -> -inf,
+    and so is a NaN (``-inf / inf``: an overflowed difference at ``T = +inf``), as the reference's
+    ``isfinite(z)`` masks it. Adding +0.0 turns a -0.0 into +0.0 so that order keys of equal values are equal."""
+    z = (s - m) / temperature
+    z = tl.where((s > NEG_INF) & (z == z), z, NEG_INF)
     return z + 0.0
+
+
+@triton.jit
+def _over_t(d, temperature, inv_t):
+    """``d / T`` for differences ``d = s - m <= 0`` in the running sums and candidate tests (NaN -> -inf).
+
+    A product with ``inv_t = 1 / T`` where that is finite (a few ulps from the division, which the margins
+    cover). When ``1 / T`` overflows fp32 (``T < 2^-128``, about 2.9e-39) the product would give
+    ``0 * inf = NaN`` at the maximum and lose every finite z of a subnormal-scale row, so it divides, as the
+    reference does. ``T`` is one value per row: the branch is uniform."""
+    if inv_t < POS_INF:
+        q = d * inv_t
+    else:
+        q = d / temperature
+    return tl.where(q == q, q, NEG_INF)
 
 
 @triton.jit
@@ -228,8 +245,8 @@ def proxy_sample_kernel(
         arg = tl.where(b_max > m_run, b_arg, arg)
         m_new = tl.maximum(m_run, b_max)
         if sampled & (m_new > NEG_INF):
-            z = tl.where(s > NEG_INF, (s - m_new) * inv_t, NEG_INF)
-            rescale = tl.where(m_run > NEG_INF, tl.exp((m_run - m_new) * inv_t), 0.0)
+            z = tl.where(s > NEG_INF, _over_t(s - m_new, temp_safe, inv_t), NEG_INF)
+            rescale = tl.where(m_run > NEG_INF, tl.exp(_over_t(m_run - m_new, temp_safe, inv_t)), 0.0)
             z_sum = z_sum * rescale + tl.sum(tl.exp(z), axis=0)
             if k_on:
                 anchor = tl.where(anchor > NEG_INF, anchor, b_max)
@@ -264,7 +281,7 @@ def proxy_sample_kernel(
         args = tl.load(part_i_ptr + pbase, mask=sp_ok, other=BIG_INDEX, cache_modifier=".cg")
         m = tl.max(ms, axis=0)
         first_max = tl.min(tl.where(ms == m, args, BIG_INDEX), axis=0)  # lowest index of the maximum of s
-        z_total = tl.sum(tl.where(ms > NEG_INF, zs * tl.exp((ms - m) * inv_t), 0.0), axis=0)
+        z_total = tl.sum(tl.where(ms > NEG_INF, zs * tl.exp(_over_t(ms - m, temp_safe, inv_t)), 0.0), axis=0)
         k_floor = tl.max(kls, axis=0)
         n_total = tl.atomic_add(counter_ptr + row64 * 2, 0, sem="acquire")
         tl.store(counter_ptr + row64 * 2, 0)  # reset for the next launch
@@ -367,6 +384,8 @@ def proxy_sample_kernel(
                     seed, step_lo, step_hi, V, base_row, e0_row, a0_row, e1_row, a1_row, e2_row, a2_row, e3_row,
                     a3_row, w0, w1, w2, w3, HAS_TOPP, N_PAIRS, BLOCK, NP)  # fmt: skip
                 logprob = z_token - tl.log(z_keep)
+        # Last line of defence: whatever the inputs, never an id outside [0, V) (the first maximum, or 0).
+        token = tl.where((token >= 0) & (token < V), token, tl.where((first_max >= 0) & (first_max < V), first_max, 0))
         tl.store(token_ptr + row64, token.to(tl.int64))
         if WRITE_LOGPROBS:
             tl.store(logprob_ptr + row64, logprob)

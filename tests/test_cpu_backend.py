@@ -274,3 +274,37 @@ def test_fuzz_unvalidated_never_gives_an_invalid_id(width, junk, temperature, to
     assert ((tokens >= 0) & (tokens < width)).all()
     alive = torch.isfinite(base).any(dim=1)
     assert torch.isnan(logprobs[~alive]).all() and (tokens[~alive] == 0).all()
+
+
+def _extreme_temperature_rows(temperature, batch, width, seed):
+    """Peaked rows (z = (s - m) / T is 0 at the maximum, -inf or huge elsewhere for a tiny T) and rows on the
+    scale of T itself (subnormal logits for T < 1e-38: an ordinary spread of z, so the division must be the
+    reference's), some with masked tokens."""
+    g = torch.Generator().manual_seed(seed)
+    t32 = float(torch.tensor(temperature, dtype=torch.float32))
+    unit = max(t32 / 10, 2.0**-149) if math.isfinite(t32) else 0.1
+    levels = max(1, round(4 * t32 / unit)) if math.isfinite(t32) else 40
+    peaked = peaked_logits(batch, width, generator=g)
+    peaked[0, [3, width // 2, width - 1]] = peaked[0].max() + 1.0  # ties at the maximum: the noise decides
+    tiny = (torch.randint(-levels, 1, (batch, width), generator=g).double() * unit).float()
+    tiny[0, torch.rand(width, generator=g) < 0.3] = float("-inf")
+    return torch.cat([peaked, tiny])
+
+
+@pytest.mark.parametrize("temperature", [math.inf, 1e-39, 2.9e-39, 1e-45, 1e-30, math.nan])
+@pytest.mark.parametrize("batch,width", [(2, 4099), (1, 40000)], ids=["rows", "split-row"])
+def test_unvalidated_extreme_temperatures_match_reference(temperature, batch, width):
+    """T = +inf gave logprob NaN (the fully-masked signal) on unmasked rows; 1/T overflowing must not matter."""
+    base = _extreme_temperature_rows(temperature, batch, width, seed=width)
+    rows = base.shape[0]
+    for kw in (dict(), dict(top_p=0.9), dict(top_k=50), dict(min_p=0.05), dict(top_k=20, top_p=0.8, min_p=0.01)):
+        per_row = {k: torch.full((rows,), v) for k, v in kw.items()}
+        (rt, rl), (ct, cl) = both(base, seed=torch.arange(rows) + 5, validate=False,
+                                  temperature=torch.full((rows,), temperature), **per_row)  # fmt: skip
+        assert ((ct >= 0) & (ct < width)).all()
+        assert torch.equal(rt, ct), (kw, rt.tolist(), ct.tolist())
+        assert not torch.isnan(cl).any(), kw
+        torch.testing.assert_close(cl, rl, atol=2e-5, rtol=1e-5)
+        if temperature == math.inf and not kw:  # every unmasked token has z = 0: uniform over them
+            n_live = torch.isfinite(base).sum(dim=1).double()
+            torch.testing.assert_close(cl.double(), -torch.log(n_live), atol=2e-5, rtol=1e-5)

@@ -287,3 +287,82 @@ def test_cuda_graph_capture_and_replay_with_new_parameters():
         assert (out_tokens != ref_tokens).sum().item() <= 1
         same = out_tokens == ref_tokens
         torch.testing.assert_close(out_logprobs[same], ref_logprobs[same], atol=1e-4, rtol=1e-4)
+
+
+# ---- temperatures whose reciprocal overflows fp32 (T <= 2.9e-39), and other extreme temperatures ------------
+
+TINY_TEMPERATURES = [1e-39, 2.9e-39, 1e-45, 1e-30]  # 1e-45: the smallest subnormal; 1e-30: 1/T still finite
+
+
+def _extreme_temperature_rows(temperature, width=120, seed=15):
+    """Rows where ``z = (s - m) / T`` is 0 at the maximum and -inf (or huge) elsewhere, and rows of logits on
+    the scale of T itself (subnormal), where z is an ordinary spread: the division must be the reference's."""
+    g = torch.Generator().manual_seed(seed)
+    t32 = float(torch.tensor(temperature, dtype=torch.float32))
+    unit, levels = 0.1, 40  # T = inf or NaN: any scale
+    if math.isfinite(t32):
+        unit = max(t32 / 10, 2.0**-149)  # z = k * unit / T: k / 10 (or k for the smallest subnormal T)
+        levels = max(1, round(4 * t32 / unit))  # z spread over about [-4, 0]
+    normal = torch.randn(2, width, generator=g) * 3
+    normal[1, [5, 50, 110]] = normal[1].max() + 1.0  # three tokens tied at the maximum: the noise decides
+    tiny = (torch.randint(-levels, 1, (2, width), generator=g).double() * unit).float()
+    tiny[1, torch.rand(width, generator=g) < 0.3] = float("-inf")
+    return torch.cat([normal, tiny]).to(DEVICE)
+
+
+@pytest.mark.parametrize("temperature", TINY_TEMPERATURES)
+@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.0), (0, 0.9, 0.0), (5, 1.0, 0.0), (20, 0.8, 0.05)])
+def test_tiny_temperatures_match_the_reference(temperature, top_k, top_p, min_p):
+    base = _extreme_temperature_rows(temperature)
+    rows = base.shape[0]
+    args = _normalized(base, [], [], validate=False, temperature=torch.full((rows,), temperature, device=DEVICE),
+                       top_k=top_k, top_p=top_p, min_p=min_p, seed=torch.arange(rows, device=DEVICE) + 11)  # fmt: skip
+    for block, split, cap in ((32, 3, 256), (64, 2, FORCE_FALLBACK)):  # the candidate path, the exact fallback
+        tokens, logprobs = _check(args, block=block, split=split, cap=cap)
+        assert not torch.isnan(logprobs).any()
+
+
+@pytest.mark.parametrize("temperature", TINY_TEMPERATURES)
+def test_tiny_temperatures_through_the_public_api(temperature):
+    base = _extreme_temperature_rows(temperature)
+    per_row = torch.full((base.shape[0],), temperature, device=DEVICE)  # a tensor skips the scalar checks
+    # validated: a false "every token is masked" error before; unvalidated: token 2^31 - 1 and NaN before
+    for validate, t in ((True, temperature), (False, per_row)):
+        kw = dict(temperature=t, top_p=0.9, seed=3, return_logprobs=True, validate=validate)
+        tokens, logprobs = sample(base, backend="triton", **kw)
+        ref_tokens, ref_logprobs = sample(base, backend="reference", **kw)
+        assert tokens.tolist() == ref_tokens.tolist()
+        torch.testing.assert_close(logprobs, ref_logprobs, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("temperature", [math.inf, math.nan, *TINY_TEMPERATURES])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_extreme_unvalidated_temperatures_agree_on_every_backend(backend, temperature):
+    """Unvalidated T = +inf (uniform over the live tokens: logprob -log n; the cpu backend gave NaN), NaN
+    (greedy, docs/semantics.md section 7) and T whose 1/T overflows: every backend gives the reference's tokens."""
+    if backend == "cpu":
+        from proxytune._cpu_backend import why_unavailable
+
+        if why_unavailable() is not None:
+            pytest.skip(f"cpu backend not built: {why_unavailable()}")
+    device = "cpu" if backend == "cpu" else DEVICE
+    rows = _extreme_temperature_rows(temperature).to(device)
+    n = rows.shape[0]
+    base = torch.cat([rows, rows])  # each row without filters, then with all three
+    per_row = lambda off, on, dt=torch.float32: torch.tensor([off] * n + [on] * n, dtype=dt, device=device)  # noqa: E731
+    kw = dict(
+        temperature=torch.full((2 * n,), temperature, device=device), top_k=per_row(0, 20, torch.int64),
+        top_p=per_row(1.0, 0.8), min_p=per_row(0.0, 0.05), seed=torch.arange(2 * n, device=device) + 1,
+        validate=False, return_logprobs=True,
+    )  # fmt: skip
+    tokens, logprobs = sample(base, backend=backend, **kw)
+    ref_tokens, ref_logprobs = sample(base, backend="reference", **kw)
+    assert tokens.dtype == torch.int64 and ((tokens >= 0) & (tokens < base.shape[1])).all()
+    assert tokens.tolist() == ref_tokens.tolist()
+    assert not torch.isnan(logprobs).any()  # no row is fully masked
+    torch.testing.assert_close(logprobs, ref_logprobs, atol=2e-5, rtol=2e-5)
+    if temperature == math.inf:  # z = 0 for every live token, and the filters keep whole tie groups
+        n_live = torch.isfinite(base).sum(dim=1).double()
+        torch.testing.assert_close(logprobs.double(), -torch.log(n_live), atol=2e-5, rtol=2e-5)
+    if math.isnan(temperature):  # greedy: the first maximum, logprob 0
+        assert tokens.tolist() == base.argmax(dim=1).tolist() and (logprobs == 0).all()
