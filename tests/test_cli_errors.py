@@ -69,6 +69,19 @@ def no_models(monkeypatch):
 
 
 @pytest.fixture
+def triton_as_installed(monkeypatch):
+    """The triton backend as a user's CPU-only machine has it: without the interpreter (the triton tests set
+    TRITON_INTERPRET=1 at import and register it for CPU tensors). Restored afterwards."""
+    from proxytune import _triton_backend, backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backends.register(_triton_backend.make_backend())
+    yield
+    monkeypatch.undo()
+    backends.register(_triton_backend.make_backend())
+
+
+@pytest.fixture
 def fake(monkeypatch):
     monkeypatch.setattr(FakeTuner, "texts", {})
     monkeypatch.setattr(FakeTuner, "fail_after", None)
@@ -169,7 +182,7 @@ def test_help_still_exits_zero(capsys):
         (["--output", "/nonexistent/dir/out.txt"], "--output: no such directory: /nonexistent/dir"),
     ],
 )
-def test_generate_rejects_bad_flags_before_loading(no_models, capsys, extra, message):
+def test_generate_rejects_bad_flags_before_loading(no_models, triton_as_installed, capsys, extra, message):
     assert message in error_of(capsys, gen(*extra))
 
 
