@@ -292,6 +292,9 @@ def test_cuda_graph_capture_and_replay_with_new_parameters():
 # ---- temperatures whose reciprocal overflows fp32 (T <= 2.9e-39), and other extreme temperatures ------------
 
 TINY_TEMPERATURES = [1e-39, 2.9e-39, 1e-45, 1e-30]  # 1e-45: the smallest subnormal; 1e-30: 1/T still finite
+# The interpreter's cost grows with the rows: the default suite takes the first case where 1/T overflows,
+# the slow suite every tiny temperature.
+TINY_SETS = [pytest.param([2.9e-39], id="2.9e-39"), pytest.param(TINY_TEMPERATURES, id="all", marks=pytest.mark.slow)]
 
 
 def _extreme_temperature_rows(temperature, width=120, seed=15):
@@ -310,34 +313,43 @@ def _extreme_temperature_rows(temperature, width=120, seed=15):
     return torch.cat([normal, tiny]).to(DEVICE)
 
 
-@pytest.mark.parametrize("temperature", TINY_TEMPERATURES)
+def _rows_for(temperatures, device=None):
+    """The rows of :func:`_extreme_temperature_rows` for every temperature, stacked, with a per-row
+    temperature tensor (one launch covers them all: the interpreter is slow)."""
+    blocks = [_extreme_temperature_rows(t) for t in temperatures]
+    base = torch.cat(blocks).to(device or DEVICE)
+    per_row = torch.tensor([t for t, b in zip(temperatures, blocks) for _ in range(b.shape[0])], device=base.device)
+    return base, per_row
+
+
+@pytest.mark.parametrize("temperatures", TINY_SETS)
 @pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.0), (0, 0.9, 0.0), (5, 1.0, 0.0), (20, 0.8, 0.05)])
-def test_tiny_temperatures_match_the_reference(temperature, top_k, top_p, min_p):
-    base = _extreme_temperature_rows(temperature)
+def test_tiny_temperatures_match_the_reference(top_k, top_p, min_p, temperatures):
+    base, temperature = _rows_for(temperatures)
     rows = base.shape[0]
-    args = _normalized(base, [], [], validate=False, temperature=torch.full((rows,), temperature, device=DEVICE),
-                       top_k=top_k, top_p=top_p, min_p=min_p, seed=torch.arange(rows, device=DEVICE) + 11)  # fmt: skip
+    args = _normalized(base, [], [], validate=False, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       seed=torch.arange(rows, device=DEVICE) + 11)  # fmt: skip
     for block, split, cap in ((32, 3, 256), (64, 2, FORCE_FALLBACK)):  # the candidate path, the exact fallback
         tokens, logprobs = _check(args, block=block, split=split, cap=cap)
         assert not torch.isnan(logprobs).any()
 
 
-@pytest.mark.parametrize("temperature", TINY_TEMPERATURES)
-def test_tiny_temperatures_through_the_public_api(temperature):
-    base = _extreme_temperature_rows(temperature)
-    per_row = torch.full((base.shape[0],), temperature, device=DEVICE)  # a tensor skips the scalar checks
+@pytest.mark.parametrize("temperatures", TINY_SETS)
+def test_tiny_temperatures_through_the_public_api(temperatures):
     # validated: a false "every token is masked" error before; unvalidated: token 2^31 - 1 and NaN before
-    for validate, t in ((True, temperature), (False, per_row)):
+    base, per_row = _rows_for(temperatures)
+    scalar = _extreme_temperature_rows(temperatures[0])
+    for rows, t, validate in ((scalar, temperatures[0], True), (base, per_row, False)):
         kw = dict(temperature=t, top_p=0.9, seed=3, return_logprobs=True, validate=validate)
-        tokens, logprobs = sample(base, backend="triton", **kw)
-        ref_tokens, ref_logprobs = sample(base, backend="reference", **kw)
+        tokens, logprobs = sample(rows, backend="triton", **kw)
+        ref_tokens, ref_logprobs = sample(rows, backend="reference", **kw)
         assert tokens.tolist() == ref_tokens.tolist()
         torch.testing.assert_close(logprobs, ref_logprobs, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("temperature", [math.inf, math.nan, *TINY_TEMPERATURES])
+@pytest.mark.parametrize("temperatures", TINY_SETS)
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
-def test_extreme_unvalidated_temperatures_agree_on_every_backend(backend, temperature):
+def test_extreme_unvalidated_temperatures_agree_on_every_backend(backend, temperatures):
     """Unvalidated T = +inf (uniform over the live tokens: logprob -log n; the cpu backend gave NaN), NaN
     (greedy, docs/semantics.md section 7) and T whose 1/T overflows: every backend gives the reference's tokens."""
     if backend == "cpu":
@@ -346,14 +358,14 @@ def test_extreme_unvalidated_temperatures_agree_on_every_backend(backend, temper
         if why_unavailable() is not None:
             pytest.skip(f"cpu backend not built: {why_unavailable()}")
     device = "cpu" if backend == "cpu" else DEVICE
-    rows = _extreme_temperature_rows(temperature).to(device)
+    rows, temperature = _rows_for([math.inf, math.nan, *temperatures], device)
     n = rows.shape[0]
     base = torch.cat([rows, rows])  # each row without filters, then with all three
     per_row = lambda off, on, dt=torch.float32: torch.tensor([off] * n + [on] * n, dtype=dt, device=device)  # noqa: E731
+    temperature = torch.cat([temperature, temperature])
     kw = dict(
-        temperature=torch.full((2 * n,), temperature, device=device), top_k=per_row(0, 20, torch.int64),
-        top_p=per_row(1.0, 0.8), min_p=per_row(0.0, 0.05), seed=torch.arange(2 * n, device=device) + 1,
-        validate=False, return_logprobs=True,
+        temperature=temperature, top_k=per_row(0, 20, torch.int64), top_p=per_row(1.0, 0.8),
+        min_p=per_row(0.0, 0.05), seed=torch.arange(2 * n, device=device) + 1, validate=False, return_logprobs=True,
     )  # fmt: skip
     tokens, logprobs = sample(base, backend=backend, **kw)
     ref_tokens, ref_logprobs = sample(base, backend="reference", **kw)
@@ -361,8 +373,10 @@ def test_extreme_unvalidated_temperatures_agree_on_every_backend(backend, temper
     assert tokens.tolist() == ref_tokens.tolist()
     assert not torch.isnan(logprobs).any()  # no row is fully masked
     torch.testing.assert_close(logprobs, ref_logprobs, atol=2e-5, rtol=2e-5)
-    if temperature == math.inf:  # z = 0 for every live token, and the filters keep whole tie groups
-        n_live = torch.isfinite(base).sum(dim=1).double()
-        torch.testing.assert_close(logprobs.double(), -torch.log(n_live), atol=2e-5, rtol=2e-5)
-    if math.isnan(temperature):  # greedy: the first maximum, logprob 0
-        assert tokens.tolist() == base.argmax(dim=1).tolist() and (logprobs == 0).all()
+    inf, nan = temperature == math.inf, torch.isnan(temperature)
+    assert inf.any() and nan.any()
+    # T = inf: z = 0 for every live token, and the filters keep whole tie groups
+    n_live = torch.isfinite(base[inf]).sum(dim=1).double()
+    torch.testing.assert_close(logprobs[inf].double(), -torch.log(n_live), atol=2e-5, rtol=2e-5)
+    # NaN: greedy, the first maximum, logprob 0
+    assert tokens[nan].tolist() == base[nan].argmax(dim=1).tolist() and (logprobs[nan] == 0).all()
