@@ -387,6 +387,9 @@ def _generate(args: argparse.Namespace) -> int:
     experts, antis = args.expert or [], args.anti_expert or []
     if len(experts) != len(antis):
         raise CliError(f"got {len(experts)} --expert but {len(antis)} --anti-expert; give them in pairs")
+    for flag, value in (("--alpha", args.alpha), ("--expert-template", args.expert_template)):
+        if value is not None and not experts:
+            raise CliError(f"{flag} needs --expert and --anti-expert (it applies to the expert pairs)")
     alphas = args.alpha or [1.0]
     if len(alphas) not in (1, len(experts)):
         raise CliError(f"--alpha: give one for all pairs or one per pair ({len(experts)}), got {len(alphas)}")

@@ -368,3 +368,10 @@ def test_text_output_adds_a_newline_only_where_missing(fake, capsys, stream):
     assert run_ok(capsys, gen("--prompt", "a", *s, prompt=False)) == "first\n"
     out = run_ok(capsys, gen(*s, "--prompt", "a", "--prompt", "b", "--prompt", "c", prompt=False))
     assert out == "==> prompt 0: 'a' <==\nfirst\n==> prompt 1: 'b' <==\nsecond\n==> prompt 2: 'c' <==\n\n"
+
+
+def test_pair_options_without_pairs_are_errors(no_models, capsys):
+    assert "--alpha needs --expert and --anti-expert" in error_of(capsys, ["generate", "--base", "b", "--prompt", "x", "--alpha", "0.5"])
+    assert "--expert-template needs --expert" in error_of(
+        capsys, ["generate", "--base", "b", "--prompt", "x", "--expert-template", "chat"]
+    )

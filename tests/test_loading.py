@@ -87,3 +87,16 @@ def test_no_loading_bars_without_progress(dirs, capfd):
     ProxyTuner(dirs["base"], dirs["expert"], dirs["anti"], progress=False)
     err = capfd.readouterr().err
     assert "Loading" not in err and "%|" not in err, err
+
+
+def test_weights_that_do_not_fit_the_config_are_a_load_error(dirs, tmp_path):
+    import json
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(dirs["base"], wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    config["hidden_size"] *= 2
+    config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    (wrong / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="base: cannot load a causal LM from"):
+        ProxyTuner(str(wrong))

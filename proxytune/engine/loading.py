@@ -193,8 +193,9 @@ def load_model(
                 module = AutoModelForCausalLM.from_pretrained(
                     source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **hub
                 )
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"{name}: cannot load a causal LM from {source!r}: {e}{_hub_hint(source, hub)}") from e
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit the config
+            message = str(e).split("\n\t")[0].strip()  # torch's size-mismatch report: its first lines
+            raise ModelLoadError(f"{name}: cannot load a causal LM from {source!r}: {message}{_hub_hint(source, hub)}") from e
         module = module.to(device)
     else:
         raise TypeError(f"{name} must be a hub id, a directory or a PreTrainedModel, got {type(spec.model).__name__}")
