@@ -265,3 +265,20 @@ def test_graph_bookkeeping_with_fake_cuda(models, tok, monkeypatch):
     graphs = graph._graphs
     assert len(graphs.graphs) >= 2 and all(lp for _, lp in graphs.graphs), graphs.graphs  # compaction: several buckets
     assert set(graphs.chosen.values()) <= {"streams", "sequential"} and all(len(t) == 2 for t in graphs.timings.values())
+
+
+def test_dynamic_rope_is_refused_with_a_reason(models, tok):
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import tiny_config
+
+    config = tiny_config("llama")
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    torch.manual_seed(0)
+    dynamic = AutoModelForCausalLM.from_config(config).eval()
+    base, _, anti = models["llama"]
+    reason, _ = static_support([base, dynamic], ["base", "expert 0"])
+    assert reason is not None and "expert 0 uses dynamic RoPE scaling" in reason
+    with pytest.raises(ValueError, match="decode='static' is not possible: expert 0 uses dynamic RoPE"):
+        ProxyTuner(base, dynamic, anti, tokenizer=tok, decode="static")
+    assert static_support([base, anti], ["base", "anti"])[0] is None  # default RoPE is fine

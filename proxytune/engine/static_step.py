@@ -80,6 +80,12 @@ def static_support(modules: Sequence[torch.nn.Module], names: Sequence[str]) -> 
             return f"{name} has {', '.join(kinds)} layers (the static step supports full attention only)", None
         if layer_types is None and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
             return f"{name} uses sliding-window attention (the static step supports full attention only)", None
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+            # dynamic NTK scaling compares the sequence length on the host inside the forward: a sync per
+            # step and a data-dependent branch, which a CUDA graph cannot hold
+            return f"{name} uses dynamic RoPE scaling (rope_type 'dynamic' decides on the host each step)", None
         kind = getattr(config, "model_type", "?")
         if kind not in VERIFIED_MODEL_TYPES and caveat is None:
             caveat = f"{name} is a {kind!r} model, not among the architectures the static step is tested on"
