@@ -174,14 +174,15 @@ class ProxyTuner:
         caches and input buffers, per-row parameters in device tensors, rows in batch-size buckets, the host
         reading the drawn tokens every ``poll_every`` steps), run eagerly. ``"graph"``: the same step captured
         in a CUDA graph per bucket, the small models on side streams (CUDA only; not yet verified on a GPU by
-        this project's tests). ``"auto"``: ``"graph"`` on CUDA when every model supports the static step and is
-        of a tested architecture, else ``"eager"`` (:attr:`decode_reason` says why). An explicit ``"static"``
+        this project's tests). ``"auto"``: ``"eager"`` everywhere until a GPU run has verified the graph path
+        (:attr:`decode_reason` says why; on CUDA with models the static step supports it names
+        ``decode="graph"`` as the opt-in). An explicit ``"static"``
         or ``"graph"`` the models cannot use raises ``ValueError``. All modes give the same tokens for the
         same seeds (up to the last bits of the logits: the static step attends over a masked, preallocated
         cache).
     poll_every : decode steps between two reads of the drawn tokens by the host (static and graph modes);
         streamed tokens then arrive in groups of up to this many. The static decoder (caches sized for the
-        largest batch and length seen so far) and its graphs are kept between calls:
+        largest batch seen so far, grown as requests need) and its graphs are kept between calls:
         :meth:`release_decode_buffers` frees them.
     """
 
