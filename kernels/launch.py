@@ -10,13 +10,13 @@ has created them. Two launches sharing a scratch must not run concurrently on di
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
 import triton
 
-from proxytune._triton_backend import interpreting
-from proxytune.kernels.sample_kernel import proxy_sample_kernel
+from .sample_kernel import proxy_sample_kernel
 
 __all__ = ["proxy_sample", "MAX_PAIRS"]
 
@@ -99,7 +99,7 @@ def proxy_sample(
     """
     device = base.device
     batch = base.shape[0]
-    if device.type == "cpu" and not interpreting():
+    if device.type == "cpu" and not _interpreting():
         raise RuntimeError("the triton sampler runs CPU tensors only under TRITON_INTERPRET=1")
     if len(experts) != len(anti_experts):
         raise ValueError(f"got {len(experts)} experts but {len(anti_experts)} anti_experts")
@@ -169,6 +169,12 @@ def proxy_sample(
             **extra,
         )  # fmt: skip
     return tokens, logprobs
+
+
+def _interpreting() -> bool:
+    """Triton's numpy interpreter is on (``TRITON_INTERPRET``, as triton itself reads it). Kept here, not
+    imported from the backend glue above: the kernel layer imports nothing from proxytune."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 class _nullcontext:

@@ -39,3 +39,13 @@ def test_python_dash_m_entry_point():
     # cheap: the demo itself runs in-process in tests/test_tinyworld.py::test_demo_runs_end_to_end
     out = subprocess.run([sys.executable, "-m", "proxytune", "--version"], check=True, capture_output=True, text=True)
     assert out.stdout == f"proxytune {proxytune.__version__}\n"
+
+
+def test_the_kernel_layer_imports_nothing_from_the_layers_above():
+    from pathlib import Path
+
+    import re
+
+    upward = re.compile(r"^\s*(from\s+proxytune(?!\.kernels)\S*\s+import|import\s+proxytune)", re.M)
+    for source in (Path(__file__).resolve().parents[1] / "kernels").glob("*.py"):
+        assert not upward.search(source.read_text()), f"{source.name} imports from the layers above kernels/"
