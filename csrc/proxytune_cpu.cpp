@@ -481,17 +481,37 @@ PT_INLINE PT_CONTRACT vf exp2_neg(vf x) {
 
 constexpr float kLog2e = 1.44269504088896341f;
 
+// S and the ladder with the exact z = (s - M) / T, one token at a time, for the temperatures whose product
+// form fails (unvalidated input or extreme values, never a hot path): T = +inf, where c = 0 would give
+// NaN = -inf * 0 for masked tokens (every live z is 0 there; an overflowed s - M gives NaN, masked), and
+// T < 4.2e-39, where log2(e) / T overflows and clamping it would collapse the spread of z in a row on the
+// scale of T (subnormal logits).
+void scale_chunk_exact(const float* s, int64_t lo, int64_t hi, float M, float t, bool with_ladder, double* S,
+                       double* ladder) {
+  double sum = 0.0, lad[kLadder] = {0};
+  for (int64_t j = lo; j < hi; ++j) {
+    const float z = z_of(s[j], M, t);
+    if (!(z > kNegInf)) continue;
+    const double e = std::exp(double(z));
+    sum += e;
+    for (int i = 0; i < kLadder; ++i) lad[i] += z >= kLadderZ[i] ? e : 0.0;
+  }
+  *S += sum;
+  if (with_ladder)
+    for (int i = 0; i < kLadder; ++i) ladder[i] += lad[i];
+}
+
 // S = sum exp(zc) and the ladder masses (mass with zc >= rung) over [lo, hi), where zc = (s - M) / T is
 // taken relative to the row maximum M (and multiplied by 1/T: these sums only steer the search, the exact
 // z = (s - m) / T is computed wherever a decision depends on it). Reads s (whole sub-blocks: the padding is
 // -inf), writes nothing. A rung above a sub-block's maximum gets nothing from it and is skipped. Vector
-// accumulators flush into doubles every 32 sub-blocks. x = (s - M) * c with c = log2(e) / T, or, when that
-// overflows (kPrescale: T < 4.2e-39), ((s - M) * pre) * c with pre = 2^64 (exact) and c = log2(e) / (T pre):
-// a row on the scale of a subnormal T keeps its spread of z instead of collapsing onto x = 0.
-template <bool kPrescale>
-PT_INLINE PT_CONTRACT void scale_subs(const float* __restrict s, const float* __restrict bm, int64_t lo, int64_t hi,
-                                      float M, float pre, float c, bool with_ladder, double* S, double* ladder) {
+// accumulators flush into doubles every 32 sub-blocks. Temperatures where c = log2(e) / T is 0 or overflows
+// go to scale_chunk_exact.
+PT_HOT PT_CONTRACT void scale_chunk(const float* __restrict s, const float* __restrict bm, int64_t lo, int64_t hi,
+                                    float M, float t, bool with_ladder, double* S, double* ladder) {
   static_assert(kSub == 4 * kW, "one sub-block is four vectors");
+  const float c = kLog2e / t;
+  if (!(c > 0.0f && c <= FLT_MAX)) return scale_chunk_exact(s, lo, hi, M, t, with_ladder, S, ladder);
   float rung[kLadder];
   for (int i = 0; i < kLadder; ++i) rung[i] = kLadderZ[i] * kLog2e;
   vf acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
@@ -512,23 +532,15 @@ PT_INLINE PT_CONTRACT void scale_subs(const float* __restrict s, const float* __
     const float bmax = bm[sb / kSub];
     if (!(bmax > kNegInf)) continue;  // fully masked sub-block
     const float* __restrict xs = s + sb;
-    vf d0 = vload(xs) - M, d1 = vload(xs + kW) - M, d2 = vload(xs + 2 * kW) - M, d3 = vload(xs + 3 * kW) - M;
-    if constexpr (kPrescale) {
-      d0 *= pre;
-      d1 *= pre;
-      d2 *= pre;
-      d3 *= pre;
-    }
-    const vf x0 = d0 * c, x1 = d1 * c, x2 = d2 * c, x3 = d3 * c;
+    const vf x0 = (vload(xs) - M) * c, x1 = (vload(xs + kW) - M) * c;
+    const vf x2 = (vload(xs + 2 * kW) - M) * c, x3 = (vload(xs + 3 * kW) - M) * c;
     const vf e0 = exp2_neg(x0), e1 = exp2_neg(x1), e2 = exp2_neg(x2), e3 = exp2_neg(x3);
     acc0 += e0;
     acc1 += e1;
     acc2 += e2;
     acc3 += e3;
     if (with_ladder) {
-      float dmax = bmax - M;
-      if constexpr (kPrescale) dmax *= pre;
-      const float xmax = dmax * c;
+      const float xmax = (bmax - M) * c;
       for (int i = kLadder - 1; i >= 0 && rung[i] <= xmax; --i) {
         const vf r = splat(rung[i]);
         la[i] += ((x0 >= r ? e0 : zero) + (x1 >= r ? e1 : zero)) + ((x2 >= r ? e2 : zero) + (x3 >= r ? e3 : zero));
@@ -540,26 +552,6 @@ PT_INLINE PT_CONTRACT void scale_subs(const float* __restrict s, const float* __
   *S += sum;
   if (with_ladder)
     for (int i = 0; i < kLadder; ++i) ladder[i] += lad[i];
-}
-
-PT_HOT PT_CONTRACT void scale_chunk(const float* __restrict s, const float* __restrict bm, int64_t lo, int64_t hi,
-                                    float M, float t, bool with_ladder, double* S, double* ladder) {
-  if (!(t < std::numeric_limits<float>::infinity())) {
-    // T = +inf (unvalidated input): z = (s - M) / T is 0 for every live token (-inf where s - M overflows:
-    // NaN, which the reference masks), so S and every rung count the live tokens, exactly. The product
-    // would give c = 0 and NaN = -inf * 0 for masked tokens.
-    double live = 0.0;
-    for (int64_t j = lo; j < hi; ++j) live += z_of(s[j], M, t) > kNegInf ? 1.0 : 0.0;
-    *S += live;
-    if (with_ladder)
-      for (int i = 0; i < kLadder; ++i) ladder[i] += live;
-    return;
-  }
-  const float c = kLog2e / t;  // finite and > 0 unless T < 4.2e-39; x is 0 at the maximum and never NaN
-  if (c <= FLT_MAX)
-    scale_subs<false>(s, bm, lo, hi, M, 1.0f, c, with_ladder, S, ladder);
-  else
-    scale_subs<true>(s, bm, lo, hi, M, 0x1.0p64f, kLog2e / (t * 0x1.0p64f), with_ladder, S, ladder);
 }
 
 // Exact z = (s - m) / T for n tokens (vectorised division).
