@@ -156,19 +156,18 @@ def _real(x: object) -> bool:
     return type(x) is float or type(x) is int or isinstance(x, numbers.Real)
 
 
-def check_filter_scalars(temperature, top_k, top_p, min_p, weights, names=None):
+def check_filter_scalars(temperature, top_k, top_p, min_p, weights):
     """Range checks for the Python-number parameters (tensors pass through): free, so always done.
 
     Returns ``(temperature, top_k, top_p, min_p, weights)`` ready for fp32 / int64 tensors: a positive
     temperature or top_p below the smallest fp32 becomes that smallest fp32 (top_p: every p <= 1/V keeps the
     same set; temperature: still a draw, not greedy), a top_k past :data:`TOP_K_MAX` becomes it (the same
     keep-everything filter). Numbers that cannot be fp32 parameters (above 3.4e38) raise ``ValueError``, as do
-    out-of-range values; ``names`` maps a parameter to the name the message uses (e.g. a CLI flag).
+    out-of-range values.
     """
-    names = names or {}
 
     def bad(name, rule, value):
-        return ValueError(f"{names.get(name, name)} must be {rule}, got {value!r}")
+        return ValueError(f"{name} must be {rule}, got {value!r}")
 
     if _real(temperature):
         if not 0 <= temperature <= FP32_MAX:

@@ -20,7 +20,8 @@ import torch
 from proxytune.engine.loading import LoadedModel
 from proxytune.engine.prompts import position_ids
 
-__all__ = ["ModelRunner", "SamplerState", "to_device", "cache_argument", "forward_parameters", "position_limit"]
+__all__ = ["ModelRunner", "SamplerState", "to_device", "cache_argument", "forward_parameters", "position_limit",
+           "text_config"]
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -42,10 +43,16 @@ def cache_argument(module: torch.nn.Module) -> str:
     return "cache" if "cache" in forward_parameters(module) else "past_key_values"
 
 
+def text_config(module: torch.nn.Module):
+    """The config of ``module``'s language model (the text part of a multimodal config)."""
+    config = module.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def position_limit(module: torch.nn.Module) -> Optional[int]:
     """The most positions ``module`` is made for (prompt and generated tokens together), or None if its
     config names no limit: ``max_position_embeddings`` (Llama, Qwen2, ...) or ``n_positions`` (GPT-2)."""
-    config = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
+    config = text_config(module)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:

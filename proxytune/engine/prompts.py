@@ -3,8 +3,8 @@
 Every model sees the same prompt ids (tokenised once by the shared tokenizer); a template only adds its own
 prefix and suffix ids around them. A prompt may also be a conversation (a list of ``{"role", "content"}``
 messages): a model with template ``"chat"`` sees all of it in its chat template, every other model the
-messages' contents, one per line (:func:`messages_text`), with its own template around them. Decoded text is never tokenised again, so all models stay aligned on the
-generated tokens.
+messages' contents, one per line (:func:`messages_text`), with its own template around them. Decoded text
+is never tokenised again, so all models stay aligned on the generated tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 __all__ = [
     "PromptTemplate", "encode_prompt", "left_pad", "position_ids", "is_messages", "check_messages", "messages_text",
-    "chat_ids",
+    "chat_ids", "render_chat",
 ]  # fmt: skip
 
 _SENTINEL = "\uE000proxytune-prompt\uE001"  # a private-use marker: never in a real template or prompt
@@ -51,11 +51,7 @@ class PromptTemplate:
         text carries its own)."""
         prefix, suffix = self.prefix, self.suffix
         if self.chat:
-            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-                raise ValueError(f"{model_name} has template 'chat' but its tokenizer has no chat template")
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
-            )
+            text = render_chat(tokenizer, [{"role": "user", "content": _SENTINEL}], model_name)
             if text.count(_SENTINEL) != 1:
                 raise ValueError(f"{model_name}: the chat template does not contain the user message exactly once")
             prefix, _, suffix = text.partition(_SENTINEL)
@@ -82,13 +78,16 @@ def messages_text(messages: Sequence[Mapping]) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
-def chat_ids(tokenizer: Any, messages: Sequence[Mapping], model_name: str) -> list[int]:
-    """A whole conversation in ``tokenizer``'s chat template, generation prompt added (the template carries
-    its own special tokens)."""
+def render_chat(tokenizer: Any, messages: Sequence[Mapping], model_name: str) -> str:
+    """``messages`` as text in ``tokenizer``'s chat template, generation prompt added."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{model_name} has template 'chat' but its tokenizer has no chat template")
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+
+def chat_ids(tokenizer: Any, messages: Sequence[Mapping], model_name: str) -> list[int]:
+    """A whole conversation in ``tokenizer``'s chat template (the template carries its own special tokens)."""
+    return list(tokenizer(render_chat(tokenizer, messages, model_name), add_special_tokens=False)["input_ids"])
 
 
 def encode_prompt(tokenizer: Any, prompt: Union[str, Sequence[int]], name: str = "prompt") -> tuple[list[int], list[int]]:

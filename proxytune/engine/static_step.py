@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from proxytune.engine.decode import ModelRunner, SamplerState, cache_argument, forward_parameters, position_limit
+from proxytune.engine.decode import ModelRunner, SamplerState, cache_argument, forward_parameters, position_limit, text_config
 from proxytune.ops import sample as proxy_sample
 
 __all__ = [
@@ -80,8 +80,8 @@ def static_support(modules: Sequence[torch.nn.Module], names: Sequence[str]) -> 
             return f"{name} has {', '.join(kinds)} layers (the static step supports full attention only)", None
         if layer_types is None and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
             return f"{name} uses sliding-window attention (the static step supports full attention only)", None
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        text = text_config(module)
+        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
         if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
             # dynamic NTK scaling compares the sequence length on the host inside the forward: a sync per
             # step and a data-dependent branch, which a CUDA graph cannot hold

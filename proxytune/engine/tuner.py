@@ -557,7 +557,7 @@ class ProxyTuner:
         if dec is None or not dec.fits(modules, bucket_for(batch), max_len) or dec.ring_len != self.poll_every \
                 or dec.backend != self.backend:  # fmt: skip
             if shared:
-                self._decoder = self._graphs = dec = None
+                self._decoder = self._graphs = None  # free the old decoder's memory before allocating
             step = 256 if self.device.type == "cuda" else 32  # room for the next batches: fewer recaptures
             dec = StaticDecoder(
                 modules, [m.name for m in self.models], capacity=bucket_for(batch), max_len=-(-max_len // step) * step,
@@ -565,12 +565,16 @@ class ProxyTuner:
             )  # fmt: skip
         graphs = self._graphs if shared else None
         if self.decode == "graph" and graphs is None:
-            from proxytune.engine.graph_step import DecodeGraphs
-
-            graphs = DecodeGraphs(dec, variant=self.graph_variant)
+            graphs = self._new_graphs(dec)
         if shared:
             self._decoder, self._graphs = dec, graphs
         return dec, graphs
+
+    def _new_graphs(self, dec):
+        """Empty CUDA graphs over ``dec`` (each bucket is captured on its first replay)."""
+        from proxytune.engine.graph_step import DecodeGraphs
+
+        return DecodeGraphs(dec, variant=self.graph_variant)
 
     def _run_static(self, rows: list[_Row], runners: list[ModelRunner], logits, state: SamplerState, return_logprobs: bool):
         """The decode loop over the static step (``decode="static"`` or ``"graph"``); same events as the eager loop.
@@ -652,12 +656,10 @@ class ProxyTuner:
                 need = prompt_len + launched + k + SPARE_STEPS
                 if need > dec.max_len:  # grow the caches (in place of the old ones): graphs are captured anew
                     if graphs is not None:
-                        from proxytune.engine.graph_step import DecodeGraphs
-
                         torch.cuda.current_stream(dec.device).synchronize()  # no replay in flight when they go
                     dec.grow(max(need, min(2 * dec.max_len, prompt_len + limit + SPARE_STEPS)))
                     if graphs is not None:
-                        graphs = DecodeGraphs(dec, variant=self.graph_variant)
+                        graphs = self._new_graphs(dec)
                         if shared:
                             self._graphs = graphs
                 dec.slot.zero_()
