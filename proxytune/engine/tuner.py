@@ -359,6 +359,49 @@ class ProxyTuner:
                 )  # fmt: skip
         return results[0] if single else results  # type: ignore[return-value]
 
+    def score(
+        self,
+        prompts: Union[Prompt, Sequence[Prompt]],
+        continuations: Union[str, Sequence[Union[str, Sequence[int]]]],
+        *,
+        weights: Union[None, float, Sequence[float]] = None,
+        batch_size: Optional[int] = None,
+        progress: Optional[bool] = None,
+    ):
+        """The proxy-tuned log-likelihood of each continuation after its prompt (``engine/score.py``).
+
+        Log-probabilities under ``softmax(s_base + sum_i w_i * (s_expert_i - s_anti_i))`` at temperature 1,
+        no filters, over the common vocabulary, in fp32: one batched forward per model (no token loop), each
+        model seeing its prompt as :meth:`generate` builds it (templates, conversations) and then the
+        continuation's ids.
+
+        Parameters
+        ----------
+        prompts : as for :meth:`generate` (one, or a sequence)
+        continuations : str or token ids, one per prompt
+            A text continuation after a text prompt is tokenised by lm-evaluation-harness's rule: trailing
+            whitespace of the prompt moves to the continuation, and its ids are ``encode(prompt +
+            continuation)[len(encode(prompt)):]`` (no special tokens). A token that merges across the boundary
+            is not repaired (as in lm-eval: the continuation's ids start after it; one that leaves no ids is a
+            ``ValueError``). After a prompt given as ids or a conversation the continuation is encoded alone;
+            ids are used as given.
+        weights : None (the tuner's), a float for every pair, or one float per pair
+        batch_size : at most this many requests per forward (default: all); longest requests go first
+        progress : a progress bar over batches (default: the tuner's ``progress``)
+
+        Returns
+        -------
+        list of :class:`~proxytune.engine.score.Score` (``token_ids``, ``token_logprobs``, ``logprob``,
+        ``is_greedy``); a single one for one text prompt with one text continuation.
+
+        Raises ``ValueError`` naming the request for an empty continuation, one that does not fit a model's
+        positions (all but its last token are fed after the prompt), ids outside the common vocabulary and
+        lists of different lengths.
+        """
+        from proxytune.engine.score import score
+
+        return score(self, prompts, continuations, weights=weights, batch_size=batch_size, progress=progress)
+
     def stream(
         self,
         prompts: Union[Prompt, Sequence[Prompt]],
