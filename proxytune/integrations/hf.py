@@ -1,0 +1,192 @@
+"""Proxy-tuning inside Hugging Face ``generate``: a ``LogitsProcessor`` that adds the small models' steer.
+
+    from transformers import LogitsProcessorList
+    from proxytune.integrations.hf import ProxyTuningLogitsProcessor
+
+    p = ProxyTuningLogitsProcessor(expert, anti_expert, weights=1.0, attention_mask=enc.attention_mask)
+    out = base.generate(**enc, logits_processor=LogitsProcessorList([p]), do_sample=False, max_new_tokens=32)
+
+At every step the processor runs each expert and anti-expert on the tokens ``input_ids`` gained since its
+last call, with its own KV cache, and returns ``log_softmax(scores + sum_i w_i * (expert_i - anti_i))`` over
+the common vocabulary ``V`` (``-inf`` past it). That is ``scores + sum_i w_i (expert_i - anti_i)`` up to one
+constant per row: greedy search and sampling see exactly that distribution, and beam search (which hands
+processors the base's log-probabilities) ranks hypotheses by their proxy-tuned log-probability.
+
+What differs from :class:`proxytune.ProxyTuner`:
+
+- Hugging Face does the decoding: its processors that come before custom ones (repetition penalty, bad
+  words, min-length and other suppressions) act on the *base's* scores only, its warpers (temperature,
+  top-k, top-p, min-p) act on the combined scores, and its sampler draws (``torch.multinomial``, seeded by
+  ``torch.manual_seed``, not proxytune's counter-based noise: the same seed gives other tokens than
+  ``ProxyTuner``). Greedy decoding gives ``ProxyTuner``'s tokens.
+- No fused op and no static or graph step: the small models run eagerly, one after the other, and the
+  combination is a few PyTorch ops; expect the speed of a naive loop (``benchmarks/test_engine.py`` measures
+  ``ProxyTuner`` against one).
+- Only models: no templates, no vocabulary check (the models must share the base's tokenizer) and no
+  per-request weights.
+
+Caches follow ``input_ids``: when the rows are the previous rows plus one token each, the small models step
+once; when rows were reordered or duplicated (beam search) the caches are reindexed first; anything else (a
+new batch, a longer jump) runs the small models over the whole ``input_ids`` again (``prefills`` counts those).
+Padding: the processor never sees ``generate``'s attention mask, so give it ``attention_mask=`` (the prompt's,
+``[B, L]``; beam search's ``B * num_beams`` rows are matched by repeating it), or ``pad_token_id=`` (leading
+pad tokens of a row are padding), else no row is padded. A processor given a mask refuses rows that do not
+start with that mask's prompt: call :meth:`reset` with the new mask before reusing it for another batch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from transformers import LogitsProcessor, PreTrainedModel
+
+from proxytune.engine.decode import ModelRunner
+from proxytune.engine.loading import LoadedModel
+
+__all__ = ["ProxyTuningLogitsProcessor"]
+
+
+def _as_list(x: Any) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _loaded(module: Any, name: str) -> LoadedModel:
+    if not isinstance(module, PreTrainedModel):
+        raise TypeError(f"{name} must be a transformers PreTrainedModel, got {type(module).__name__}")
+    out = module.get_output_embeddings()
+    width = out.weight.shape[0] if out is not None and hasattr(out, "weight") else module.config.get_text_config().vocab_size
+    device = next(module.parameters()).device
+    return LoadedModel(name, module.eval(), device, int(width), None, None, getattr(module, "name_or_path", "") or name)
+
+
+class ProxyTuningLogitsProcessor(LogitsProcessor):
+    """Add ``sum_i w_i * (expert_i - anti_expert_i)`` to the base's scores inside ``model.generate``.
+
+    Parameters
+    ----------
+    experts, anti_experts : a ``PreTrainedModel`` or a sequence of them, pairwise (as in ``ProxyTuner``)
+        Each runs on its own device; its logits are moved to the scores' device.
+    weights : float or one float per pair (``alpha``), default 1.0
+    attention_mask : ``[B, L]`` tensor, optional
+        The prompt's attention mask as given to ``generate`` (left padding). See the module docstring.
+    pad_token_id : int, optional
+        Without ``attention_mask``: leading tokens equal to it are padding.
+    vocab_size : int, optional
+        Cap on the common vocabulary (default ``min(scores width, every small model's width)``).
+
+    Returns (``__call__``) ``[R, W]`` float32 on the scores' device: ``log_softmax`` of the combined scores
+    over the first ``V`` columns, ``-inf`` beyond.
+    """
+
+    def __init__(
+        self,
+        experts: Any,
+        anti_experts: Any,
+        weights: Union[float, Sequence[float]] = 1.0,
+        *,
+        attention_mask: Optional[torch.Tensor] = None,
+        pad_token_id: Optional[int] = None,
+        vocab_size: Optional[int] = None,
+    ):
+        experts, anti_experts = _as_list(experts), _as_list(anti_experts)
+        if len(experts) != len(anti_experts):
+            raise ValueError(f"got {len(experts)} experts but {len(anti_experts)} anti-experts; they come in pairs")
+        if not experts:
+            raise ValueError("experts: give at least one (expert, anti-expert) pair")
+        n = len(experts)
+        ws = [weights] * n if isinstance(weights, numbers.Real) and not isinstance(weights, bool) else weights
+        if not isinstance(ws, (list, tuple)) or len(ws) != n or not all(
+            isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in ws
+        ):  # fmt: skip
+            raise ValueError(f"weights must be a finite float or {n} finite floats (one per pair), got {weights!r}")
+        self.weights = [float(w) for w in ws]
+        self.models = [_loaded(m, f"expert {i}") for i, m in enumerate(experts)]
+        self.models += [_loaded(m, f"anti-expert {i}") for i, m in enumerate(anti_experts)]
+        if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral)):
+            raise TypeError(f"pad_token_id must be an integer token id, got {pad_token_id!r}")
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+            raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+        self.pad_token_id = pad_token_id
+        self.vocab_size = vocab_size
+        self.prefills = 0  # how many times the small models ran over whole sequences (a new batch, or rows lost)
+        self.reset(attention_mask)
+
+    def reset(self, attention_mask: Optional[torch.Tensor] = None) -> None:
+        """Forget the caches (the next call runs the small models over its whole ``input_ids``) and take
+        ``attention_mask`` as the next batch's prompt mask."""
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+                raise ValueError("attention_mask must be a [B, L] tensor (the prompt's mask as given to generate)")
+            attention_mask = attention_mask.detach().to("cpu", torch.long)
+        self._prompt_mask = attention_mask
+        self._prompt_rows: Optional[torch.Tensor] = None  # [B, L] the prompt the mask belongs to, seen at the first call
+        self._runners: Optional[list[ModelRunner]] = None
+        self._seen: Optional[torch.Tensor] = None  # [R, L] the ids the caches hold, on the CPU
+        self._last: Optional[list[torch.Tensor]] = None
+
+    def _mask_for(self, ids: torch.Tensor) -> torch.Tensor:
+        """The attention mask of rows ``ids`` for a prefill: from the prompt mask (whose prompt these rows must
+        start with; beam search's rows of one prompt are adjacent), else from leading pad tokens, else ones."""
+        rows, length = ids.shape
+        m = self._prompt_mask
+        if m is not None:
+            b, n = m.shape
+            fits = rows % b == 0 and (length == n if self._prompt_rows is None else length >= n)
+            if fits and self._prompt_rows is not None:
+                fits = torch.equal(ids[:, :n], self._prompt_rows.repeat_interleave(rows // b, dim=0))
+            if not fits:
+                raise ValueError(
+                    f"attention_mask is {tuple(m.shape)} but generate passed input_ids of {tuple(ids.shape)} that do not "
+                    "start with the prompt it was given for; call reset(attention_mask=...) with this batch's mask"
+                )
+            if self._prompt_rows is None:
+                self._prompt_rows = ids[::rows // b, :n].clone()
+            m = m.repeat_interleave(rows // b, dim=0)
+            return torch.cat([m, torch.ones((rows, length - n), dtype=torch.long)], dim=1)
+        if self.pad_token_id is not None:
+            return ((ids != self.pad_token_id).cumsum(-1) > 0).long()
+        return torch.ones_like(ids)
+
+    @torch.inference_mode()
+    def _advance(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Each small model's next-token logits after ``input_ids`` (reusing and reindexing its cache)."""
+        ids = input_ids.detach().to("cpu", torch.long)
+        seen = self._seen
+        if seen is not None and ids.shape == seen.shape and torch.equal(ids, seen):
+            return self._last  # called again for the same step
+        if seen is not None and ids.shape[1] == seen.shape[1] + 1:
+            prefix = ids[:, :-1]
+            rows = None
+            if prefix.shape[0] != seen.shape[0] or not torch.equal(prefix, seen):
+                match = (prefix[:, None, :] == seen[None, :, :]).all(-1)  # [R, R_seen]
+                rows = match.int().argmax(-1) if bool(match.any(-1).all()) else False
+            if rows is not False:
+                if rows is not None:
+                    for runner in self._runners:
+                        runner.select(rows)
+                self._last = [runner.step(ids[:, -1]) for runner in self._runners]
+                self._seen = ids
+                return self._last
+        mask = self._mask_for(ids)
+        self._runners = [ModelRunner(m) for m in self.models]
+        self._last = [r.prefill(ids.to(r.device), mask.to(r.device)) for r in self._runners]
+        self._seen = ids
+        self.prefills += 1
+        return self._last
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = self._advance(input_ids)
+        n = len(self.weights)
+        v = min([scores.shape[-1], *(x.shape[-1] for x in logits)] + ([self.vocab_size] if self.vocab_size else []))
+        with torch.no_grad():
+            s = scores[:, :v].float()
+            for w, e, a in zip(self.weights, logits[:n], logits[n:]):
+                s = s + w * (e[:, :v].to(scores.device).float() - a[:, :v].to(scores.device).float())
+            out = torch.full(scores.shape, -math.inf, dtype=torch.float32, device=scores.device)
+            out[:, :v] = s.log_softmax(-1)
+        return out
