@@ -1,55 +1,123 @@
-"""Launcher of the fused sampler kernel: checks, shapes, scratch buffers, grid.
+"""Launcher of the fused sampler kernel: checks, launch settings, scratch buffers, grid.
 
 :func:`proxy_sample` takes already-normalised arguments (``[B]`` parameter tensors, ``[P, B]`` weights; see
 :class:`proxytune._args.SampleArgs`) and launches :func:`~proxytune.kernels.sample_kernel.proxy_sample_kernel`
-once. Host syncs: none. The scratch buffers are cached per (device, B, S, CAP) and are zero between launches
-(the kernel resets its own counters), so calls can be captured in a CUDA graph after one eager warm-up call
-has created them. Two launches sharing a scratch must not run concurrently on different streams.
+once. Host syncs: none.
+
+Launch settings (:func:`launch_settings`): on a GPU, tiles of ``BLOCK = CAP = 1024`` with :data:`NUM_WARPS`
+warps and about two waves of programs over the SMs; :mod:`proxytune.kernels.aot` compiles exactly this
+launch for a chosen target without a GPU and reports registers and spills.
+
+Scratch (per-program partials, the candidate list, two counters) belongs to one stream: launches on one
+stream run in order, so they can share it; another stream gets its own. A launch captured into a CUDA graph
+gets scratch of its own, kept alive by the graph's output tensors (keep those while the graph lives, as CUDA
+graphs require). The counters are zeroed at every launch (a memset on the same stream, captured with the
+kernel), so an interrupted launch cannot leave a later one a wrong count.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
 
 from .sample_kernel import proxy_sample_kernel
 
-__all__ = ["proxy_sample", "MAX_PAIRS"]
+__all__ = ["proxy_sample", "launch_settings", "kernel_arguments", "LaunchSettings", "MAX_PAIRS", "NUM_WARPS"]
 
 MAX_PAIRS = 4  # pairs passed as separate pointers; more are folded into an fp32 base first (same order)
+# Warps per program on a GPU. Chosen with kernels/aot.py: at 4 warps ptxas runs out of registers and spills on
+# sm_80 and sm_90 (bf16 and fp32); at 8 nothing spills on sm_80 / sm_90 for bf16, fp16 and fp32, B in
+# {1, 64, 256}, V up to 262144 (tests/test_kernel_aot.py checks the table).
+NUM_WARPS = 8
+GPU_BLOCK = GPU_CAP = 1024  # tile width and candidate capacity on a GPU (powers of two)
+INTERPRETER_BLOCK, INTERPRETER_CAP = 256, 512  # smaller tiles: the numpy interpreter's cost grows with them
 _LEVELS = 16  # top-k lower-bound levels counted per program (one nat apart)
 _MAX_SPLIT = 256
 
-_scratch: dict[tuple, tuple[torch.Tensor, ...]] = {}
 _sm_count: dict[int, int] = {}
 
 
-def _scratch_for(device: torch.device, batch: int, split: int, cap: int) -> tuple[torch.Tensor, ...]:
-    key = (device, batch, split, cap)
+class Scratch(NamedTuple):
+    """Working memory of one launch: zero counters at the start, the rest is written before it is read."""
+
+    part_f: torch.Tensor  # fp32 [B, S, 3]: per-program max, sum, top-k level
+    part_i: torch.Tensor  # int32 [B, S]: per-program first arg-max
+    cand_s: torch.Tensor  # fp32 [B, CAP]: candidate logits s
+    cand_i: torch.Tensor  # int32 [B, CAP]: candidate token ids
+    counters: torch.Tensor  # int32 [B, 2]: candidate count, arrivals
+
+    @classmethod
+    def allocate(cls, device: torch.device, batch: int, split: int, cap: int) -> "Scratch":
+        f32, i32 = torch.float32, torch.int32
+        return cls(
+            torch.empty(batch, split, 3, dtype=f32, device=device), torch.empty(batch, split, dtype=i32, device=device),
+            torch.empty(batch, cap, dtype=f32, device=device), torch.empty(batch, cap, dtype=i32, device=device),
+            torch.zeros(batch, 2, dtype=i32, device=device),
+        )  # fmt: skip
+
+
+_scratch: dict[tuple, Scratch] = {}
+
+
+def _scratch_for(device: torch.device, batch: int, split: int, cap: int) -> tuple[Scratch, bool]:
+    """``(scratch, owned)``: the current stream's cached scratch, or, inside a CUDA-graph capture, a new one
+    that only this launch uses (``owned``: the caller ties its lifetime to the launch's outputs)."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return Scratch.allocate(device, batch, split, cap), True
+        stream = torch.cuda.current_stream(device).cuda_stream
+    else:
+        stream = 0  # the interpreter runs launches one after another
+    key = (device, stream, batch, split, cap)
     if key not in _scratch:
-        _scratch[key] = (
-            torch.empty(batch, split, 3, dtype=torch.float32, device=device),  # per-program max, sum, k-level
-            torch.empty(batch, split, dtype=torch.int32, device=device),  # per-program first arg-max
-            torch.empty(batch, cap, dtype=torch.float32, device=device),  # candidate logits s
-            torch.empty(batch, cap, dtype=torch.int32, device=device),  # candidate token ids
-            torch.zeros(batch, 2, dtype=torch.int32, device=device),  # candidate count, arrivals
-        )
-    return _scratch[key]
+        _scratch[key] = Scratch.allocate(device, batch, split, cap)
+    return _scratch[key], False
 
 
-def _default_split(device: torch.device, batch: int, n_blocks: int) -> int:
-    """Programs per row: about two waves of programs over the GPU (one on the interpreter)."""
-    if device.type != "cuda":
-        return 1
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (read at call time, never at import; cached)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_count:  # read at call time, never at import
+    if index not in _sm_count:
         _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    want = max(1, (2 * _sm_count[index]) // batch)
-    return max(1, min(want, n_blocks // 2 or 1, _MAX_SPLIT))
+    return _sm_count[index]
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """How one launch tiles the rows: ``split`` programs per row, each over ``slice_width`` columns."""
+
+    block: int  # columns per tile (power of two)
+    cap: int  # candidate capacity per row (power of two)
+    split: int  # programs per row (no empty program)
+    slice_width: int  # columns per program: a multiple of block
+    num_warps: Optional[int]  # None: triton's default (the interpreter ignores it)
+
+
+def launch_settings(
+    batch: int, vocab_size: int, sms: Optional[int], *, block: Optional[int] = None, split: Optional[int] = None,
+    cap: Optional[int] = None, num_warps: Optional[int] = None,
+) -> LaunchSettings:  # fmt: skip
+    """The settings :func:`proxy_sample` launches with. ``sms``: the GPU's SM count, or None for the
+    interpreter. Explicit ``block`` / ``split`` / ``cap`` / ``num_warps`` override the defaults."""
+    gpu = sms is not None
+    block = block or (GPU_BLOCK if gpu else INTERPRETER_BLOCK)
+    cap = cap or (GPU_CAP if gpu else INTERPRETER_CAP)
+    if block & (block - 1) or cap & (cap - 1):
+        raise ValueError("block and cap must be powers of two")
+    n_blocks = triton.cdiv(vocab_size, block)
+    if split is None:  # about two waves of programs over the GPU; one program per row on the interpreter
+        split = max(1, min((2 * sms) // batch, n_blocks // 2 or 1, _MAX_SPLIT)) if gpu else 1
+    split = max(1, min(split, n_blocks))
+    slice_width = triton.cdiv(n_blocks, split) * block
+    split = triton.cdiv(vocab_size, slice_width)  # no empty programs
+    if num_warps is None and gpu:
+        num_warps = NUM_WARPS
+    return LaunchSettings(block, cap, split, slice_width, num_warps)
 
 
 def _row_major(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +155,9 @@ def proxy_sample(
     base : [B, Vb]; experts, anti_experts : P x [B, Vx]; fp32/bf16/fp16, unit column stride preferred.
     weights : [P, B] fp32. temperature, top_p, min_p : [B] fp32. top_k, seed, step : [B] int64.
     vocab_size : V <= every width.
-    block, split, cap : tile width, programs per row, candidate capacity (powers of two for block/cap);
-        defaults suit a GPU. Small values let the interpreter exercise row splitting and the fallback.
+    block, split, cap, num_warps : tile width, programs per row, candidate capacity (powers of two for
+        block/cap), warps per program; default :func:`launch_settings`. Small values let the interpreter
+        exercise row splitting and the fallback.
     has_top_k, has_top_p, has_min_p : False compiles that filter out (the caller promises it is off in
         every row); True handles per-row on/off at run time.
     write_logprobs : False skips the log-probability store (the returned tensor is then uninitialised).
@@ -120,9 +189,36 @@ def proxy_sample(
     if weights.shape != (n_pairs, batch) or weights.dtype != torch.float32:
         raise ValueError(f"weights must be fp32 [P, B] = [{n_pairs}, {batch}], got {weights.dtype} {tuple(weights.shape)}")
 
-    experts = list(experts)
-    anti_experts = list(anti_experts)
-    if n_pairs > MAX_PAIRS:  # fold the leading pairs into an fp32 base, in the reference's order
+    sms = sm_count(device) if device.type == "cuda" else None
+    settings = launch_settings(batch, vocab_size, sms, block=block, split=split, cap=cap, num_warps=num_warps)
+    scratch, owned = _scratch_for(device, batch, settings.split, settings.cap)
+    tokens = torch.empty(batch, dtype=torch.int64, device=device)
+    logprobs = torch.empty(batch, dtype=torch.float32, device=device)
+    grid, args, constants = kernel_arguments(
+        base, experts, anti_experts, weights, temperature, top_k, top_p, min_p, seed, step, vocab_size,
+        tokens, logprobs, scratch, settings, filters=(has_top_k, has_top_p, has_min_p), write_logprobs=write_logprobs,
+    )  # fmt: skip
+    with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
+        scratch.counters.zero_()
+        proxy_sample_kernel[grid](*args, **constants)
+    if owned:  # captured: the graph replays into this scratch for as long as its outputs live
+        tokens._proxytune_scratch = logprobs._proxytune_scratch = scratch
+    return tokens, logprobs
+
+
+def kernel_arguments(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], anti_experts: Sequence[torch.Tensor], weights: torch.Tensor,
+    temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+    step: torch.Tensor, vocab_size: int, tokens: torch.Tensor, logprobs: torch.Tensor, scratch: Scratch,
+    settings: LaunchSettings, *, filters: tuple[bool, bool, bool] = (True, True, True), write_logprobs: bool = True,
+) -> tuple[tuple[int, int], list, dict]:  # fmt: skip
+    """``(grid, positional arguments, constexprs and launch options)`` of the kernel for checked arguments:
+    what :func:`proxy_sample` launches and what :mod:`proxytune.kernels.aot` compiles (there with meta
+    tensors). More than :data:`MAX_PAIRS` pairs are folded into an fp32 base here (a few elementwise ops,
+    in the reference's order)."""
+    experts, anti_experts = list(experts), list(anti_experts)
+    n_pairs = len(experts)
+    if n_pairs > MAX_PAIRS:
         extra = n_pairs - MAX_PAIRS
         s = base[:, :vocab_size].float()
         for i in range(extra):
@@ -132,20 +228,6 @@ def proxy_sample(
     base = _row_major("base", base)
     experts = [_row_major("expert", x) for x in experts]
     anti_experts = [_row_major("anti_expert", x) for x in anti_experts]
-
-    block = block or (1024 if device.type == "cuda" else 256)
-    cap = cap or (1024 if device.type == "cuda" else 512)
-    if block & (block - 1) or cap & (cap - 1):
-        raise ValueError("block and cap must be powers of two")
-    n_blocks = triton.cdiv(vocab_size, block)
-    split = split or _default_split(device, batch, n_blocks)
-    split = max(1, min(split, n_blocks))
-    slice_width = triton.cdiv(n_blocks, split) * block
-    split = triton.cdiv(vocab_size, slice_width)  # no empty programs
-    part_f, part_i, cand_s, cand_i, counters = _scratch_for(device, batch, split, cap)
-
-    tokens = torch.empty(batch, dtype=torch.int64, device=device)
-    logprobs = torch.empty(batch, dtype=torch.float32, device=device)
     pairs = []
     for i in range(MAX_PAIRS):
         if i < n_pairs:
@@ -153,22 +235,25 @@ def proxy_sample(
         else:
             pairs += [base, 0, base, 0]  # never read: N_PAIRS is a constexpr
     if n_pairs == 0:
-        weights = torch.zeros(1, batch, dtype=torch.float32, device=device)
+        weights = torch.zeros(1, base.shape[0], dtype=torch.float32, device=base.device)
     params = []
     for t in (temperature, top_k, top_p, min_p, seed, step):
         params += [t, t.stride(0)]
-    grid = (batch, split)
-    extra = {} if num_warps is None else {"num_warps": num_warps}
-    with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
-        proxy_sample_kernel[grid](
-            base, base.stride(0), *pairs, weights, weights.stride(0), weights.stride(1), *params,
-            tokens, logprobs, part_f, part_i, cand_s, cand_i, counters,
-            vocab_size, slice_width, math.log(vocab_size),
-            N_PAIRS=n_pairs, BLOCK=block, CAP=cap, S_POW2=triton.next_power_of_2(split), NB=_LEVELS,
-            HAS_TOPK=has_top_k, HAS_TOPP=has_top_p, HAS_MINP=has_min_p, WRITE_LOGPROBS=write_logprobs,
-            **extra,
-        )  # fmt: skip
-    return tokens, logprobs
+    args = [
+        base, base.stride(0), *pairs, weights, weights.stride(0), weights.stride(1), *params, tokens, logprobs,
+        *scratch, vocab_size, settings.slice_width, math.log(vocab_size),
+    ]  # fmt: skip
+    has_top_k, has_top_p, has_min_p = filters
+    constants = dict(
+        N_PAIRS=n_pairs, BLOCK=settings.block, CAP=settings.cap, S_POW2=triton.next_power_of_2(settings.split),
+        NB=_LEVELS, HAS_TOPK=has_top_k, HAS_TOPP=has_top_p, HAS_MINP=has_min_p, WRITE_LOGPROBS=write_logprobs,
+    )  # fmt: skip
+    # No fused multiply-adds: s = base + w * (e - a) rounds as the reference's separate multiply and add.
+    # (The interpreter drops compiler options.)
+    constants["enable_fp_fusion"] = False
+    if settings.num_warps is not None:
+        constants["num_warps"] = settings.num_warps
+    return (base.shape[0], settings.split), args, constants
 
 
 def _interpreting() -> bool:

@@ -5,9 +5,10 @@ every expert and every anti-expert once, combines them in fp32 (the reference's 
 max / arg-max / sum of ``exp(z)`` plus a *candidate set*: the tokens that can matter for the draw, appended
 to a per-row scratch list through an atomic counter. The last program of a row to arrive (atomic arrival
 counter, no spin barrier) merges the partials and finishes the row on the candidates, or, when the list
-overflowed, by an exact multi-pass fallback over the row. It then resets the counters, so the scratch is
-ready for the next launch (CUDA-graph safe). The launcher is :mod:`proxytune.kernels.launch`; the exact
-semantics are ``docs/semantics.md``; why the candidate set is exact is argued at :func:`_candidate_theta`.
+overflowed, by an exact multi-pass fallback over the row. The counters must be zero when a launch starts:
+the launcher (:mod:`proxytune.kernels.launch`) zeroes them on the same stream just before it (a memset that
+a CUDA graph captures with the kernel). The exact semantics are ``docs/semantics.md``; why the candidate set
+is exact is argued at :func:`_candidate_theta`.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def proxy_sample_kernel(
 ):  # fmt: skip
     """Grid (B, S). Scratch: ``part_f`` fp32 [B, S, 3] (max, sum of exp, top-k level), ``part_i`` int32 [B, S]
     (first arg-max), ``cand_s`` fp32 / ``cand_i`` int32 [B, CAP], ``counter`` int32 [B, 2] (candidates,
-    arrivals; zero between launches: the finishing program resets them)."""
+    arrivals; zero at the start of the launch: the launcher zeroes them)."""
     row = tl.program_id(0)
     pid = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -284,8 +285,6 @@ def proxy_sample_kernel(
         z_total = tl.sum(tl.where(ms > NEG_INF, zs * tl.exp(_over_t(ms - m, temp_safe, inv_t)), 0.0), axis=0)
         k_floor = tl.max(kls, axis=0)
         n_total = tl.atomic_add(counter_ptr + row64 * 2, 0, sem="acquire")
-        tl.store(counter_ptr + row64 * 2, 0)  # reset for the next launch
-        tl.store(counter_ptr + row64 * 2 + 1, 0)
 
         token = first_max
         logprob = tl.where(m > NEG_INF, 0.0, float("nan"))

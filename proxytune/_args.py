@@ -47,6 +47,10 @@ class SampleArgs(NamedTuple):
     seed: torch.Tensor  # [B] int64
     step: torch.Tensor  # [B] int64
     vocab_size: int
+    # (top-k, top-p, min-p): whether the filter may be on in some row. False only where a Python scalar turns
+    # it off for every row (or a scalar temperature makes every row greedy), known without a host sync; a
+    # backend may then skip that filter's work (the Triton kernel compiles it out).
+    filters_on: tuple[bool, bool, bool] = (True, True, True)
 
     @property
     def batch_size(self) -> int:
@@ -149,6 +153,18 @@ def _weights(weights: object, n_pairs: int, batch: int, device: torch.device) ->
     if type(weights) in _PLAIN:  # the common case, fast
         return _filled(weights, (n_pairs, batch), torch.float32, device)
     return _per_row("weights", weights, batch, device, torch.float32, False).expand(n_pairs, batch)
+
+
+def _filters_on(temperature: object, top_k: object, top_p: object, min_p: object, vocab_size: int) -> tuple[bool, bool, bool]:
+    """:attr:`SampleArgs.filters_on` from the parameters as given: a tensor may turn a filter on in any row;
+    a Python number decides for every row (the rules of ``docs/semantics.md``: top-k is on for 0 < k < V,
+    top-p for p < 1 or NaN, min-p for p > 0 or NaN; a temperature that is not > 0 is greedy: no filter)."""
+    if _real(temperature) and not temperature > 0:
+        return (False, False, False)
+    k_on = not (_real(top_k) and not 0 < top_k < vocab_size)
+    p_on = not (_real(top_p) and top_p >= 1)
+    m_on = not (_real(min_p) and min_p <= 0)
+    return (k_on, p_on, m_on)
 
 
 def _real(x: object) -> bool:
@@ -297,6 +313,7 @@ def normalize(
         seed=_per_row("seed", seed, batch, device, torch.int64, True),
         step=_per_row("step", step, batch, device, torch.int64, True),
         vocab_size=int(vocab_size),
+        filters_on=_filters_on(temperature, top_k, top_p, min_p, int(vocab_size)),
     )
     if validate:
         _check_tensor_values(args, params=not plain)

@@ -36,9 +36,11 @@ def _why_unavailable() -> Optional[str]:
 def _sample(args: SampleArgs) -> tuple[torch.Tensor, torch.Tensor]:
     from proxytune.kernels.launch import proxy_sample
 
+    has_top_k, has_top_p, has_min_p = args.filters_on  # filters off in every row are compiled out
     return proxy_sample(
         args.base, args.experts, args.anti_experts, args.weights, args.temperature, args.top_k,
         args.top_p, args.min_p, args.seed, args.step, args.vocab_size,
+        has_top_k=has_top_k, has_top_p=has_top_p, has_min_p=has_min_p,
     )  # fmt: skip
 
 

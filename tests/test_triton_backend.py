@@ -196,6 +196,74 @@ def test_scratch_is_reset_between_launches_and_split_does_not_matter():
         assert again[0].tolist() == first[0].tolist()
 
 
+def test_an_interrupted_launch_does_not_poison_the_next():
+    # Counters left non-zero (as a launch stopped half-way would leave them) are zeroed by the next launch.
+    from proxytune.kernels import launch
+
+    base, experts, antis = _inputs(3, 400, seed=13)
+    args = _normalized(base, experts, antis, top_k=25, top_p=0.9)
+    first = _check(args, block=32, split=5, cap=128)
+    for scratch in launch._scratch.values():
+        scratch.counters.fill_(7)
+    assert _check(args, block=32, split=5, cap=128)[0].tolist() == first[0].tolist()
+
+
+# (top_k, top_p, min_p, temperature) as Python scalars -> the filters the backend leaves compiled in
+SCALAR_FILTERS = [
+    ((0, 1.0, 0.0, 1.0), (False, False, False)),
+    ((20, 1.0, 0.0, 0.8), (True, False, False)),
+    ((0, 0.9, 0.0, 0.8), (False, True, False)),
+    ((0, 1.0, 0.05, 1.2), (False, False, True)),
+    ((30, 0.8, 0.02, 1.0), (True, True, True)),
+    ((5, 0.5, 0.1, 0.0), (False, False, False)),  # greedy: no filter matters
+    ((10**9, 1.0, 0.0, 1.0), (False, False, False)),  # top_k >= V keeps everything: off
+]
+
+
+@pytest.mark.parametrize("params, flags", SCALAR_FILTERS)
+def test_filters_off_in_every_row_are_compiled_out(monkeypatch, params, flags):
+    # Filters that Python scalars turn off reach the kernel as HAS_*=False (compiled out, as vLLM's sampler
+    # skips top-k / top-p work for batches without them), and the tokens are still the reference's.
+    from proxytune.kernels import launch
+
+    seen = []
+    real = launch.proxy_sample
+    monkeypatch.setattr(launch, "proxy_sample", lambda *a, **k: seen.append(k) or real(*a, **k))
+    top_k, top_p, min_p, temperature = params
+    base, experts, antis = _inputs(3, 200, seed=top_k % 97 + 1)
+    kwargs = dict(top_k=top_k, top_p=top_p, min_p=min_p, temperature=temperature, seed=11, step=3)
+    tokens, logprobs = sample(base, experts, antis, backend="triton", return_logprobs=True, **kwargs)
+    ref_tokens, ref_logprobs = sample(base, experts, antis, backend="reference", return_logprobs=True, **kwargs)
+    assert (seen[0]["has_top_k"], seen[0]["has_top_p"], seen[0]["has_min_p"]) == flags
+    assert tokens.tolist() == ref_tokens.tolist()
+    torch.testing.assert_close(logprobs, ref_logprobs, atol=2e-5, rtol=2e-5)
+
+
+def test_filter_tensors_stay_compiled_in():
+    base, experts, antis = _inputs(2, 90, seed=3)
+    off = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    args = _normalized(base, experts, antis, top_k=off, top_p=torch.ones(2, device=DEVICE))
+    assert args.filters_on == (True, True, False)  # a tensor may turn a filter on in any row; min_p=0.0 is off
+
+
+@pytest.mark.parametrize("flag", ["has_top_k", "has_top_p", "has_min_p", "write_logprobs"])
+def test_each_constexpr_switch_runs_in_the_interpreter(flag):
+    # With the filter off in every row, compiling it out changes nothing; without logprobs, the tokens stay.
+    base, experts, antis = _inputs(3, 300, seed=21)
+    on = dict(top_k=0, top_p=1.0, min_p=0.0)
+    on.update({"has_top_k": dict(top_p=0.9), "has_top_p": dict(top_k=20), "has_min_p": dict(top_k=20, top_p=0.9),
+               "write_logprobs": dict(top_k=20, top_p=0.9, min_p=0.01)}[flag])  # fmt: skip
+    args = _normalized(base, experts, antis, temperature=0.9, **on)
+    expected = _check(args, block=64, split=2, cap=256)
+    tokens, logprobs = proxy_sample(
+        args.base, args.experts, args.anti_experts, args.weights, args.temperature, args.top_k, args.top_p,
+        args.min_p, args.seed, args.step, args.vocab_size, block=64, split=2, cap=256, **{flag: False},
+    )  # fmt: skip
+    assert tokens.tolist() == expected[0].tolist()
+    if flag != "write_logprobs":
+        assert logprobs.tolist() == expected[1].tolist()
+
+
 def test_public_api_backend_choice():
     base, experts, antis = _inputs(2, 90, seed=14)
     tokens = sample(base, experts, antis, seed=5, top_p=0.9, backend="triton")

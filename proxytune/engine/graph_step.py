@@ -38,7 +38,11 @@ def fork_join(main: Callable[[], torch.Tensor], sides: Sequence[Callable[[], tor
     the current stream before its work and joined back into it afterwards, also when a function raises.
 
     This is the only place the engine uses side streams, so a side stream that does not rejoin (which would
-    make a CUDA-graph capture fail, or an eager step read logits not yet written) cannot happen.
+    make a CUDA-graph capture fail, or an eager step read logits not yet written) cannot happen. The side
+    functions' outputs are allocated on their side streams and read on the current one: each is recorded
+    on the current stream (``record_stream``), so the caching allocator does not hand its memory to new
+    work on the side stream, once it is freed, before the current stream's reads of it are done (eager steps
+    and the warm-up; inside a capture the graph keeps its outputs alive, and PyTorch defers such events).
     """
     if len(streams) < len(sides):
         raise ValueError(f"{len(sides)} side functions but {len(streams)} side streams")
@@ -55,6 +59,11 @@ def fork_join(main: Callable[[], torch.Tensor], sides: Sequence[Callable[[], tor
     finally:
         for s in used:
             current.wait_stream(s)  # join
+    if not torch.cuda.is_current_stream_capturing():  # captured outputs are kept by the graph (DecodeGraphs)
+        for out in others:
+            for t in out if isinstance(out, (list, tuple)) else (out,):
+                if isinstance(t, torch.Tensor) and t.is_cuda:
+                    t.record_stream(current)
     return result, others
 
 
