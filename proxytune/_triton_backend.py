@@ -1,6 +1,6 @@
 """The ``triton`` backend: the fused one-launch sampler of :mod:`proxytune.kernels` behind the backend API.
 
-Serves CUDA tensors (and ``auto`` picks it there); serves CPU tensors only when triton runs in its numpy
+Serves CUDA tensors (``auto`` picks it there once a GPU run has verified it: :mod:`proxytune._verified`); serves CPU tensors only when triton runs in its numpy
 interpreter (``TRITON_INTERPRET=1``), which is how the default test suite checks it on machines without a
 GPU. Importing this module imports neither triton nor the kernels and touches no GPU: the kernels module
 is imported on first use (triton reads ``TRITON_INTERPRET`` when it decorates the kernels).
@@ -50,8 +50,11 @@ def _combine(args: SampleArgs) -> torch.Tensor:
 
 
 def make_backend():
-    """The backend record. ``device_types`` includes "cpu" only if the interpreter is on at this call."""
+    """The backend record. ``device_types`` includes "cpu" only if the interpreter is on at this call;
+    ``auto`` picks it on CUDA only once a GPU run has verified it (:mod:`proxytune._verified`)."""
+    from proxytune._verified import GPU_VERIFIED
     from proxytune.backends import Backend
 
     device_types = ("cuda", "cpu") if interpreting() else ("cuda",)
-    return Backend("triton", device_types, 20, _sample, _combine, _why_unavailable, auto_device_types=("cuda",))
+    auto = ("cuda",) if GPU_VERIFIED else ()
+    return Backend("triton", device_types, 20, _sample, _combine, _why_unavailable, auto_device_types=auto)

@@ -65,9 +65,9 @@ def sample(
         Also return the log-probability of each drawn token under the final filtered, renormalised
         distribution (0 for greedy rows).
     backend : {"auto", "reference", "cpu", "triton"}
-        ``auto`` picks the fastest available backend for the logits' device: ``triton`` (the fused kernel)
-        on CUDA, ``cpu`` (the C++ extension) on CPU, else ``reference`` (pure PyTorch, the specification)
-        with one warning. A named backend that is unavailable raises
+        ``auto`` picks the fastest verified backend for the logits' device: ``cpu`` (the C++ extension) on
+        CPU, ``triton`` (the fused kernel) on CUDA once a GPU run has verified it (``proxytune/_verified.py``;
+        until then ``reference``), else ``reference`` (pure PyTorch, the specification) with one warning. A named backend that is unavailable raises
         :class:`proxytune.backends.BackendUnavailableError`.
     validate : bool
         Check parameter tensors and logits for invalid values (NaN, +inf, out-of-range parameters, rows

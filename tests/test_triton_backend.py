@@ -264,6 +264,18 @@ def test_each_constexpr_switch_runs_in_the_interpreter(flag):
         assert logprobs.tolist() == expected[1].tolist()
 
 
+def test_auto_picks_the_triton_kernel_only_once_verified_on_a_gpu():
+    from proxytune._verified import GPU_VERIFIED
+
+    backends.register(make_backend())
+    cuda = torch.device("cuda")
+    if GPU_VERIFIED and torch.cuda.is_available():
+        assert backends.resolve("auto", cuda).name == "triton"
+    elif not GPU_VERIFIED:
+        assert backends.resolve("auto", cuda).name == "reference"  # no GPU needed to resolve
+        assert not make_backend().serves(cuda, auto=True) and make_backend().serves(cuda)
+
+
 def test_public_api_backend_choice():
     base, experts, antis = _inputs(2, 90, seed=14)
     tokens = sample(base, experts, antis, seed=5, top_p=0.9, backend="triton")

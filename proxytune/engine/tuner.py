@@ -271,6 +271,7 @@ class ProxyTuner:
 
     def _resolve_decode(self, decode: str) -> tuple[str, Optional[str]]:
         """The decode mode to use and, when ``"auto"`` chose eager, why."""
+        from proxytune._verified import GPU_VERIFIED
         from proxytune.engine.static_step import static_support
 
         if decode not in ("auto", "eager", "static", "graph"):
@@ -280,9 +281,10 @@ class ProxyTuner:
         reason, caveat = static_support([m.module for m in self.models], [m.name for m in self.models])
         cuda = self.device.type == "cuda"
         if decode == "auto":
-            # The graph path is written and its logic tested on CPU, but it has not run on a GPU yet, so auto
-            # stays eager until a GPU session verifies it (tests/test_decode_graph_cuda.py); opt in with "graph".
             if reason is None and caveat is None and cuda:
+                if GPU_VERIFIED:
+                    return "graph", None
+                # auto picks only what a GPU run has verified (proxytune/_verified.py); opt in with "graph"
                 return "eager", "the CUDA-graph step is not yet verified on a GPU; pass decode='graph' to use it"
             return "eager", reason or caveat or f"CUDA graphs need a CUDA device; the models are on {self.device}"
         if reason is not None:
