@@ -1,0 +1,312 @@
+"""The lm-evaluation-harness (0.4.x) model ``proxytune``: log-likelihoods from ``ProxyTuner.score``, generation
+from ``ProxyTuner.generate``. Importing this module imports lm_eval and registers the model.
+
+lm-eval 0.4 finds models only in its own registry (``lm_eval.api.registry``); it reads no entry points and
+its ``--include_path`` loads task YAML, not Python (EleutherAI/lm-evaluation-harness issues #1457, #3282).
+So ``lm_eval --model proxytune`` cannot find the model by itself; these do:
+
+- ``proxytune-lm-eval ...`` (installed with proxytune; or ``python -m proxytune.integrations.lm_eval ...``):
+  lm-eval's own command line with the model registered and the shipped tinyworld tasks added to
+  ``--include_path``. Every ``lm_eval`` argument works, e.g.
+  ``proxytune-lm-eval --model proxytune --model_args base=B,expert=E,anti_expert=A,weights=1.0 --device cpu
+  --batch_size 64 --tasks tinyworld_qa``.
+- Python: ``import proxytune.integrations.lm_eval`` then ``lm_eval.simple_evaluate(model="proxytune", ...)``,
+  or pass ``ProxyTuneLM(...)`` itself as the model; ``TaskManager(include_path=TASKS_DIR)`` finds the tasks.
+
+Model args: ``base=``, ``expert=``, ``anti_expert=`` (several pairs: ``expert=E1|E2,anti_expert=A1|A2``),
+``weights=`` (one for all pairs, or ``1.0|0.5``), ``dtype=`` (float32, bfloat16, float16; default as
+``ProxyTuner``), ``tokenizer=``, ``expert_template=`` (e.g. ``chat``), ``max_gen_toks=`` (default 256),
+``max_length=``, ``backend=``, ``trust_remote_code=``. ``--device`` and ``--batch_size`` are lm-eval's own
+(``auto`` batch sizes are refused: give a number).
+
+Requests, as lm-eval's ``hf`` model answers them:
+
+- ``loglikelihood(context, continuation)``: tokenised by lm-eval's rule (``ProxyTuner.score``): trailing
+  whitespace of the context moves to the continuation, and the continuation's ids are
+  ``encode(context + continuation)[len(encode(context)):]``; a token merging across the boundary is not
+  repaired. An empty context is the prefix token (the tokenizer's BOS, else its EOS), the continuation then
+  encoded alone. Returns (sum of the proxy-tuned log-probabilities, whether greedy decoding gives it).
+- ``loglikelihood_rolling(text)``: lm-eval's rolling windows of ``max_length`` tokens after the prefix
+  token (``max_length``: the smallest position limit of the models, less the longest template).
+- ``generate_until(context, gen_kwargs)``: ``until`` (cut before the first stop string; EOS also stops),
+  ``max_gen_toks`` (or ``max_new_tokens``), ``do_sample`` / ``temperature`` (greedy by default), ``top_p``,
+  ``top_k``, ``min_p``, ``seed``; other keys are refused. A context too long for the models is an error (lm-eval's
+  ``hf`` model would cut it from the left).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+__all__ = ["ProxyTuneLM", "TASKS_DIR", "main"]
+
+TASKS_DIR = str(Path(__file__).with_name("lm_eval_tasks"))
+DEFAULT_MAX_LENGTH = 2048  # where no model names a position limit (lm-eval's hf model uses the same)
+_GEN_KEYS = {"until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p", "seed"}
+
+
+def _split(value: Any) -> list:
+    """A model arg holding one or several values: ``"a|b"``, a list, or one value."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str):
+        return [v.strip() for v in value.split("|") if v.strip()]
+    return [value]
+
+
+def _float(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"proxytune model args: {name} must be a number, got {value!r}") from None
+
+
+class ProxyTuneLM(LM):
+    """lm-eval's view of a :class:`proxytune.ProxyTuner` (see the module docstring for args and requests).
+
+    ``tuner=`` takes a ready ``ProxyTuner`` instead of ``base=`` / ``expert=`` / ``anti_expert=``.
+    """
+
+    def __init__(
+        self,
+        base: Any = None,
+        expert: Any = None,
+        anti_expert: Any = None,
+        weights: Any = 1.0,
+        dtype: Optional[str] = None,
+        device: Optional[str] = None,
+        batch_size: Any = 1,
+        max_batch_size: Any = None,  # lm-eval passes it; it only matters for "auto" batch sizes
+        tokenizer: Optional[str] = None,
+        expert_template: Optional[str] = None,
+        max_gen_toks: int = 256,
+        max_length: Optional[int] = None,
+        backend: str = "auto",
+        trust_remote_code: bool = False,
+        tuner: Any = None,
+        **unknown: Any,
+    ):
+        super().__init__()
+        if unknown:
+            raise ValueError(
+                f"proxytune model args: unknown {', '.join(sorted(unknown))}; known: base, expert, anti_expert, "
+                "weights, dtype, tokenizer, expert_template, max_gen_toks, max_length, backend, trust_remote_code"
+            )
+        if isinstance(batch_size, str) and batch_size.strip().isdigit():
+            batch_size = int(batch_size)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"proxytune: batch_size must be a positive integer (no 'auto'), got {batch_size!r}")
+        self._batch_size = batch_size
+        if isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int) or max_gen_toks < 1:
+            raise ValueError(f"proxytune model args: max_gen_toks must be a positive integer, got {max_gen_toks!r}")
+        self.max_gen_toks = max_gen_toks
+        if tuner is None:
+            tuner = self._build(base, expert, anti_expert, weights, dtype, device, tokenizer, expert_template, backend,
+                                trust_remote_code)  # fmt: skip
+        elif base is not None or expert is not None or anti_expert is not None:
+            raise ValueError("proxytune model args: give tuner= or base= (with expert= / anti_expert=), not both")
+        self.tuner = tuner
+        self._device = tuner.device
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"proxytune model args: max_length must be a positive integer, got {max_length!r}")
+        self._max_length = max_length or self._model_max_length()
+
+    @staticmethod
+    def _build(base, expert, anti_expert, weights, dtype, device, tokenizer, expert_template, backend, trust_remote_code):
+        from proxytune.engine import ModelSpec, ProxyTuner
+
+        if base is None:
+            raise ValueError("proxytune model args: base= is required (a model directory or hub id)")
+        experts, antis = _split(expert), _split(anti_expert)
+        if len(experts) != len(antis):
+            raise ValueError(f"proxytune model args: got {len(experts)} expert(s) but {len(antis)} anti_expert(s); "
+                             "give them in pairs (several: expert=E1|E2,anti_expert=A1|A2)")  # fmt: skip
+        ws = [_float(w, "weights") for w in _split(weights)] or [1.0]
+        if len(ws) == 1:
+            ws = ws * len(experts)
+        if len(ws) != len(experts):
+            raise ValueError(f"proxytune model args: weights has {len(ws)} values for {len(experts)} pairs")
+        return ProxyTuner(
+            base, [ModelSpec(e, template=expert_template) for e in experts], antis, weights=ws, tokenizer=tokenizer,
+            dtype=None if dtype in (None, "auto") else dtype, device=device, backend=backend,
+            trust_remote_code=bool(trust_remote_code), progress=True,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------------------------------------- properties
+
+    def _model_max_length(self) -> int:
+        """Positions a request may use: the smallest position limit, less the longest template around it."""
+        t = self.tuner
+        room = []
+        for limit, tpl in zip(t._position_limits, t._template_ids):
+            if limit is not None:
+                room.append(limit - (len(tpl[0]) + len(tpl[1]) if tpl is not None else 0))
+        return min(room) if room else DEFAULT_MAX_LENGTH
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def tokenizer(self):
+        return self.tuner.tokenizer
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is (lm-eval's rule): the BOS token, else the EOS token."""
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "") or "proxytune").replace("/", "__")
+
+    def chat_template(self, chat_template: Any = False) -> Optional[str]:
+        return getattr(self.tokenizer, "chat_template", None) if chat_template else None
+
+    def apply_chat_template(self, chat_history: list, add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    # ---------------------------------------------------------------------------------------------- requests
+
+    def _bare(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        prompts, conts = [], []
+        for req in requests:
+            context, continuation = req.args
+            if context == "":  # lm-eval: the prefix token conditions the continuation
+                ids = self._bare(continuation)
+                prefix = self.prefix_token_id
+                if ids and ids[0] == prefix:
+                    prompts.append(ids[:1])
+                    conts.append(ids[1:])
+                else:
+                    prompts.append([prefix])
+                    conts.append(ids)
+            else:
+                prompts.append(context)
+                conts.append(continuation)
+        scores = self.tuner.score(prompts, conts, batch_size=self.batch_size, progress=not disable_tqdm)
+        out = []
+        for req, s in zip(requests, scores):
+            result = (s.logprob, bool(s.is_greedy))
+            self.cache_hook.add_partial("loglikelihood", req.args, result)
+            out.append(result)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        windows, owner = [], []
+        for r, req in enumerate(requests):
+            (text,) = req.args
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self._encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                    context_len=1)):  # fmt: skip
+                windows.append((ctx, cont))
+                owner.append(r)
+        totals = [0.0] * len(requests)
+        if windows:
+            scores = self.tuner.score([w[0] for w in windows], [w[1] for w in windows], batch_size=self.batch_size,
+                                      progress=not disable_tqdm)  # fmt: skip
+            for r, s in zip(owner, scores):
+                totals[r] += s.logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def _encode(self, text: str) -> list[int]:
+        """lm-eval's ``hf`` tok_encode: the tokenizer's special tokens, unless the text starts with the BOS."""
+        tok = self.tokenizer
+        bos = tok.bos_token
+        special = not (bos and text.startswith(bos))
+        return list(tok(text, add_special_tokens=special)["input_ids"])
+
+    def _sampling(self, gen_kwargs: dict):
+        from proxytune.engine import SamplingParams
+
+        if not isinstance(gen_kwargs, dict):
+            raise ValueError(f"proxytune: generation kwargs must be a dict, got {gen_kwargs!r}")
+        unknown = sorted(set(gen_kwargs) - _GEN_KEYS)
+        if unknown:
+            raise ValueError(f"proxytune: unsupported generation kwargs {', '.join(unknown)}; supported: "
+                             f"{', '.join(sorted(_GEN_KEYS))}")  # fmt: skip
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        n = gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens", self.max_gen_toks))
+        do_sample = bool(gen_kwargs.get("do_sample", False))
+        temperature = float(gen_kwargs.get("temperature", 1.0 if do_sample else 0.0)) if do_sample else 0.0
+        return SamplingParams(
+            max_new_tokens=int(n), temperature=temperature, top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0),
+            top_k=int(gen_kwargs.get("top_k", 0) or 0), min_p=float(gen_kwargs.get("min_p", 0.0) or 0.0),
+            seed=gen_kwargs.get("seed"), stop=tuple(s for s in until if s),
+        )  # fmt: skip
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        out: list[Optional[str]] = [None] * len(requests)
+        bar = None
+        if not disable_tqdm and len(requests) > self.batch_size:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(requests), desc="proxytune generate_until", unit="request")
+        for indices in groups.values():
+            params = self._sampling(requests[indices[0]].args[1])
+            indices = sorted(indices, key=lambda i: -len(requests[i].args[0]))  # longest first: less padding
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                gens = self.tuner.generate([requests[i].args[0] for i in chunk], params, batch_size=self.batch_size)
+                for i, g in zip(chunk, gens):
+                    out[i] = g.text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, g.text)
+                if bar is not None:
+                    bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        return out  # type: ignore[return-value]
+
+
+if __name__ != "__main__":  # run as a script, the block at the end imports this module, which registers it
+    register_model("proxytune")(ProxyTuneLM)
+
+
+def _with_tasks(argv: list[str]) -> list[str]:
+    """``argv`` with the shipped tasks directory added to ``--include_path`` (lm-eval's ``run``, ``ls`` and
+    ``validate`` take it; the legacy form without a subcommand is ``run``)."""
+    args = argv[1:]
+    if not args or args[0] in ("-h", "--help") or any(a == "--include_path" or a.startswith("--include_path=") for a in args):
+        return argv
+    return argv + ["--include_path", TASKS_DIR]
+
+
+def main() -> None:
+    """``proxytune-lm-eval``: lm-eval's command line with the ``proxytune`` model registered (this module's
+    import) and the shipped tinyworld tasks on ``--include_path`` (unless one is given)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.argv = _with_tasks(sys.argv)
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    from proxytune.integrations.lm_eval import main as _main  # the registered module, not this __main__ copy
+
+    _main()

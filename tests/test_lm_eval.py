@@ -1,0 +1,165 @@
+"""The lm-evaluation-harness model ``proxytune`` and the shipped tinyworld tasks, offline.
+
+Against lm-eval's own ``hf`` model (weight 0: the same numbers and generations for the same requests), against
+``ProxyTuner.score`` (proxy-tuned), and end to end on the shipped family against ``proxytune eval``. Skipped
+where lm_eval is not installed (``pip install "proxytune[lm-eval]"``); the import check always runs.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+try:
+    import lm_eval  # noqa: F401
+
+    HAVE_LM_EVAL = True
+except ImportError:
+    HAVE_LM_EVAL = False
+
+needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm_eval is not installed (the lm-eval extra)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: two threads on a busy 2-core machine are ~40x slower per forward
+    yield
+    torch.set_num_threads(n)
+
+
+def test_import_proxytune_does_not_import_lm_eval():
+    code = ("import sys, proxytune, proxytune.integrations, proxytune.engine.score; "
+            "assert 'lm_eval' not in sys.modules, 'lm_eval imported'; "
+            "assert 'proxytune.integrations.lm_eval' not in sys.modules")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def instances(kind, args):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+LL_REQUESTS = [
+    ("hello world", " this is"),
+    ("the quick brown fox ", "jumps over"),  # trailing space: moves to the continuation
+    ("h", "ello world"),  # "h" + "ello" merges across the boundary: lm-eval's split, kept
+    ("", "proxy tuning steers"),  # empty context: the prefix token (BOS) conditions
+    ("once upon a time", " there was a model that wrote stories"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    from tiny_models import tiny_model
+
+    return [tiny_model("llama", seed=s) for s in (0, 1, 2)]
+
+
+@needs_lm_eval
+def test_weight_zero_matches_lm_evals_own_hf_model(tiny, tok):
+    from lm_eval.models.huggingface import HFLM
+
+    from proxytune import ProxyTuner
+    from proxytune.integrations.lm_eval import ProxyTuneLM
+
+    base, expert, anti = tiny
+    tuner = ProxyTuner(base, expert, anti, tokenizer=tok, weights=0.0)
+    ours, hf = ProxyTuneLM(tuner=tuner, batch_size=2), HFLM(pretrained=base, tokenizer=tok, batch_size=2, device="cpu")
+    got, want = ours.loglikelihood(instances("loglikelihood", LL_REQUESTS)), hf.loglikelihood(instances("loglikelihood", LL_REQUESTS))
+    for (lp, greedy), (lp_hf, greedy_hf) in zip(got, want):
+        assert lp == pytest.approx(lp_hf, abs=2e-4)
+        assert greedy == greedy_hf
+    gen = [("hello world", {"until": [" tiny"], "max_gen_toks": 6, "do_sample": False}),
+           ("the quick brown", {"until": ["\n"], "max_gen_toks": 5})]  # fmt: skip
+    assert ours.generate_until(instances("generate_until", gen)) == hf.generate_until(instances("generate_until", gen))
+    texts = [("the quick brown fox jumps over the lazy dog, hello world, this is a tiny tokenizer for tests",), ("a",)]
+    ours, hf = ProxyTuneLM(tuner=tuner, max_length=12), HFLM(pretrained=base, tokenizer=tok, max_length=12, device="cpu")
+    rolled = ours.loglikelihood_rolling(instances("loglikelihood_rolling", texts))  # several windows of 12
+    assert rolled == pytest.approx(hf.loglikelihood_rolling(instances("loglikelihood_rolling", texts)), abs=5e-4)
+
+
+@needs_lm_eval
+def test_proxy_tuned_requests_come_from_score_and_generate(tiny, tok):
+    from proxytune import ProxyTuner
+    from proxytune.integrations.lm_eval import ProxyTuneLM
+
+    base, expert, anti = tiny
+    tuner = ProxyTuner(base, expert, anti, tokenizer=tok, weights=1.5)
+    lm = ProxyTuneLM(tuner=tuner, batch_size=3)
+    got = lm.loglikelihood(instances("loglikelihood", LL_REQUESTS[:3]))
+    want = tuner.score([c for c, _ in LL_REQUESTS[:3]], [x for _, x in LL_REQUESTS[:3]])
+    assert [g[0] for g in got] == pytest.approx([w.logprob for w in want], abs=1e-6)
+    out = lm.generate_until(instances("generate_until", [("hello world", {"until": ["dog"], "max_gen_toks": 7})]))
+    assert out == [tuner.generate("hello world", temperature=0, max_new_tokens=7, stop=["dog"]).text]
+
+
+@needs_lm_eval
+def test_registered_and_model_args_checked():
+    from lm_eval.api.registry import get_model
+
+    from proxytune.integrations.lm_eval import ProxyTuneLM
+
+    assert get_model("proxytune") is ProxyTuneLM
+    with pytest.raises(ValueError, match="unknown colour"):
+        ProxyTuneLM.create_from_arg_string("base=x,colour=red")
+    with pytest.raises(ValueError, match="1 expert\\(s\\) but 2 anti_expert"):
+        ProxyTuneLM.create_from_arg_string("base=x,expert=e,anti_expert=a|b")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        ProxyTuneLM.create_from_arg_string("base=x", {"batch_size": "auto"})
+
+
+@needs_lm_eval
+def test_proxytune_lm_eval_command_reproduces_proxytune_eval(tmp_path, monkeypatch):
+    """``proxytune-lm-eval`` (lm-eval's CLI, run in this process) on the shipped tasks: the generation task gives
+    `proxytune eval`'s per-question correctness; the multiple-choice task picks the value ProxyTuner.score
+    rates highest."""
+    from proxytune.integrations import lm_eval as integration
+    from proxytune.integrations.lm_eval_tasks.tinyworld_docs import DATA, records, with_choices
+    from proxytune.tinyworld import model_path
+    from proxytune.tinyworld.evaluation import build_tuners, evaluate
+
+    with open(DATA) as f:  # the shipped data is the family's held-out set, in eval's order
+        assert [json.loads(line) for line in f] == records()
+    n, label = 12, "proxy-tuned large"
+    args = f"base={model_path('large_base')},expert={model_path('small_tuned')},anti_expert={model_path('small_base')}"
+    monkeypatch.setattr(sys, "argv", [
+        "proxytune-lm-eval", "--model", "proxytune", "--model_args", args, "--tasks", "tinyworld_qa,tinyworld_choice",
+        "--limit", str(n), "--device", "cpu", "--batch_size", "16", "--output_path", str(tmp_path), "--log_samples",
+    ])  # fmt: skip
+    integration.main()
+
+    def samples(task):
+        (path,) = tmp_path.rglob(f"samples_{task}_*.jsonl")
+        return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda r: r["doc_id"])
+
+    (results,) = tmp_path.rglob("results_*.json")
+    results = json.loads(results.read_text())["results"]
+    tuners = build_tuners(labels=[label])
+    ev = evaluate(limit=n, tuners=tuners)
+    assert [int(r["exact_match"]) for r in samples("tinyworld_qa")] == ev.correct(label)
+    assert results["tinyworld_qa"]["exact_match,none"] == pytest.approx(ev.accuracy[label])
+    docs = [with_choices(r) for r in records()[:n]]
+    scores = tuners[label].score([d["prompt"] for d in docs for _ in d["choices"]],
+                                 [" " + c for d in docs for c in d["choices"]])  # fmt: skip
+    right, k = [], 0
+    for d in docs:
+        lps = [s.logprob for s in scores[k : k + len(d["choices"])]]
+        k += len(d["choices"])
+        right.append(float(max(range(len(lps)), key=lps.__getitem__) == d["gold"]))
+    assert [r["acc"] for r in samples("tinyworld_choice")] == right
+    assert results["tinyworld_choice"]["acc,none"] == pytest.approx(sum(right) / n)
+
+
+def test_command_adds_the_shipped_tasks_to_the_include_path():
+    if not HAVE_LM_EVAL:
+        pytest.skip("lm_eval is not installed")
+    from proxytune.integrations.lm_eval import TASKS_DIR, _with_tasks
+
+    assert _with_tasks(["x", "--model", "proxytune"]) == ["x", "--model", "proxytune", "--include_path", TASKS_DIR]
+    assert _with_tasks(["x", "run", "--include_path", "mine"]) == ["x", "run", "--include_path", "mine"]
+    assert _with_tasks(["x", "--help"]) == ["x", "--help"]
