@@ -7,6 +7,7 @@
 Skips cleanly without CUDA. Models: random weights, real architectures, bf16, vocabulary 128256 (no downloads):
 a Llama-3.1-8B-shaped base (32 layers, width 4096, MLP 14336, 32 heads, 8 KV heads) steered by two
 Llama-3.2-1B-shaped small models (16 layers, width 2048, MLP 8192, 32 heads, 8 KV heads, tied embeddings).
+``PROXYTUNE_BENCH_QUICK=1`` (the GPU check) takes smaller Llama shapes, B in {1, 8} and 32 new tokens.
 Every method generates exactly ``NEW`` tokens per row (EOS ignored) from left-padded prompts of random ids
 (lengths 16..31), temperature 0.7, top-p 0.9, weight 1. Methods (taking turns within each round):
 
@@ -37,8 +38,9 @@ import torch
 
 pytestmark = pytest.mark.cuda
 
-BATCHES = (1, 8, 32)
-NEW = 64
+QUICK = os.environ.get("PROXYTUNE_BENCH_QUICK", "") not in ("", "0")  # scripts/gpu_check.sh: a short run
+BATCHES = (1, 8) if QUICK else (1, 8, 32)
+NEW = 32 if QUICK else 64
 ROUNDS = 3
 VOCAB = 128256
 TEMPERATURE, TOP_P, ALPHA = 0.7, 0.9, 1.0
@@ -46,6 +48,8 @@ SHAPES = {  # hidden, layers, intermediate, heads, kv heads, tied embeddings
     "base": (4096, 32, 14336, 32, 8, False),  # Llama-3.1-8B
     "small": (2048, 16, 8192, 32, 8, True),  # Llama-3.2-1B
 }
+if QUICK:  # small Llama shapes: the same code paths, a fraction of the weights and of the time
+    SHAPES = {"base": (2048, 8, 8192, 16, 8, False), "small": (1024, 4, 4096, 16, 8, True)}
 _RESULTS: list[dict] = []
 _MODELS: dict = {}
 
