@@ -1,4 +1,5 @@
-"""Command line: ``proxytune demo`` and ``proxytune eval`` (the shipped tiny family) and ``proxytune generate``."""
+"""Command line: ``proxytune demo`` and ``proxytune eval`` (the shipped tiny family), ``proxytune generate`` and
+``proxytune score``."""
 
 from __future__ import annotations
 
@@ -218,8 +219,8 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_source(source: str) -> tuple[str, str]:
-    """(name for messages, text) of --prompt-file SOURCE (``-``: stdin), decoded as strict UTF-8."""
+def _read_source(source: str, flag: str = "--prompt-file") -> tuple[str, str]:
+    """(name for messages, text) of ``flag`` SOURCE (``-``: stdin), decoded as strict UTF-8."""
     name = "stdin" if source == "-" else source
     if source == "-":
         buffer = getattr(sys.stdin, "buffer", None)
@@ -231,11 +232,11 @@ def _read_source(source: str) -> tuple[str, str]:
             with open(source, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            raise CliError(f"--prompt-file: no such file: {source}") from None
+            raise CliError(f"{flag}: no such file: {source}") from None
         except IsADirectoryError:
-            raise CliError(f"--prompt-file: {source} is a directory") from None
+            raise CliError(f"{flag}: {source} is a directory") from None
         except OSError as e:
-            raise CliError(f"--prompt-file: cannot read {source}: {e.strerror or e}") from None
+            raise CliError(f"{flag}: cannot read {source}: {e.strerror or e}") from None
     skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
         return name, raw[skip:].decode("utf-8")
@@ -475,6 +476,134 @@ def _write(tuner, prompts: list[str], params, args: argparse.Namespace, out) -> 
             out.write(g.text if g.text.endswith("\n") else g.text + "\n")
 
 
+def _json_text_or_ids(value, field: str, where: str):
+    """A record's ``prompt`` / ``continuation``: a string (valid Unicode) or a list of non-negative integer ids."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise CliError(f"{where}: \"{field}\" holds a lone surrogate U+{ord(value[e.start]):04X}") from None
+        return value
+    if isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        return value
+    got = "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
+    if isinstance(value, list):
+        got = "an array that is not all non-negative integers"
+    raise CliError(f"{where}: \"{field}\" must be a string or an array of token ids, got {got}")
+
+
+def _read_pairs(source: str) -> tuple[list, list]:
+    """--input FILE (``-``: stdin): JSON lines ``{"prompt": ..., "continuation": ...}`` (strings or arrays of
+    token ids); blank lines are skipped. Empty continuations are refused here, before any model loads."""
+    name, text = _read_source(source, "--input")
+    prompts, conts = [], []
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line[:-1] if line.endswith("\r") else line
+        if not line.strip():
+            continue
+        where = f"{name}, line {n}"
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise CliError(f"{where}: not JSON; expected an object with \"prompt\" and \"continuation\"") from None
+        if not isinstance(record, dict) or "prompt" not in record or "continuation" not in record:
+            raise CliError(f"{where}: expected a JSON object with \"prompt\" and \"continuation\" fields")
+        prompt = _json_text_or_ids(record["prompt"], "prompt", where)
+        cont = _json_text_or_ids(record["continuation"], "continuation", where)
+        if len(cont) == 0:
+            raise CliError(f"{where}: \"continuation\" is empty: there is nothing to score")
+        prompts.append(prompt)
+        conts.append(cont)
+    if not prompts:
+        raise CliError(f"--input: {name} holds no prompt/continuation pairs (blank lines are skipped)")
+    return prompts, conts
+
+
+def _score(args: argparse.Namespace) -> int:
+    from proxytune import backends
+    from proxytune.engine import ModelSpec, ProxyTuner
+
+    experts, antis = args.expert or [], args.anti_expert or []
+    if len(experts) != len(antis):
+        raise CliError(f"got {len(experts)} --expert but {len(antis)} --anti-expert; give them in pairs")
+    for flag, value in (("--alpha", args.alpha), ("--expert-template", args.expert_template)):
+        if value is not None and not experts:
+            raise CliError(f"{flag} needs --expert and --anti-expert (it applies to the expert pairs)")
+    alphas = args.alpha or [1.0]
+    if len(alphas) not in (1, len(experts)):
+        raise CliError(f"--alpha: give one for all pairs or one per pair ({len(experts)}), got {len(alphas)}")
+    device = _check_device("--device", args.device)
+    base_device = _check_device("--base-device", args.base_device) or device
+    _check_device("--expert-device", args.expert_device)
+    import torch
+
+    try:
+        backends.resolve(args.backend, base_device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    except (ValueError, backends.BackendUnavailableError) as e:
+        raise CliError(f"--backend: {e}") from None
+    if args.input is None and sys.stdin.isatty():
+        raise CliError("--input: give a JSON-lines file of {\"prompt\": ..., \"continuation\": ...} (or - for stdin)")
+    prompts, conts = _read_pairs(args.input or "-")
+    progress = not args.quiet and sys.stderr.isatty()
+    out = _Output(args.output)
+    try:
+        if not progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        small_device = args.expert_device or args.device
+        tuner = ProxyTuner(
+            ModelSpec(args.base, device=args.base_device or args.device),
+            [ModelSpec(e, device=small_device, template=args.expert_template) for e in experts],
+            [ModelSpec(a, device=small_device) for a in antis],
+            weights=alphas * len(experts) if len(alphas) == 1 else alphas, tokenizer=args.tokenizer, dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code, backend=args.backend, progress=progress,
+        )  # fmt: skip
+        scores = tuner.score(prompts, conts, batch_size=args.batch_size)
+        for i, (p, c, sc) in enumerate(zip(prompts, conts, scores)):
+            record = {"index": i, "prompt": p, "continuation": c, "logprob": sc.logprob, "is_greedy": sc.is_greedy,
+                      "token_ids": sc.token_ids, "token_logprobs": sc.token_logprobs}  # fmt: skip
+            out.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except BaseException:
+        out.discard()
+        raise
+    out.commit()
+    return 0
+
+
+def _add_score_parser(sub) -> None:
+    sc = sub.add_parser(
+        "score", help="proxy-tuned log-likelihood of continuations (JSON lines in and out)",
+        description="Score each continuation after its prompt under base + alpha * (expert - anti_expert) at "
+        "temperature 1 (no filters): one JSON line per pair with the continuation's token ids, their log-probabilities, "
+        "the sum and whether greedy decoding gives it. A text continuation is tokenised as lm-evaluation-harness "
+        "does (see ProxyTuner.score).",
+    )  # fmt: skip
+    model = _nonempty("a directory or hub id")
+    sc.add_argument("--base", required=True, type=model, help="the base model (directory or hub id)")
+    sc.add_argument("--expert", action="append", type=model, help="a tuned small model; repeat for several pairs")
+    sc.add_argument("--anti-expert", action="append", type=model, help="the expert's untuned counterpart; one per --expert")
+    sc.add_argument("--alpha", type=_ALPHA, action="append",
+                    help="weight of (expert - anti-expert): one for all pairs or one per pair (default 1.0)")  # fmt: skip
+    sc.add_argument("--input", "-i", default=None, type=_nonempty("a file name or - for stdin"),
+                    help='JSON lines {"prompt": ..., "continuation": ...}, strings or arrays of token ids; - for stdin')  # fmt: skip
+    sc.add_argument("--expert-template", default=None, type=_text,
+                    help="how experts see the prompt: 'chat' or a text with {prompt}")  # fmt: skip
+    sc.add_argument("--device", default=None, help="device of every model (default: cuda if available, else cpu)")
+    sc.add_argument("--base-device", default=None, help="device of the base only")
+    sc.add_argument("--expert-device", default=None, help="device of the experts and anti-experts")
+    sc.add_argument("--dtype", default=None, type=_dtype,
+                    help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")  # fmt: skip
+    sc.add_argument("--tokenizer", default=None, type=model, help="the shared tokenizer (default: the base's)")
+    sc.add_argument("--trust-remote-code", action="store_true", help="allow models' own Python code (off by default)")
+    sc.add_argument("--backend", default="auto", help="combine backend (auto, reference, cpu, triton)")
+    sc.add_argument("--batch-size", type=_POSITIVE, default=None, help="pairs per forward (default: all)")
+    sc.add_argument("--output", "-o", default=None, type=_nonempty("a file name"),
+                    help="write here instead of stdout (replaced only when the run succeeds)")  # fmt: skip
+    sc.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    sc.set_defaults(run=_score)
+
+
 _TEMPERATURE = _real("finite, >= 0 and at most 3.4e38 (float32; 0 = greedy)", lambda t: t >= 0)
 _TOP_P = _real("in (0, 1]", lambda p: 0 < p <= 1)
 _MIN_P = _real("in [0, 1), also when rounded to float32", lambda p: 0 <= p < 1, rounded=True)
@@ -535,7 +664,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="proxytune", description="Fast decoding-time proxy-tuning.")
     parser.add_argument("--version", action="version", version=f"proxytune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,eval,generate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,eval,generate,score}")
     family = _nonempty("a directory")
     demo = sub.add_parser("demo", help="proxy-tuning a shipped tiny model family: answers side by side, accuracy table")
     demo.add_argument("--models", default=None, type=family, help="the family's directory (default: the shipped one)")
@@ -551,6 +680,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="write tinyworld_eval.{json,txt,png} into DIR (checked before evaluating)")  # fmt: skip
     ev.set_defaults(run=_eval)
     _add_generate_parser(sub)
+    _add_score_parser(sub)
     return parser
 
 
