@@ -5,18 +5,26 @@ session :func:`pytest_terminal_summary` prints, for every case and backend, the 
 over the naive pipeline measured in the same run, and the memory floor: the ``3 * B * V * bytes`` that the
 three logits tensors take to read once, divided by the copy bandwidth measured in the same run.
 With ``--save-results`` (or ``PROXYTUNE_BENCH_SAVE=1``) the raw numbers also go to ``benchmarks/results/``.
+
+``PROXYTUNE_CPU_BUILD`` (or ``--cpu-build``) times another build of the C++ op in place of the installed
+one: a name from ``proxytune._cpu_build.NAMED_BUILDS`` (``x86-64-v3``: the AVX2 code alone, so a machine with
+AVX-512 measures what an AVX2 machine runs; ``baseline``, ``x86-64-v4``), built once into the cache, or the
+path of a built ``_C*.so``. It is loaded before proxytune is imported; the table and the saved results say
+which build ran and what its vector code was compiled for.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+import importlib.util
 import json
 import os
 import platform
 import re
 import shlex
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +61,7 @@ class Record:
 @dataclass
 class BenchRun:
     records: list[Record] = field(default_factory=list)
+    cpu_build: Optional[dict] = None  # the C++ op build loaded in place of the installed one, if any
     bandwidth: dict[str, dict] = field(default_factory=dict)  # device type -> probe result
     started: float = field(default_factory=time.time)
     load_at_start: Optional[float] = field(default_factory=lambda: _load_average())
@@ -138,11 +147,46 @@ def pytest_addoption(parser):
         "--save-results", action="store_true", default=False,
         help="proxytune benchmarks: write raw numbers to benchmarks/results/ (also PROXYTUNE_BENCH_SAVE=1)",
     )  # fmt: skip
+    parser.addoption(
+        "--cpu-build", default=os.environ.get("PROXYTUNE_CPU_BUILD", ""),
+        help="proxytune benchmarks: time this build of the C++ op instead of the installed one: x86-64-v3, "
+             "x86-64-v4, baseline (built once into the cache) or the path of a built _C*.so "
+             "(also PROXYTUNE_CPU_BUILD)",
+    )  # fmt: skip
+
+
+def _cpu_build_module():
+    """proxytune/_cpu_build.py loaded by path: importing the package would load the installed op first."""
+    path = Path(__file__).resolve().parents[1] / "proxytune" / "_cpu_build.py"
+    spec = importlib.util.spec_from_file_location("_proxytune_cpu_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_cpu_build(spec: str) -> dict:
+    """Load the C++ op build ``spec`` as ``proxytune._C`` (before proxytune is imported) and describe it."""
+    if "proxytune._C" in sys.modules or "proxytune" in sys.modules:
+        raise pytest.UsageError(
+            f"--cpu-build {spec}: proxytune was imported before the benchmarks' conftest ran, so the installed "
+            "op is loaded already (both register the same op names); run pytest on benchmarks/ alone"
+        )
+    cpu_build = _cpu_build_module()
+    try:
+        path = cpu_build.named_build(spec)
+    except cpu_build.BuildError as exc:
+        raise pytest.UsageError(f"--cpu-build {spec}: {exc}") from exc
+    ext = cpu_build.load(path)
+    target = ext.target() if hasattr(ext, "target") else "?"
+    return {"build": spec, "flags": list(cpu_build.NAMED_BUILDS.get(spec, ())), "path": str(path), "target": target}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-benchmark reads its display options
 def pytest_configure(config):
     config.stash[_RUN_KEY] = BenchRun()
+    spec = config.getoption("cpu_build", "")
+    if spec and spec != "installed":
+        config.stash[_RUN_KEY].cpu_build = load_cpu_build(spec)
     opt = config.option
     # pytest-benchmark's own table: compact and in parametrisation order, unless asked otherwise.
     if getattr(opt, "benchmark_columns", None) == _DEFAULT_COLUMNS:
@@ -193,6 +237,7 @@ def summary_lines(run: BenchRun) -> list[str]:
     # This run itself adds up to `threads` to the load, so only a high load says that others were busy.
     if cores and ((run.load_at_start or 0) > cores / 2 or (load or 0) > cores + 0.5):
         lines.append("NOTE: the machine was busy (see the load average): other processes competed, CPU times are inflated.")
+    lines.append(_cpu_build_line(run))
     for dev, bw in run.bandwidth.items():
         probes = ", ".join(f"{p:.1f}" for p in bw.get("probes_gb_per_s", []))
         lines.append(
@@ -224,6 +269,17 @@ def summary_lines(run: BenchRun) -> list[str]:
             )
     lines.append(f"\n{len(run.records)} benchmarks in {time.time() - run.started:.0f} s")
     return lines
+
+
+def _cpu_build_line(run: BenchRun) -> str:
+    """Which build of the C++ op the cpu backend ran, and the target of its vector code."""
+    if run.cpu_build is not None:
+        b = run.cpu_build
+        flags = f" ({' '.join(b['flags'])})" if b["flags"] else ""
+        return f"cpu backend: build {b['build']}{flags} in place of the installed one; vector code: {b['target']}; {b['path']}"
+    ext = sys.modules.get("proxytune._C")
+    target = ext.target() if ext is not None and hasattr(ext, "target") else "?"
+    return f"cpu backend: the installed build; vector code picked at load time: {target}"
 
 
 def _fmt_ratio(x: float) -> str:
@@ -271,6 +327,7 @@ def save_results(run: BenchRun, config) -> list[Path]:
         "load_average": {"start": run.load_at_start, "end": _load_average()},
         "git": _git_revision(),
         "copy_bandwidth": run.bandwidth,
+        "cpu_build": run.cpu_build or {"build": "installed", "target": _cpu_build_line(run).rsplit(": ", 1)[-1]},
     }
     rows = []
     for rec in run.records:

@@ -41,13 +41,17 @@
 #include <vector>
 
 // The hot loops use explicit 16-lane vectors (below) or plain loops the compiler vectorises. On x86-64 with
-// GCC they are also compiled for AVX2 and AVX-512 and picked at load time (ifunc); the default build stays
-// baseline x86-64. No FMA is formed outside the sums S and the ladder (-ffp-contract=off), so every clone
-// draws the same tokens (tests/test_cpu_builds.py builds and compares them).
+// GCC both are also compiled for AVX2 and AVX-512 and picked at load time: the plain loops as target_clones
+// (PT_HOT, an ifunc), the vector code as one set of entry points per target and register width (hot());
+// the default build stays baseline x86-64. No FMA is formed outside the sums S and the ladder
+// (-ffp-contract=off), so every target draws the same tokens (tests/test_cpu_builds.py builds and compares
+// them).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
     !defined(PROXYTUNE_NO_CLONES)
+#define PT_MULTI_TARGET 1
 #define PT_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
+#define PT_MULTI_TARGET 0
 #define PT_HOT
 #endif
 
@@ -93,80 +97,166 @@ inline float load(const void* p, int64_t j) {
 }
 
 // ---- 16-lane vectors ----------------------------------------------------------------------------------
-// GCC/Clang vector extensions: each clone lowers them to its own registers (one AVX-512, two AVX2, four
-// SSE or NEON), with the same elementwise IEEE rounding, so the hot loops are vectorised by construction
-// rather than by the auto-vectoriser's mood (it left lane reductions scalar). Comparisons only ever feed a
-// select (`c ? a : b`): a comparison kept as a value is lowered lane by lane before the helper is inlined
-// into a cloned caller.
+// The hot loops think in 16-lane fp32 vectors (a 64-token sub-block is four of them). A vector is held as
+// NV native GCC/Clang vector-extension registers of 16 / NV lanes each: NV = 1 for AVX-512, 2 for AVX2,
+// 4 for SSE and NEON. Every operation is lane-wise IEEE arithmetic, and the horizontal reductions keep
+// one order (16 -> 8 -> 4 lanes, then pairs) whatever NV is, so every width computes the same bits; only
+// the instructions differ. The width is not left to the compiler: GCC lowers a 16-lane comparison or
+// select that the target cannot hold in one register lane by lane (about 2,000 lane extracts and
+// inserts in an AVX2 build, ten times slower than AVX-512), while a comparison on a native register is
+// one instruction. The hot functions that use these vectors (struct Hot below) are compiled once per
+// width, each under its own target, and picked at load time (hot()).
 #define PT_INLINE __attribute__((always_inline)) inline
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors only ever live inside inlined helpers
+#pragma GCC diagnostic ignored "-Wpsabi"  // wide vectors only ever live inside inlined helpers
 #endif
 constexpr int kW = 16;
-typedef float vf __attribute__((vector_size(4 * kW)));
-typedef int32_t vi __attribute__((vector_size(4 * kW)));
-typedef uint32_t vu __attribute__((vector_size(4 * kW)));
-typedef uint16_t vh __attribute__((vector_size(2 * kW)));
+
+template <int NV>
+struct Vec {  // 16 fp32 lanes as NV native vectors of kN lanes (lane l of part i is logical lane i * kN + l)
+  static_assert(NV == 1 || NV == 2 || NV == 4, "16 lanes in 1, 2 or 4 registers");
+  static constexpr int kN = kW / NV;
+  typedef float f __attribute__((vector_size(4 * kN)));
+  typedef uint32_t u __attribute__((vector_size(4 * kN)));
+  typedef int32_t i __attribute__((vector_size(4 * kN)));
+  typedef uint16_t h __attribute__((vector_size(2 * kN)));
+  f p[NV];
+};
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
+typedef uint32_t vu8 __attribute__((vector_size(32)));
+typedef uint32_t vu4 __attribute__((vector_size(16)));
 
-PT_INLINE vf splat(float x) { return vf{} + x; }
-PT_INLINE vf vload(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
+#define PT_EACH for (int i_ = 0; i_ < NV; ++i_)
+template <int NV>
+PT_INLINE Vec<NV> splat(float x) {
+  Vec<NV> v;
+  PT_EACH v.p[i_] = typename Vec<NV>::f{} + x;
   return v;
 }
-PT_INLINE void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-PT_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
-PT_INLINE float hmax(vf v) {  // maximum of the 16 lanes (no NaN)
-  vf8 a, b;
-  std::memcpy(&a, &v, 32);
-  std::memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
-  a = a > b ? a : b;
+template <int NV>
+PT_INLINE Vec<NV> vload(const float* p) {
+  Vec<NV> v;
+  PT_EACH std::memcpy(&v.p[i_], p + i_ * Vec<NV>::kN, sizeof v.p[i_]);
+  return v;
+}
+template <int NV>
+PT_INLINE void vstore(float* p, const Vec<NV>& v) {
+  PT_EACH std::memcpy(p + i_ * Vec<NV>::kN, &v.p[i_], sizeof v.p[i_]);
+}
+#define PT_VEC_OP(op)                                          \
+  template <int NV>                                            \
+  PT_INLINE Vec<NV> operator op(Vec<NV> a, const Vec<NV>& b) { \
+    PT_EACH a.p[i_] = a.p[i_] op b.p[i_];                      \
+    return a;                                                  \
+  }                                                            \
+  template <int NV>                                            \
+  PT_INLINE Vec<NV> operator op(Vec<NV> a, float b) {          \
+    PT_EACH a.p[i_] = a.p[i_] op b;                            \
+    return a;                                                  \
+  }                                                            \
+  template <int NV>                                            \
+  PT_INLINE Vec<NV> operator op(float a, Vec<NV> b) {          \
+    PT_EACH b.p[i_] = a op b.p[i_];                            \
+    return b;                                                  \
+  }                                                            \
+  template <int NV>                                            \
+  PT_INLINE Vec<NV>& operator op##=(Vec<NV>& a, const Vec<NV>& b) { return a = a op b; }
+PT_VEC_OP(+)
+PT_VEC_OP(-)
+PT_VEC_OP(*)
+#undef PT_VEC_OP
+
+template <int NV>
+PT_INLINE Vec<NV> vmax(Vec<NV> a, const Vec<NV>& b) {
+  PT_EACH a.p[i_] = a.p[i_] > b.p[i_] ? a.p[i_] : b.p[i_];
+  return a;
+}
+// e where x >= r, else 0.
+template <int NV>
+PT_INLINE Vec<NV> where_at_least(const Vec<NV>& x, const Vec<NV>& r, Vec<NV> e) {
+  PT_EACH e.p[i_] = x.p[i_] >= r.p[i_] ? e.p[i_] : typename Vec<NV>::f{};
+  return e;
+}
+
+// The 16 lanes reduced to 8 by op(lanes 0-7, lanes 8-15), then to 4 the same way (every NV, same order).
+struct MaxOp {
+  template <typename T>
+  PT_INLINE T operator()(T a, T b) const { return a > b ? a : b; }
+};
+struct AddOp {
+  template <typename T>
+  PT_INLINE T operator()(T a, T b) const { return a + b; }
+};
+template <int NV, typename Op>
+PT_INLINE vf4 reduce_to_4(const Vec<NV>& v, Op op) {
   vf4 c, d;
-  std::memcpy(&c, &a, 16);
-  std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
-  c = c > d ? c : d;
+  if constexpr (NV == 4) {
+    c = op(v.p[0], v.p[2]);  // lanes 0-3 with 8-11, then 4-7 with 12-15
+    d = op(v.p[1], v.p[3]);
+  } else {
+    vf8 a;
+    if constexpr (NV == 1) {
+      vf8 lo, hi;
+      std::memcpy(&lo, &v.p[0], 32);
+      std::memcpy(&hi, reinterpret_cast<const char*>(&v.p[0]) + 32, 32);
+      a = op(lo, hi);
+    } else {
+      a = op(v.p[0], v.p[1]);
+    }
+    std::memcpy(&c, &a, 16);
+    std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
+  }
+  return op(c, d);
+}
+template <int NV>
+PT_INLINE float hmax(const Vec<NV>& v) {  // maximum of the 16 lanes (no NaN)
+  const vf4 c = reduce_to_4(v, MaxOp());
   const float x = c[0] > c[1] ? c[0] : c[1], y = c[2] > c[3] ? c[2] : c[3];
   return x > y ? x : y;
 }
-PT_INLINE float hsum(vf v) {  // sum of the 16 lanes, pairwise
-  vf8 a, b;
-  std::memcpy(&a, &v, 32);
-  std::memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
-  a = a + b;
-  vf4 c, d;
-  std::memcpy(&c, &a, 16);
-  std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
-  c = c + d;
+template <int NV>
+PT_INLINE float hsum(const Vec<NV>& v) {  // sum of the 16 lanes, pairwise
+  const vf4 c = reduce_to_4(v, AddOp());
   return (c[0] + c[1]) + (c[2] + c[3]);
 }
 
 // Tokens [j, j + 16) of a row of dtype D as fp32 (exact: the scalar conversions above, lane-wise).
-template <int D>
-PT_INLINE vf vload_as(const void* p, int64_t j) {
+template <int D, int NV>
+PT_INLINE Vec<NV> vload_as(const void* p, int64_t j) {
   if constexpr (D == kF32) {
-    return vload(static_cast<const float*>(p) + j);
+    return vload<NV>(static_cast<const float*>(p) + j);
   } else {
-    vh h;
-    std::memcpy(&h, static_cast<const uint16_t*>(p) + j, sizeof h);
-    const vu w = __builtin_convertvector(h, vu) << 16;
-    if constexpr (D == kBF16) {
-      return (vf)w;
-    } else {
-      const vu sign = w & 0x80000000u;
-      const vu two_w = w + w;
-      const vf normalized = (vf)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-      const vf denormalized = (vf)((two_w >> 17) | (126u << 23)) - 0.5f;
-      const vu bits = two_w < (1u << 27) ? (vu)denormalized : (vu)normalized;
-      return (vf)(sign | bits);
+    using f = typename Vec<NV>::f;
+    using u = typename Vec<NV>::u;
+    Vec<NV> out;
+    PT_EACH {
+      typename Vec<NV>::h h;
+      std::memcpy(&h, static_cast<const uint16_t*>(p) + j + i_ * Vec<NV>::kN, sizeof h);
+      const u w = __builtin_convertvector(h, u) << 16;
+      if constexpr (D == kBF16) {
+        out.p[i_] = (f)w;
+      } else {
+        const u sign = w & 0x80000000u;
+        const u two_w = w + w;
+        const f normalized = (f)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+        const f denormalized = (f)((two_w >> 17) | (126u << 23)) - 0.5f;
+        const u bits = two_w < (1u << 27) ? (u)denormalized : (u)normalized;
+        out.p[i_] = (f)(sign | bits);
+      }
     }
+    return out;
   }
 }
 
 // Not finite (NaN, +-inf) -> -inf (masked).
-PT_INLINE vf masked_if_not_finite(vf v) {
-  return ((vu)v & 0x7FFFFFFFu) <= 0x7F7FFFFFu ? v : splat(-std::numeric_limits<float>::infinity());
+template <int NV>
+PT_INLINE Vec<NV> masked_if_not_finite(Vec<NV> v) {
+  using f = typename Vec<NV>::f;
+  using u = typename Vec<NV>::u;
+  const f neg_inf = f{} - std::numeric_limits<float>::infinity();
+  PT_EACH v.p[i_] = ((u)v.p[i_] & 0x7FFFFFFFu) <= 0x7F7FFFFFu ? v.p[i_] : neg_inf;
+  return v;
 }
 
 template <int D>
@@ -353,11 +443,6 @@ inline const void* offset(const void* p, int dt, int64_t elems) {
   return static_cast<const char*>(p) + elems * int64_t(elem_size(dt));
 }
 
-PT_INLINE float max_sub(const float* __restrict x) {  // max of kSub floats (no NaN)
-  static_assert(kSub == 4 * kW, "one sub-block is four vectors");
-  return hmax(vmax(vmax(vload(x), vload(x + kW)), vmax(vload(x + 2 * kW), vload(x + 3 * kW))));
-}
-
 // s for n tokens from column b0 of row r into d; not-finite (NaN, inf) -> -inf (masked).
 __attribute__((always_inline)) inline void combine_values(const Inputs& in, int64_t r, int64_t b0, int64_t n,
                                                           float* __restrict d) {
@@ -368,91 +453,6 @@ __attribute__((always_inline)) inline void combine_values(const Inputs& in, int6
   for (int64_t j = 0; j < n; ++j) d[j] = std::fabs(d[j]) <= FLT_MAX ? d[j] : kNegInf;
 }
 
-// One sub-block (kSub tokens from column j) of s into d in one sweep: loads, combination, masking, store
-// and maximum (returned). The base alone, or one pair with every input of dtype D: the common cases.
-template <int D, bool kPair>
-PT_INLINE float combine_sub(const void* b, const void* e, const void* a, float w, int64_t j,
-                            float* __restrict d) {
-  vf mx = splat(kNegInf);
-  for (int q = 0; q < kSub; q += kW) {
-    vf v = vload_as<D>(b, j + q);
-    if constexpr (kPair) v = v + w * (vload_as<D>(e, j + q) - vload_as<D>(a, j + q));
-    v = masked_if_not_finite(v);
-    vstore(d + q, v);
-    mx = vmax(mx, v);
-  }
-  return hmax(mx);
-}
-
-template <int D, bool kPair>
-PT_INLINE void combine_subs(const Inputs& in, int64_t r, int64_t b0, int64_t nsubs, float* __restrict d,
-                            float* __restrict bm) {
-  const void* b = offset(in.base, D, r * in.base_stride + b0);
-  const void* e = kPair ? offset(in.ex[0], D, r * in.ex_stride[0] + b0) : nullptr;
-  const void* a = kPair ? offset(in.an[0], D, r * in.an_stride[0] + b0) : nullptr;
-  const float w = kPair ? in.weights[r] : 0.0f;
-  for (int64_t i = 0; i < nsubs; ++i) bm[i] = combine_sub<D, kPair>(b, e, a, w, i * kSub, d + i * kSub);
-}
-
-// One block of s (n <= kBlock tokens from column b0 of row r) into d; sub-block maxima into bm.
-PT_HOT void combine_block(const Inputs& in, int64_t r, int64_t b0, int64_t n, float* __restrict d,
-                          float* __restrict bm) {
-  const int dt = in.base_dt;
-  const bool fused = in.n_pairs == 0 || (in.n_pairs == 1 && in.ex_dt[0] == dt && in.an_dt[0] == dt);
-  int64_t done = 0;
-  if (fused) {
-    const int64_t nsubs = n / kSub;
-    switch (dt * 2 + int(in.n_pairs)) {
-      case kF32 * 2: combine_subs<kF32, false>(in, r, b0, nsubs, d, bm); break;
-      case kF32 * 2 + 1: combine_subs<kF32, true>(in, r, b0, nsubs, d, bm); break;
-      case kBF16 * 2: combine_subs<kBF16, false>(in, r, b0, nsubs, d, bm); break;
-      case kBF16 * 2 + 1: combine_subs<kBF16, true>(in, r, b0, nsubs, d, bm); break;
-      case kF16 * 2: combine_subs<kF16, false>(in, r, b0, nsubs, d, bm); break;
-      default: combine_subs<kF16, true>(in, r, b0, nsubs, d, bm); break;
-    }
-    done = nsubs * kSub;
-  }
-  if (done == n) return;
-  // Mixed dtypes, several pairs, or the row's last partial sub-block: stage by stage through d.
-  combine_values(in, r, b0 + done, n - done, d + done);
-  int64_t sb = done;
-  for (; sb + kSub <= n; sb += kSub) bm[sb / kSub] = max_sub(d + sb);
-  if (sb < n) {
-    float mx = kNegInf;
-    for (int64_t j = sb; j < n; ++j) mx = d[j] > mx ? d[j] : mx;
-    bm[sb / kSub] = mx;
-  }
-}
-
-// s[lo, hi) of row r into s (the row's buffer); returns the chunk max and its first index and writes each
-// sub-block maximum into bm (indexed by global sub-block). lo is a multiple of kSub. The row's last
-// sub-block is padded with -inf up to a multiple of kSub (the buffer holds padded(V) floats), so the
-// later passes read whole sub-blocks only.
-void combine_chunk(const Inputs& in, int64_t r, int64_t lo, int64_t hi, float* s, float* bm, float* cmax,
-                   int64_t* cidx) {
-  for (int64_t j = hi; j < padded(hi); ++j) s[j] = kNegInf;
-  float cm = kNegInf;
-  int64_t csub = -1;
-  for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
-    const int64_t n = std::min(kBlock, hi - b0);
-    combine_block(in, r, b0, n, s + b0, bm + b0 / kSub);
-    for (int64_t sb = 0; sb < n; sb += kSub)
-      if (bm[(b0 + sb) / kSub] > cm) {
-        cm = bm[(b0 + sb) / kSub];
-        csub = b0 + sb;
-      }
-  }
-  int64_t ci = lo;
-  if (csub >= 0)
-    for (int64_t j = csub;; ++j)
-      if (s[j] == cm) {
-        ci = j;
-        break;
-      }
-  *cmax = cm;
-  *cidx = ci;
-}
-
 // The sums below (S and the ladder) only steer the search or carry fp32 error anyway, so their 2^x may
 // contract into FMAs where the target has them: a clone-dependent last ulp of S, never of s or z.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -460,24 +460,6 @@ void combine_chunk(const Inputs& in, int64_t r, int64_t lo, int64_t hi, float* s
 #else
 #define PT_CONTRACT
 #endif
-
-// 2^x for x <= ~0.5, within 2.2e-7 relative; at or below -125 (and for -inf) 2^-125 instead of ~0, which
-// no sum here can notice (every S includes its maximum's 1). n = round(x) rides in the low mantissa bits of
-// x + 1.5 * 2^23, and shifting them into the exponent field scales the polynomial by 2^n (a normal number:
-// n >= -125).
-PT_INLINE PT_CONTRACT vf exp2_neg(vf x) {
-  const vf lo = splat(-125.0f);
-  const vf xc = lo > x ? lo : x;  // this operand order compiles to one max instruction
-  const vf shifted = xc + 12582912.0f;
-  const vf f = xc - (shifted - 12582912.0f);  // [-0.5, 0.5]
-  vf p = splat(1.3276445e-3f);  // 2^f, degree 5, near-minimax for relative error (2.2e-7 in fp32 with FMA)
-  p = p * f + 9.6755372e-3f;
-  p = p * f + 5.5507135e-2f;
-  p = p * f + 2.4022120e-1f;
-  p = p * f + 6.9314694e-1f;
-  p = p * f + 1.0000001f;
-  return (vf)((vu)p + ((vu)shifted << 23));
-}
 
 constexpr float kLog2e = 1.44269504088896341f;
 
@@ -501,135 +483,9 @@ void scale_chunk_exact(const float* s, int64_t lo, int64_t hi, float M, float t,
     for (int i = 0; i < kLadder; ++i) ladder[i] += lad[i];
 }
 
-// S = sum exp(zc) and the ladder masses (mass with zc >= rung) over [lo, hi), where zc = (s - M) / T is
-// taken relative to the row maximum M (and multiplied by 1/T: these sums only steer the search, the exact
-// z = (s - m) / T is computed wherever a decision depends on it). Reads s (whole sub-blocks: the padding is
-// -inf), writes nothing. A rung above a sub-block's maximum gets nothing from it and is skipped. Vector
-// accumulators flush into doubles every 32 sub-blocks. Temperatures where c = log2(e) / T is 0 or overflows
-// go to scale_chunk_exact.
-PT_HOT PT_CONTRACT void scale_chunk(const float* __restrict s, const float* __restrict bm, int64_t lo, int64_t hi,
-                                    float M, float t, bool with_ladder, double* S, double* ladder) {
-  static_assert(kSub == 4 * kW, "one sub-block is four vectors");
-  const float c = kLog2e / t;
-  if (!(c > 0.0f && c <= FLT_MAX)) return scale_chunk_exact(s, lo, hi, M, t, with_ladder, S, ladder);
-  float rung[kLadder];
-  for (int i = 0; i < kLadder; ++i) rung[i] = kLadderZ[i] * kLog2e;
-  vf acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
-  vf la[kLadder] = {};
-  double sum = 0.0, lad[kLadder] = {0};
-  int pending = 0;
-  auto flush = [&]() {
-    sum += double(hsum(acc0)) + double(hsum(acc1)) + double(hsum(acc2)) + double(hsum(acc3));
-    acc0 = acc1 = acc2 = acc3 = vf{};
-    for (int i = 0; i < kLadder; ++i) {
-      lad[i] += double(hsum(la[i]));
-      la[i] = vf{};
-    }
-    pending = 0;
-  };
-  const vf zero = {};
-  for (int64_t sb = lo; sb < hi; sb += kSub) {
-    const float bmax = bm[sb / kSub];
-    if (!(bmax > kNegInf)) continue;  // fully masked sub-block
-    const float* __restrict xs = s + sb;
-    const vf x0 = (vload(xs) - M) * c, x1 = (vload(xs + kW) - M) * c;
-    const vf x2 = (vload(xs + 2 * kW) - M) * c, x3 = (vload(xs + 3 * kW) - M) * c;
-    const vf e0 = exp2_neg(x0), e1 = exp2_neg(x1), e2 = exp2_neg(x2), e3 = exp2_neg(x3);
-    acc0 += e0;
-    acc1 += e1;
-    acc2 += e2;
-    acc3 += e3;
-    if (with_ladder) {
-      const float xmax = (bmax - M) * c;
-      for (int i = kLadder - 1; i >= 0 && rung[i] <= xmax; --i) {
-        const vf r = splat(rung[i]);
-        la[i] += ((x0 >= r ? e0 : zero) + (x1 >= r ? e1 : zero)) + ((x2 >= r ? e2 : zero) + (x3 >= r ? e3 : zero));
-      }
-    }
-    if (++pending == 32) flush();
-  }
-  flush();
-  *S += sum;
-  if (with_ladder)
-    for (int i = 0; i < kLadder; ++i) ladder[i] += lad[i];
-}
-
 // Exact z = (s - m) / T for n tokens (vectorised division).
 PT_HOT void z_block(const float* __restrict x, int64_t n, float m, float t, float* __restrict z) {
   for (int64_t j = 0; j < n; ++j) z[j] = z_of(x[j], m, t);
-}
-
-static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "hits_at_least packs flag bytes as little-endian words");
-
-// Bit j is set where (x[j] - m) * inv_t >= lim for the kSub tokens of a sub-block (the row is padded to
-// whole sub-blocks; a masked -inf token is set only when lim = -inf). The product is a cheap stand-in for
-// z = (s - m) / T: callers lower lim by a margin far above the few ulps between the two, then check the
-// exact z of each hit.
-PT_INLINE uint64_t hits_at_least(const float* __restrict x, float m, float inv_t, float lim) {
-  typedef int8_t vb __attribute__((vector_size(kW)));
-  const vi one = vi{} + 1, zero = {};
-  uint8_t flag[kSub];
-  for (int q = 0; q < kSub; q += kW) {
-    const vi h = (vload(x + q) - m) * inv_t >= splat(lim) ? one : zero;
-    const vb b = __builtin_convertvector(h, vb);  // 1 or 0 per byte
-    std::memcpy(flag + q, &b, kW);
-  }
-  uint64_t bits = 0;
-  for (int w = 0; w < kSub / 8; ++w) {  // eight 0/1 bytes -> eight bits
-    uint64_t f;
-    std::memcpy(&f, flag + 8 * w, 8);
-    bits |= ((f * 0x0102040810204080ull) >> 56) << (8 * w);
-  }
-  return bits;
-}
-
-// Calls f(b) for every sub-block b in [b0, b1) whose maximum passes (bm[b] - m) * inv_t >= lim(), in
-// increasing order, deciding 64 sub-blocks per vector sweep (no branch per sub-block). lim() is read once
-// per 64: a caller whose limit only rises sees a superset. Reads bm up to b1 + 63 (buffers hold kSub
-// extra floats; what lies past b1 is masked off).
-template <typename Lim, typename F>
-PT_INLINE void for_each_sub_at_least(const float* bm, int64_t b0, int64_t b1, float m, float inv_t, Lim&& lim,
-                                     F&& f) {
-  for (int64_t g = b0; g < b1; g += kSub) {
-    uint64_t bits = hits_at_least(bm + g, m, inv_t, lim());
-    if (b1 - g < kSub) bits &= (uint64_t(1) << (b1 - g)) - 1;
-    for (; bits; bits &= bits - 1) f(g + __builtin_ctzll(bits));
-  }
-}
-
-// Best key over every finite token in [lo, hi) (the no-filter case), seeded with the key of token seed_idx
-// (the row's first maximum, wherever it lies: the bound it gives holds for every chunk of the row).
-PT_HOT Best draw_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, int64_t seed_idx, float m,
-                       float t, Noise nz) {
-  Best best;
-  const float zseed = z_of(s[seed_idx], m, t);
-  if (!(zseed > kNegInf)) return best;
-  best.offer(exact_key(zseed, uint32_t(seed_idx), nz), seed_idx);
-  const float inv_t = std::min(1.0f / t, FLT_MAX);
-  uint32_t tok[kGroup];
-  float sv[kGroup], zz[kGroup];
-  int cnt = 0;
-  float lim = best.key - kGumbelMax - kEps;
-  // The scan compares an approximate z (a multiplication instead of the division) against lim lowered by
-  // a margin far above its rounding error (|z| < 20 near lim); the survivors get the exact z.
-  auto flush = [&]() {
-    z_block(sv, cnt, m, t, zz);
-    draw_group(tok, zz, cnt, nz, best);
-    cnt = 0;
-    lim = best.key - kGumbelMax - kEps;
-  };
-  auto lim_c = [&]() { return lim - 1e-3f; };
-  for_each_sub_at_least(bm, lo / kSub, padded(hi) / kSub, m, inv_t, lim_c, [&](int64_t b) {
-    const int64_t sb = b * kSub;
-    for (uint64_t bits = hits_at_least(s + sb, m, inv_t, lim_c()); bits; bits &= bits - 1) {
-      const int64_t j = sb + __builtin_ctzll(bits);
-      tok[cnt] = uint32_t(j);
-      sv[cnt++] = s[j];
-    }
-    if (cnt > kGroup - kSub) flush();
-  });
-  if (cnt) flush();
-  return best;
 }
 
 struct RowParams {
@@ -740,8 +596,284 @@ bool nucleus_cut(std::vector<Cand>& D, double SK, float p, float* cut, Scratch& 
   return false;
 }
 
+// ---- the hot functions, once per vector width -----------------------------------------------------------
+// Hot<NV> holds every function that uses the 16-lane vectors, for vectors of NV registers; all of it is
+// inlined into one entry point per function and target (PT_ENTRY_POINTS below), so each target compiles
+// it with its own instructions and register width. The scalar helpers they call stay outside.
+template <int NV>
+struct Hot {
+  using vf = Vec<NV>;
+
+static PT_INLINE float max_sub(const float* __restrict x) {  // max of kSub floats (no NaN)
+  static_assert(kSub == 4 * kW, "one sub-block is four vectors");
+  return hmax(vmax(vmax(vload<NV>(x), vload<NV>(x + kW)), vmax(vload<NV>(x + 2 * kW), vload<NV>(x + 3 * kW))));
+}
+
+// One sub-block (kSub tokens from column j) of s into d in one sweep: loads, combination, masking, store
+// and maximum (returned). The base alone, or one pair with every input of dtype D: the common cases.
+template <int D, bool kPair>
+static PT_INLINE float combine_sub(const void* b, const void* e, const void* a, float w, int64_t j,
+                            float* __restrict d) {
+  vf mx = splat<NV>(kNegInf);
+  for (int q = 0; q < kSub; q += kW) {
+    vf v = vload_as<D, NV>(b, j + q);
+    if constexpr (kPair) v = v + w * (vload_as<D, NV>(e, j + q) - vload_as<D, NV>(a, j + q));
+    v = masked_if_not_finite(v);
+    vstore(d + q, v);
+    mx = vmax(mx, v);
+  }
+  return hmax(mx);
+}
+
+template <int D, bool kPair>
+static PT_INLINE void combine_subs(const Inputs& in, int64_t r, int64_t b0, int64_t nsubs, float* __restrict d,
+                            float* __restrict bm) {
+  const void* b = offset(in.base, D, r * in.base_stride + b0);
+  const void* e = kPair ? offset(in.ex[0], D, r * in.ex_stride[0] + b0) : nullptr;
+  const void* a = kPair ? offset(in.an[0], D, r * in.an_stride[0] + b0) : nullptr;
+  const float w = kPair ? in.weights[r] : 0.0f;
+  for (int64_t i = 0; i < nsubs; ++i) bm[i] = combine_sub<D, kPair>(b, e, a, w, i * kSub, d + i * kSub);
+}
+
+// One block of s (n <= kBlock tokens from column b0 of row r) into d; sub-block maxima into bm.
+static PT_INLINE void combine_block(const Inputs& in, int64_t r, int64_t b0, int64_t n, float* __restrict d,
+                          float* __restrict bm) {
+  const int dt = in.base_dt;
+  const bool fused = in.n_pairs == 0 || (in.n_pairs == 1 && in.ex_dt[0] == dt && in.an_dt[0] == dt);
+  int64_t done = 0;
+  if (fused) {
+    const int64_t nsubs = n / kSub;
+    switch (dt * 2 + int(in.n_pairs)) {
+      case kF32 * 2: combine_subs<kF32, false>(in, r, b0, nsubs, d, bm); break;
+      case kF32 * 2 + 1: combine_subs<kF32, true>(in, r, b0, nsubs, d, bm); break;
+      case kBF16 * 2: combine_subs<kBF16, false>(in, r, b0, nsubs, d, bm); break;
+      case kBF16 * 2 + 1: combine_subs<kBF16, true>(in, r, b0, nsubs, d, bm); break;
+      case kF16 * 2: combine_subs<kF16, false>(in, r, b0, nsubs, d, bm); break;
+      default: combine_subs<kF16, true>(in, r, b0, nsubs, d, bm); break;
+    }
+    done = nsubs * kSub;
+  }
+  if (done == n) return;
+  // Mixed dtypes, several pairs, or the row's last partial sub-block: stage by stage through d.
+  combine_values(in, r, b0 + done, n - done, d + done);
+  int64_t sb = done;
+  for (; sb + kSub <= n; sb += kSub) bm[sb / kSub] = max_sub(d + sb);
+  if (sb < n) {
+    float mx = kNegInf;
+    for (int64_t j = sb; j < n; ++j) mx = d[j] > mx ? d[j] : mx;
+    bm[sb / kSub] = mx;
+  }
+}
+
+// s[lo, hi) of row r into s (the row's buffer); returns the chunk max and its first index and writes each
+// sub-block maximum into bm (indexed by global sub-block). lo is a multiple of kSub. The row's last
+// sub-block is padded with -inf up to a multiple of kSub (the buffer holds padded(V) floats), so the
+// later passes read whole sub-blocks only.
+static PT_INLINE void combine_chunk(const Inputs& in, int64_t r, int64_t lo, int64_t hi, float* s, float* bm, float* cmax,
+                   int64_t* cidx) {
+  for (int64_t j = hi; j < padded(hi); ++j) s[j] = kNegInf;
+  float cm = kNegInf;
+  int64_t csub = -1;
+  for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, hi - b0);
+    combine_block(in, r, b0, n, s + b0, bm + b0 / kSub);
+    for (int64_t sb = 0; sb < n; sb += kSub)
+      if (bm[(b0 + sb) / kSub] > cm) {
+        cm = bm[(b0 + sb) / kSub];
+        csub = b0 + sb;
+      }
+  }
+  int64_t ci = lo;
+  if (csub >= 0)
+    for (int64_t j = csub;; ++j)
+      if (s[j] == cm) {
+        ci = j;
+        break;
+      }
+  *cmax = cm;
+  *cidx = ci;
+}
+
+// 2^x for x <= ~0.5, within 2.2e-7 relative; at or below -125 (and for -inf) 2^-125 instead of ~0, which
+// no sum here can notice (every S includes its maximum's 1). n = round(x) rides in the low mantissa bits of
+// x + 1.5 * 2^23, and shifting them into the exponent field scales the polynomial by 2^n (a normal number:
+// n >= -125).
+static PT_INLINE PT_CONTRACT vf exp2_neg(vf x) {
+  using f = typename vf::f;
+  using u = typename vf::u;
+  PT_EACH {
+    const f lo = f{} - 125.0f;
+    const f xc = lo > x.p[i_] ? lo : x.p[i_];  // this operand order compiles to one max instruction
+    const f shifted = xc + 12582912.0f;
+    const f r = xc - (shifted - 12582912.0f);  // [-0.5, 0.5]
+    f p = f{} + 1.3276445e-3f;  // 2^r, degree 5, near-minimax for relative error (2.2e-7 in fp32 with FMA)
+    p = p * r + 9.6755372e-3f;
+    p = p * r + 5.5507135e-2f;
+    p = p * r + 2.4022120e-1f;
+    p = p * r + 6.9314694e-1f;
+    p = p * r + 1.0000001f;
+    x.p[i_] = (f)((u)p + ((u)shifted << 23));
+  }
+  return x;
+}
+
+// S = sum exp(zc) and the ladder masses (mass with zc >= rung) over [lo, hi), where zc = (s - M) / T is
+// taken relative to the row maximum M (and multiplied by 1/T: these sums only steer the search, the exact
+// z = (s - m) / T is computed wherever a decision depends on it). Reads s (whole sub-blocks: the padding is
+// -inf), writes nothing. A rung above a sub-block's maximum gets nothing from it and is skipped. Vector
+// accumulators flush into doubles every 32 sub-blocks. Temperatures where c = log2(e) / T is 0 or overflows
+// go to scale_chunk_exact.
+static PT_INLINE PT_CONTRACT void scale_chunk(const float* __restrict s, const float* __restrict bm, int64_t lo, int64_t hi,
+                                    float M, float t, bool with_ladder, double* S, double* ladder) {
+  static_assert(kSub == 4 * kW, "one sub-block is four vectors");
+  const float c = kLog2e / t;
+  if (!(c > 0.0f && c <= FLT_MAX)) return scale_chunk_exact(s, lo, hi, M, t, with_ladder, S, ladder);
+  float rung[kLadder];
+  for (int i = 0; i < kLadder; ++i) rung[i] = kLadderZ[i] * kLog2e;
+  vf acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
+  vf la[kLadder] = {};
+  double sum = 0.0, lad[kLadder] = {0};
+  int pending = 0;
+  auto flush = [&]() {
+    sum += double(hsum(acc0)) + double(hsum(acc1)) + double(hsum(acc2)) + double(hsum(acc3));
+    acc0 = acc1 = acc2 = acc3 = vf{};
+    for (int i = 0; i < kLadder; ++i) {
+      lad[i] += double(hsum(la[i]));
+      la[i] = vf{};
+    }
+    pending = 0;
+  };
+  for (int64_t sb = lo; sb < hi; sb += kSub) {
+    const float bmax = bm[sb / kSub];
+    if (!(bmax > kNegInf)) continue;  // fully masked sub-block
+    const float* __restrict xs = s + sb;
+    const vf x0 = (vload<NV>(xs) - M) * c, x1 = (vload<NV>(xs + kW) - M) * c;
+    const vf x2 = (vload<NV>(xs + 2 * kW) - M) * c, x3 = (vload<NV>(xs + 3 * kW) - M) * c;
+    const vf e0 = exp2_neg(x0), e1 = exp2_neg(x1), e2 = exp2_neg(x2), e3 = exp2_neg(x3);
+    acc0 += e0;
+    acc1 += e1;
+    acc2 += e2;
+    acc3 += e3;
+    if (with_ladder) {
+      const float xmax = (bmax - M) * c;
+      for (int i = kLadder - 1; i >= 0 && rung[i] <= xmax; --i) {
+        const vf r = splat<NV>(rung[i]);
+        la[i] += (where_at_least(x0, r, e0) + where_at_least(x1, r, e1)) +
+                 (where_at_least(x2, r, e2) + where_at_least(x3, r, e3));
+      }
+    }
+    if (++pending == 32) flush();
+  }
+  flush();
+  *S += sum;
+  if (with_ladder)
+    for (int i = 0; i < kLadder; ++i) ladder[i] += lad[i];
+}
+
+// Bit j is set where (x[j] - m) * inv_t >= lim for the kSub tokens of a sub-block (the row is padded to
+// whole sub-blocks; a masked -inf token is set only when lim = -inf). The product is a cheap stand-in for
+// z = (s - m) / T: callers lower lim by a margin far above the few ulps between the two, then check the
+// exact z of each hit. AVX-512 narrows each comparison to bytes (one instruction) and multiplies eight
+// 0/1 bytes into eight bits; narrower targets, where GCC narrows lane by lane, OR a distinct bit per lane
+// into two 32-bit words instead. Both give the same bits.
+static PT_INLINE uint64_t hits_at_least(const float* __restrict x, float m, float inv_t, float lim) {
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "flag bytes are packed as little-endian words");
+  const vf l = splat<NV>(lim);
+  if constexpr (NV == 1) {
+    typedef int8_t vb __attribute__((vector_size(kW)));
+    using vi = typename vf::i;
+    const vi one = vi{} + 1, zero = {};
+    uint8_t flag[kSub];
+    for (int q = 0; q < kSub; q += kW) {
+      const vi h = ((vload<NV>(x + q) - m) * inv_t).p[0] >= l.p[0] ? one : zero;
+      const vb b = __builtin_convertvector(h, vb);  // 1 or 0 per byte
+      std::memcpy(flag + q, &b, kW);
+    }
+    uint64_t bits = 0;
+    for (int w = 0; w < kSub / 8; ++w) {  // eight 0/1 bytes -> eight bits
+      uint64_t f;
+      std::memcpy(&f, flag + 8 * w, 8);
+      bits |= ((f * 0x0102040810204080ull) >> 56) << (8 * w);
+    }
+    return bits;
+  } else {
+    using u = typename vf::u;
+    constexpr int kN = vf::kN;
+    u lane = {};  // 0, 1, ..., kN - 1
+    for (int k = 0; k < kN; ++k) lane[k] = uint32_t(k);
+    uint32_t word[2];
+    for (int w = 0; w < 2; ++w) {  // tokens 32w .. 32w + 31 -> bits of word[w]
+      u acc = {};
+      for (int h = 0; h < 2; ++h) {
+        const vf y = (vload<NV>(x + (2 * w + h) * kW) - m) * inv_t;
+        PT_EACH acc |= y.p[i_] >= l.p[i_] ? (u{} + 1u) << (lane + uint32_t(16 * h + kN * i_)) : u{};
+      }
+      vu4 c;
+      if constexpr (kN == 8) {
+        vu4 lo, hi;
+        std::memcpy(&lo, &acc, 16);
+        std::memcpy(&hi, reinterpret_cast<const char*>(&acc) + 16, 16);
+        c = lo | hi;
+      } else {
+        c = acc;
+      }
+      word[w] = (c[0] | c[1]) | (c[2] | c[3]);
+    }
+    return uint64_t(word[0]) | (uint64_t(word[1]) << 32);
+  }
+}
+
+// Calls f(b) for every sub-block b in [b0, b1) whose maximum passes (bm[b] - m) * inv_t >= lim(), in
+// increasing order, deciding 64 sub-blocks per vector sweep (no branch per sub-block). lim() is read once
+// per 64: a caller whose limit only rises sees a superset. Reads bm up to b1 + 63 (buffers hold kSub
+// extra floats; what lies past b1 is masked off).
+template <typename Lim, typename F>
+static PT_INLINE void for_each_sub_at_least(const float* bm, int64_t b0, int64_t b1, float m, float inv_t, Lim&& lim,
+                                     F&& f) {
+  for (int64_t g = b0; g < b1; g += kSub) {
+    uint64_t bits = hits_at_least(bm + g, m, inv_t, lim());
+    if (b1 - g < kSub) bits &= (uint64_t(1) << (b1 - g)) - 1;
+    for (; bits; bits &= bits - 1) f(g + __builtin_ctzll(bits));
+  }
+}
+
+// Best key over every finite token in [lo, hi) (the no-filter case), seeded with the key of token seed_idx
+// (the row's first maximum, wherever it lies: the bound it gives holds for every chunk of the row).
+static PT_INLINE Best draw_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, int64_t seed_idx, float m,
+                       float t, Noise nz) {
+  Best best;
+  const float zseed = z_of(s[seed_idx], m, t);
+  if (!(zseed > kNegInf)) return best;
+  best.offer(exact_key(zseed, uint32_t(seed_idx), nz), seed_idx);
+  const float inv_t = std::min(1.0f / t, FLT_MAX);
+  uint32_t tok[kGroup];
+  float sv[kGroup], zz[kGroup];
+  int cnt = 0;
+  float lim = best.key - kGumbelMax - kEps;
+  // The scan compares an approximate z (a multiplication instead of the division) against lim lowered by
+  // a margin far above its rounding error (|z| < 20 near lim); the survivors get the exact z.
+  auto flush = [&]() {
+    z_block(sv, cnt, m, t, zz);
+    draw_group(tok, zz, cnt, nz, best);
+    cnt = 0;
+    lim = best.key - kGumbelMax - kEps;
+  };
+  auto lim_c = [&]() { return lim - 1e-3f; };
+  for_each_sub_at_least(bm, lo / kSub, padded(hi) / kSub, m, inv_t, lim_c, [&](int64_t b) {
+    const int64_t sb = b * kSub;
+    for (uint64_t bits = hits_at_least(s + sb, m, inv_t, lim_c()); bits; bits &= bits - 1) {
+      const int64_t j = sb + __builtin_ctzll(bits);
+      tok[cnt] = uint32_t(j);
+      sv[cnt++] = s[j];
+    }
+    if (cnt > kGroup - kSub) flush();
+  });
+  if (cnt) flush();
+  return best;
+}
+
 // Collects C = {j : z_j >= c_lo} (every finite token when c_lo = -inf), skipping sub-blocks below c_lo.
-PT_HOT void collect(const float* s, const float* bm, int64_t V, float m, float t, float c_lo, std::vector<Cand>& C) {
+static PT_INLINE void collect(const float* s, const float* bm, int64_t V, float m, float t, float c_lo, std::vector<Cand>& C) {
   C.clear();
   const int64_t nsub = (V + kSub - 1) / kSub;
   const float inv_t = std::min(1.0f / t, FLT_MAX);
@@ -756,6 +888,94 @@ PT_HOT void collect(const float* s, const float* bm, int64_t V, float m, float t
       if (z > kNegInf && z >= c_lo) C.push_back(Cand{z, int32_t(j)});
     }
   });
+}
+
+};
+
+// One entry point per hot function and target, and the table of one target's entry points. On x86-64 with
+// GCC the installed build compiles AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and baseline entry points and picks
+// one table at load time, as target_clones would (the plain loops elsewhere are target_clones, PT_HOT);
+// elsewhere, and with -DPROXYTUNE_NO_CLONES, one table for the target the compiler was given.
+struct HotOps {
+  const char* target;  // what the entry points were compiled for
+  void (*combine_block)(const Inputs& in, int64_t r, int64_t b0, int64_t n, float* d, float* bm);
+  void (*combine_chunk)(const Inputs& in, int64_t r, int64_t lo, int64_t hi, float* s, float* bm, float* cmax,
+                        int64_t* cidx);
+  void (*scale_chunk)(const float* s, const float* bm, int64_t lo, int64_t hi, float M, float t, bool with_ladder,
+                      double* S, double* ladder);
+  Best (*draw_chunk)(const float* s, const float* bm, int64_t lo, int64_t hi, int64_t seed_idx, float m, float t,
+                     Noise nz);
+  void (*collect)(const float* s, const float* bm, int64_t V, float m, float t, float c_lo, std::vector<Cand>& C);
+};
+
+#define PT_ENTRY_POINTS(name, label, target, NV)                                                                          \
+  namespace name {                                                                                                 \
+  target void combine_block(const Inputs& in, int64_t r, int64_t b0, int64_t n, float* d, float* bm) {             \
+    Hot<NV>::combine_block(in, r, b0, n, d, bm);                                                                   \
+  }                                                                                                                \
+  target void combine_chunk(const Inputs& in, int64_t r, int64_t lo, int64_t hi, float* s, float* bm, float* cmax, \
+                            int64_t* cidx) {                                                                       \
+    Hot<NV>::combine_chunk(in, r, lo, hi, s, bm, cmax, cidx);                                                      \
+  }                                                                                                                \
+  target PT_CONTRACT void scale_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, float M, float t,   \
+                                      bool with_ladder, double* S, double* ladder) {                               \
+    Hot<NV>::scale_chunk(s, bm, lo, hi, M, t, with_ladder, S, ladder);                                             \
+  }                                                                                                                \
+  target Best draw_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, int64_t seed_idx, float m,       \
+                         float t, Noise nz) {                                                                      \
+    return Hot<NV>::draw_chunk(s, bm, lo, hi, seed_idx, m, t, nz);                                                 \
+  }                                                                                                                \
+  target void collect(const float* s, const float* bm, int64_t V, float m, float t, float c_lo,                    \
+                      std::vector<Cand>& C) {                                                                      \
+    Hot<NV>::collect(s, bm, V, m, t, c_lo, C);                                                                     \
+  }                                                                                                                \
+  constexpr HotOps ops = {label, combine_block, combine_chunk, scale_chunk, draw_chunk, collect};                  \
+  }
+
+#if PT_MULTI_TARGET
+PT_ENTRY_POINTS(avx512, "x86-64-v4", __attribute__((target("arch=x86-64-v4"))), 1)
+PT_ENTRY_POINTS(avx2, "x86-64-v3", __attribute__((target("arch=x86-64-v3"))), 2)
+PT_ENTRY_POINTS(baseline, "x86-64", , 4)
+const HotOps& pick_hot() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return avx512::ops;
+  if (__builtin_cpu_supports("x86-64-v3")) return avx2::ops;
+  return baseline::ops;
+}
+#else
+#if defined(__AVX512F__)
+PT_ENTRY_POINTS(native, "compiler target, 16-lane registers (AVX-512)", , 1)
+#elif defined(__AVX2__)
+PT_ENTRY_POINTS(native, "compiler target, 8-lane registers (AVX2)", , 2)
+#else
+PT_ENTRY_POINTS(native, "compiler target, 4-lane registers (SSE, NEON)", , 4)
+#endif
+const HotOps& pick_hot() { return native::ops; }
+#endif
+#undef PT_ENTRY_POINTS
+
+const HotOps& hot() {
+  static const HotOps& ops = pick_hot();
+  return ops;
+}
+
+void combine_block(const Inputs& in, int64_t r, int64_t b0, int64_t n, float* d, float* bm) {
+  hot().combine_block(in, r, b0, n, d, bm);
+}
+void combine_chunk(const Inputs& in, int64_t r, int64_t lo, int64_t hi, float* s, float* bm, float* cmax,
+                   int64_t* cidx) {
+  hot().combine_chunk(in, r, lo, hi, s, bm, cmax, cidx);
+}
+void scale_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, float M, float t, bool with_ladder,
+                 double* S, double* ladder) {
+  hot().scale_chunk(s, bm, lo, hi, M, t, with_ladder, S, ladder);
+}
+Best draw_chunk(const float* s, const float* bm, int64_t lo, int64_t hi, int64_t seed_idx, float m, float t,
+                Noise nz) {
+  return hot().draw_chunk(s, bm, lo, hi, seed_idx, m, t, nz);
+}
+void collect(const float* s, const float* bm, int64_t V, float m, float t, float c_lo, std::vector<Cand>& C) {
+  hot().collect(s, bm, V, m, t, c_lo, C);
 }
 
 // Everything after pass 2 for a sampled row whose kept set is bounded by a filter. Returns false when no
@@ -1154,6 +1374,8 @@ PYBIND11_MODULE(_C, m) {
         return proxytune_cpu::sample_cpu(base, experts, anti_experts, weights, temperature, top_k, top_p, min_p, seed,
                                          step, vocab_size);
       });
+  m.def("target", []() { return std::string(proxytune_cpu::hot().target); },
+        "what the vector code running here was compiled for (the installed build picks it at load time)");
   m.def("combine", [](const at::Tensor& base, const std::vector<at::Tensor>& experts,
                       const std::vector<at::Tensor>& anti_experts, const at::Tensor& weights, int64_t vocab_size) {
     pybind11::gil_scoped_release no_gil;

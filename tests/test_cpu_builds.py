@@ -1,10 +1,12 @@
 """Every instruction-set build of the C++ op draws the same tokens.
 
-The installed extension runs the clone its CPU picks (AVX-512, AVX2 or baseline on x86-64). The explicit
-16-lane vectors in csrc/ lower differently for each, so this builds the source again without clones
-(``-DPROXYTUNE_NO_CLONES``: the baseline target) and, where the CPU has AVX2, for x86-64-v3, loads each in a
-fresh process (both register the same op names) and compares tokens and log-probabilities with the
-installed build on a fixed set of cases. Slow (a build takes about a minute): ``pytest -m slow``.
+The installed extension runs the vector code its CPU picks (AVX-512, AVX2 or baseline on x86-64). The
+16-lane vectors in csrc/ are held in registers of a different width for each, so this builds the sources
+again for one target each (``proxytune._cpu_build.NAMED_BUILDS``: ``baseline``, and where the CPU has the
+instructions ``x86-64-v3`` and ``x86-64-v4``), with the flags setup.py uses, loads each in a fresh process
+(every build registers the same op names) and compares tokens and log-probabilities with the installed
+build on a fixed set of cases: they must be equal, bit for bit. Slow (a build takes about a minute):
+``pytest -m slow``.
 """
 
 from __future__ import annotations
@@ -19,31 +21,28 @@ from pathlib import Path
 import pytest
 import torch
 
+from proxytune import _cpu_build
 from proxytune._cpu_backend import why_unavailable
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "csrc" / "proxytune_cpu.cpp"
 
 # Cases: widths with and without a partial last sub-block, every dtype, 0-2 pairs, masked and tied entries,
-# every filter. argv: the output file, then "installed" or a build directory, the source and the extra
-# compiler flags (the build is loaded into this fresh process: both register the same op names). It saves
-# [(tokens, logprobs)] to the output file.
+# every filter. argv: the output file, then "installed" or the path of a built library (loaded into this
+# fresh process before proxytune: every build registers the same op names). It saves [(tokens, logprobs)]
+# to the output file.
 RUN_CASES = textwrap.dedent(
     """
     import random, sys, torch
     if sys.argv[2] == "installed":
         import proxytune._C
     else:
-        from torch.utils.cpp_extension import load
-        openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-        load(
-            name="_C", sources=[sys.argv[3]], build_directory=sys.argv[2], is_python_module=False,
-            # setup.py's flags (keep in step), plus the variant's
-            extra_cflags=["-O3", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", *openmp, *sys.argv[4:]],
-            extra_ldflags=openmp,
-        )
+        import importlib.util, pathlib
+        spec = importlib.util.spec_from_file_location("cpu_build", sys.argv[3])
+        cpu_build = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cpu_build)
+        cpu_build.load(pathlib.Path(sys.argv[2]))
     op = torch.ops.proxytune.sample
     rng, out = random.Random(7), []
     dtypes = [torch.float32, torch.bfloat16, torch.float16]
@@ -78,13 +77,16 @@ RUN_CASES = textwrap.dedent(
 
 
 def _variants() -> list:
-    params = [pytest.param(["-DPROXYTUNE_NO_CLONES"], id="baseline")]
+    params = [pytest.param("baseline", id="baseline")]
     if platform.machine() in ("x86_64", "AMD64"):
         flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         has_avx2 = " avx2 " in flags and " fma " in flags and " bmi2 " in flags
+        has_avx512 = all(f" {f} " in flags for f in ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"))
         params.append(pytest.param(
-            ["-DPROXYTUNE_NO_CLONES", "-march=x86-64-v3"], id="x86-64-v3",
-            marks=pytest.mark.skipif(not has_avx2, reason="the CPU has no AVX2"),
+            "x86-64-v3", id="x86-64-v3", marks=pytest.mark.skipif(not has_avx2, reason="the CPU has no AVX2"),
+        ))  # fmt: skip
+        params.append(pytest.param(
+            "x86-64-v4", id="x86-64-v4", marks=pytest.mark.skipif(not has_avx512, reason="the CPU has no AVX-512"),
         ))  # fmt: skip
     return params
 
@@ -98,13 +100,19 @@ def _run(tmp_path: Path, name: str, *how: str) -> list:
 
 
 @pytest.mark.skipif(why_unavailable() is not None, reason="the cpu backend is not built")
-@pytest.mark.parametrize("flags", _variants())
-def test_instruction_set_builds_agree(flags, tmp_path):
-    build = tmp_path / "build"
-    build.mkdir()
+@pytest.mark.parametrize("name", _variants())
+def test_instruction_set_builds_agree(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROXYTUNE_CACHE", str(tmp_path / "cache"))
+    library = _cpu_build.named_build(name)
     installed = _run(tmp_path, "installed", "installed")
-    variant = _run(tmp_path, "variant", str(build), str(SOURCE), *flags)
+    variant = _run(tmp_path, "variant", str(library), str(Path(_cpu_build.__file__)))
     assert len(installed) == len(variant) == 240
     for i, ((t0, l0), (t1, l1)) in enumerate(zip(installed, variant)):
         assert torch.equal(t0, t1), f"case {i // 2}: tokens {t0.tolist()} vs {t1.tolist()}"
+        # Bit for bit: the vector widths compute the same lanes in the same order, and the only contracted
+        # sums (S) contract the same way on every FMA target; the baseline has no FMA, so its S may differ
+        # from an FMA build's in the last ulp: log S then differs by at most ~2 ulp of 1.
+        same = torch.equal(torch.nan_to_num(l0, nan=7.0), torch.nan_to_num(l1, nan=7.0))
+        if name != "baseline":
+            assert same, f"case {i // 2}: log-probabilities {l0.tolist()} vs {l1.tolist()}"
         torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-6, equal_nan=True)
