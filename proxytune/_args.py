@@ -56,6 +56,15 @@ class SampleArgs(NamedTuple):
     def batch_size(self) -> int:
         return self.base.shape[0]
 
+    def op_arguments(self) -> tuple:
+        """``(base, experts, anti_experts, weights, temperature, top_k, top_p, min_p, seed, step, vocab_size)``:
+        the positional arguments of every backend's sample function (and of ``torch.ops.proxytune.sample``)."""
+        return tuple(self[:11])
+
+    def combine_arguments(self) -> tuple:
+        """``(base, experts, anti_experts, weights, vocab_size)``: the arguments of the combine functions."""
+        return (self.base, self.experts, self.anti_experts, self.weights, self.vocab_size)
+
 
 def _check_logits(name: str, x: object, device: torch.device | None) -> torch.Tensor:
     """``x`` itself when it is a usable ``[B, V]`` logits tensor (on ``device`` when given); else raises.

@@ -11,7 +11,7 @@ sources instead: the first use then builds them once against the installed torch
 already built (so ``torch.ops.proxytune.*`` exist from then on) but never builds one. Same function as
 :mod:`proxytune.reference` (see ``docs/semantics.md``).
 
-Host syncs: none beyond the op itself (CPU tensors only).
+Host syncs: none beyond the op itself (CPU tensors only). Registered with :mod:`proxytune.backends` at import.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 
-from proxytune import _cpu_build
+from proxytune import _cpu_build, backends
 from proxytune._args import SampleArgs
 
-__all__ = ["why_unavailable", "load_if_built", "sample_cpu", "combine_cpu"]
+__all__ = ["why_unavailable", "load_if_built", "sample_cpu", "combine_cpu", "BACKEND"]
 
 _state: dict[str, Optional[str]] = {}
 _ext = None  # the loaded proxytune._C module
@@ -79,12 +79,13 @@ def _loaded():
 
 def sample_cpu(args: SampleArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token_ids int64 [B], logprobs fp32 [B])`` computed by the C++ op."""
-    return (_ext or _loaded()).sample(
-        args.base, args.experts, args.anti_experts, args.weights, args.temperature, args.top_k,
-        args.top_p, args.min_p, args.seed, args.step, args.vocab_size,
-    )  # fmt: skip
+    return (_ext or _loaded()).sample(*args.op_arguments())
 
 
 def combine_cpu(args: SampleArgs) -> torch.Tensor:
     """The fp32 combined logits ``[B, V]`` computed by the C++ op."""
-    return (_ext or _loaded()).combine(args.base, args.experts, args.anti_experts, args.weights, args.vocab_size)
+    return (_ext or _loaded()).combine(*args.combine_arguments())
+
+
+BACKEND = backends.Backend("cpu", ("cpu",), 10, sample_cpu, combine_cpu, why_unavailable)
+backends.register(BACKEND)

@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from proxytune import backends
+from proxytune import _reference_backend, _cpu_backend, _triton_backend  # noqa: F401  (each registers itself)
 from proxytune._args import PerRow, normalize
 
 __all__ = ["sample", "combine"]

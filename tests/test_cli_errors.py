@@ -71,14 +71,10 @@ def no_models(monkeypatch):
 @pytest.fixture
 def triton_as_installed(monkeypatch):
     """The triton backend as a user's CPU-only machine has it: without the interpreter (the triton tests set
-    TRITON_INTERPRET=1 at import and register it for CPU tensors). Restored afterwards."""
-    from proxytune import _triton_backend, backends
-
+    TRITON_INTERPRET=1 at import; the backend reads it when resolved). Restored afterwards."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    backends.register(_triton_backend.make_backend())
     yield
     monkeypatch.undo()
-    backends.register(_triton_backend.make_backend())
 
 
 @pytest.fixture

@@ -27,8 +27,6 @@ from proxytune._triton_backend import make_backend  # noqa: E402
 from proxytune.reference import sample_reference  # noqa: E402
 from proxytune.testing import proxy_inputs  # noqa: E402
 
-backends.register(make_backend())  # proxytune may have been imported before the variable was set
-
 from proxytune.kernels.launch import proxy_sample  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -267,7 +265,6 @@ def test_each_constexpr_switch_runs_in_the_interpreter(flag):
 def test_auto_picks_the_triton_kernel_only_once_verified_on_a_gpu():
     from proxytune._verified import GPU_VERIFIED
 
-    backends.register(make_backend())
     cuda = torch.device("cuda")
     if GPU_VERIFIED and torch.cuda.is_available():
         assert backends.resolve("auto", cuda).name == "triton"
