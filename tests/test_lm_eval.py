@@ -113,36 +113,41 @@ def test_registered_and_model_args_checked():
         ProxyTuneLM.create_from_arg_string("base=x", {"batch_size": "auto"})
 
 
-@needs_lm_eval
-def test_proxytune_lm_eval_command_reproduces_proxytune_eval(tmp_path, monkeypatch):
-    """``proxytune-lm-eval`` (lm-eval's CLI, run in this process) on the shipped tasks: the generation task gives
-    `proxytune eval`'s per-question correctness; the multiple-choice task picks the value ProxyTuner.score
-    rates highest."""
-    from proxytune.integrations import lm_eval as integration
-    from proxytune.integrations.lm_eval_tasks.tinyworld_docs import DATA, records, with_choices
+PROXY_ARGS = "base={large_base},expert={small_tuned},anti_expert={small_base}"
+
+
+def proxy_args():
     from proxytune.tinyworld import model_path
+
+    return PROXY_ARGS.format(**{r: model_path(r) for r in ("large_base", "small_tuned", "small_base")})
+
+
+@needs_lm_eval
+def test_shipped_tasks_reproduce_proxytune_eval():
+    """lm-eval's evaluator on the shipped tasks: the generation task gives `proxytune eval`'s per-question
+    correctness; the multiple-choice task picks the value ProxyTuner.score rates highest."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    import proxytune.integrations.lm_eval  # noqa: F401  (registers "proxytune")
+    from proxytune.integrations.lm_eval import TASKS_DIR
+    from proxytune.integrations.lm_eval_tasks.tinyworld_docs import DATA, records, with_choices
     from proxytune.tinyworld.evaluation import build_tuners, evaluate
 
     with open(DATA) as f:  # the shipped data is the family's held-out set, in eval's order
         assert [json.loads(line) for line in f] == records()
     n, label = 12, "proxy-tuned large"
-    args = f"base={model_path('large_base')},expert={model_path('small_tuned')},anti_expert={model_path('small_base')}"
-    monkeypatch.setattr(sys, "argv", [
-        "proxytune-lm-eval", "--model", "proxytune", "--model_args", args, "--tasks", "tinyworld_qa,tinyworld_choice",
-        "--limit", str(n), "--device", "cpu", "--batch_size", "16", "--output_path", str(tmp_path), "--log_samples",
-    ])  # fmt: skip
-    integration.main()
+    tasks = TaskManager(include_path=TASKS_DIR, include_defaults=False)  # lm-eval's own index takes ~15 s
+    res = simple_evaluate(model="proxytune", model_args=proxy_args(), tasks=["tinyworld_qa", "tinyworld_choice"],
+                          limit=n, device="cpu", batch_size=16, task_manager=tasks, log_samples=True)  # fmt: skip
 
     def samples(task):
-        (path,) = tmp_path.rglob(f"samples_{task}_*.jsonl")
-        return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda r: r["doc_id"])
+        return sorted(res["samples"][task], key=lambda r: r["doc_id"])
 
-    (results,) = tmp_path.rglob("results_*.json")
-    results = json.loads(results.read_text())["results"]
     tuners = build_tuners(labels=[label])
     ev = evaluate(limit=n, tuners=tuners)
     assert [int(r["exact_match"]) for r in samples("tinyworld_qa")] == ev.correct(label)
-    assert results["tinyworld_qa"]["exact_match,none"] == pytest.approx(ev.accuracy[label])
+    assert res["results"]["tinyworld_qa"]["exact_match,none"] == pytest.approx(ev.accuracy[label])
     docs = [with_choices(r) for r in records()[:n]]
     scores = tuners[label].score([d["prompt"] for d in docs for _ in d["choices"]],
                                  [" " + c for d in docs for c in d["choices"]])  # fmt: skip
@@ -152,7 +157,21 @@ def test_proxytune_lm_eval_command_reproduces_proxytune_eval(tmp_path, monkeypat
         k += len(d["choices"])
         right.append(float(max(range(len(lps)), key=lps.__getitem__) == d["gold"]))
     assert [r["acc"] for r in samples("tinyworld_choice")] == right
-    assert results["tinyworld_choice"]["acc,none"] == pytest.approx(sum(right) / n)
+    assert res["results"]["tinyworld_choice"]["acc,none"] == pytest.approx(sum(right) / n)
+
+
+@needs_lm_eval
+@pytest.mark.slow
+def test_proxytune_lm_eval_command(tmp_path):
+    """The command as a user runs it (lm-eval's CLI indexes all of lm-eval's own tasks first: slow)."""
+    cmd = [sys.executable, "-m", "proxytune.integrations.lm_eval", "--model", "proxytune", "--model_args", proxy_args(),
+           "--tasks", "tinyworld_qa,tinyworld_choice", "--limit", "4", "--device", "cpu", "--batch_size", "8",
+           "--output_path", str(tmp_path)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tinyworld_qa" in out.stdout and "exact_match" in out.stdout and "tinyworld_choice" in out.stdout
+    assert list(tmp_path.rglob("results_*.json"))
 
 
 def test_command_adds_the_shipped_tasks_to_the_include_path():
