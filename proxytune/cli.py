@@ -664,7 +664,8 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="proxytune", description="Fast decoding-time proxy-tuning.")
     parser.add_argument("--version", action="version", version=f"proxytune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,eval,generate}")  # + score (listed in the help); tests/test_cli_errors.py pins this text
+    # the metavar leaves out score (listed in the help below): tests/test_cli_errors.py pins this text
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,eval,generate}")
     family = _nonempty("a directory")
     demo = sub.add_parser("demo", help="proxy-tuning a shipped tiny model family: answers side by side, accuracy table")
     demo.add_argument("--models", default=None, type=family, help="the family's directory (default: the shipped one)")
