@@ -62,6 +62,7 @@ def tiny(tok):
 
 @needs_lm_eval
 def test_weight_zero_matches_lm_evals_own_hf_model(tiny, tok):
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (in the lm-eval extra)")
     from lm_eval.models.huggingface import HFLM
 
     from proxytune import ProxyTuner
