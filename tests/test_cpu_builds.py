@@ -29,12 +29,14 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 # Cases: widths with and without a partial last sub-block, every dtype, 0-2 pairs, masked and tied entries,
-# every filter. argv: the output file, then "installed" or the path of a built library (loaded into this
-# fresh process before proxytune: every build registers the same op names). It saves [(tokens, logprobs)]
-# to the output file.
+# every filter. argv: the output file, then "installed" or the path of a built library and the path of
+# proxytune/_cpu_build.py (the library is loaded into this fresh process before proxytune: every build
+# registers the same op names), then optionally a cases file: read when it exists, else written (torch.randn
+# differs between torch versions and architectures, so builds for another machine are given the very
+# inputs). It saves [(tokens, logprobs)] to the output file.
 RUN_CASES = textwrap.dedent(
     """
-    import random, sys, torch
+    import os, random, sys, torch
     if sys.argv[2] == "installed":
         import proxytune._C
     else:
@@ -44,7 +46,7 @@ RUN_CASES = textwrap.dedent(
         spec.loader.exec_module(cpu_build)
         cpu_build.load(pathlib.Path(sys.argv[2]))
     op = torch.ops.proxytune.sample
-    rng, out = random.Random(7), []
+    rng, cases = random.Random(7), []
     dtypes = [torch.float32, torch.bfloat16, torch.float16]
     for case in range(120):
         B, V = rng.choice([1, 2, 5]), rng.choice([3, 64, 100, 4097, 32000, 50001, 128256])
@@ -68,9 +70,17 @@ RUN_CASES = textwrap.dedent(
         top_p, min_p = row([1.0, 1.0, 0.9, 0.5, 0.99]), row([0.0, 0.0, 0.05])
         seed = torch.tensor([rng.randrange(-2**62, 2**62) for _ in range(B)])
         step = torch.tensor([rng.randrange(0, 1000) for _ in range(B)])
+        cases.append((base, ex, an, w, T, K, top_p, min_p, seed, step, V))
+    cases_file = sys.argv[4] if len(sys.argv) > 4 else None
+    if cases_file and os.path.exists(cases_file):
+        cases = torch.load(cases_file)
+    elif cases_file:
+        torch.save(cases, cases_file)
+    out = []
+    for args in cases:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            out.append(op(base, ex, an, w, T, K, top_p, min_p, seed, step, V))
+            out.append(op(*args))
     torch.save(out, sys.argv[1])
     """
 )
