@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Union
 
 import torch
 
-__all__ = ["SampleArgs", "Scalar", "PerRow", "normalize", "check_filter_scalars"]
+__all__ = ["SampleArgs", "Scalar", "PerRow", "normalize", "check_filter_scalars", "fresh_seed"]
 
 Scalar = Union[int, float]
 PerRow = Union[int, float, torch.Tensor]
@@ -176,6 +176,12 @@ def _filters_on(temperature: object, top_k: object, top_p: object, min_p: object
     return (k_on, p_on, m_on)
 
 
+def fresh_seed() -> int:
+    """A new 64-bit seed from torch's default CPU generator (``torch.manual_seed`` makes it repeatable; no
+    device sync): what ``seed=None`` means for the op and for an engine request."""
+    return int(torch.randint(_INT64_MIN, 2**63 - 1, ()))
+
+
 def _real(x: object) -> bool:
     """A Python/numpy real number (bool included, as ``numbers.Real`` has it); plain floats and ints first."""
     return type(x) is float or type(x) is int or isinstance(x, numbers.Real)
@@ -307,7 +313,7 @@ def normalize(
         raise ValueError(f"vocab_size must be in [1, {min_width}] (the narrowest logits' width), got {vocab_size}")
 
     if seed is None:
-        seed = int(torch.randint(_INT64_MIN, 2**63 - 1, ()))
+        seed = fresh_seed()
     if (
         type(top_k) is int and type(weights) in _PLAIN and type(temperature) in _PLAIN and type(top_p) in _PLAIN
         and type(min_p) in _PLAIN and device == _CPU

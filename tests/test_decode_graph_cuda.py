@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from proxytune import ProxyTuner, SamplingParams
-from proxytune.engine.decode import ModelRunner
+from proxytune.engine.decode import ModelRunner, SamplerState
 from proxytune.engine.prompts import left_pad
 from tiny_models import EOS_ID, KINDS, PROMPTS, tiny_trio
 
@@ -39,9 +39,8 @@ def loaded_decoder(trio, tok, capacity, prompts):
     logits = [r.prefill(*left_pad(ids, 0, dev)) for r in runners]
     dec = StaticDecoder(list(trio), ["base", "expert 0", "anti-expert 0"], capacity=capacity, max_len=64,
                         vocab_size=320, backend="auto", ring_len=8)  # fmt: skip
-    tuner = ProxyTuner(trio[0], trio[1], trio[2], tokenizer=tok, decode="eager")
-    rows = [type("R", (), {"params": SamplingParams(temperature=0.9, top_p=0.9), "seed": 40 + i})() for i in range(len(ids))]
-    state = tuner._sampler_state(rows)
+    state = SamplerState.for_requests([SamplingParams(temperature=0.9, top_p=0.9)] * len(ids),
+                                      [40 + i for i in range(len(ids))], weights=[1.0], device=dev)  # fmt: skip
     first = logits[0].argmax(-1)
     state.step += 1
     dec.load(runners, state, first, 0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from proxytune import ProxyTuner, SamplingParams
-from proxytune.engine.decode import ModelRunner
+from proxytune.engine.decode import ModelRunner, SamplerState
 from proxytune.engine.prompts import left_pad
 from proxytune.engine.static_step import StaticDecoder, bucket_for, static_support
 from tiny_models import EOS_ID, KINDS, PROMPTS, tiny_trio
@@ -111,9 +111,8 @@ def test_padded_rows_do_not_touch_real_rows(models, tok):
         runners = [ModelRunner(SimpleLoaded(m)) for m in (base, expert, anti)]
         for r in runners:
             r.prefill(*left_pad(prompts, 0, torch.device("cpu")))
-        state = ProxyTuner(base, expert, anti, tokenizer=tok, decode="eager")._sampler_state(
-            [type("R", (), {"params": SamplingParams(temperature=1.0, top_k=30), "seed": 7 + i})() for i in range(n)]
-        )
+        state = SamplerState.for_requests([SamplingParams(temperature=1.0, top_k=30)] * n, [7 + i for i in range(n)],
+                                          weights=[1.0], device=torch.device("cpu"))  # fmt: skip
         first = torch.tensor([5, 6, 7, 8])
         state.step += 1
         dec.load(runners, state, first, 0)
@@ -152,9 +151,8 @@ def test_static_logits_equal_eager_logits_at_every_position(models, tok):
     static_runner.prefill(*left_pad(prompts, 0, torch.device("cpu")))
     dec = StaticDecoder([base], ["base"], capacity=4, max_len=64, vocab_size=320, backend="reference", ring_len=8)
     tokens = logits.argmax(-1)
-    state = ProxyTuner(base, tokenizer=tok, decode="eager")._sampler_state(
-        [type("R", (), {"params": SamplingParams(temperature=0), "seed": 0})() for _ in prompts]
-    )
+    state = SamplerState.for_requests([SamplingParams(temperature=0)] * len(prompts), [0] * len(prompts), weights=[],
+                                      device=torch.device("cpu"))  # fmt: skip
     state.step += 1
     dec.load([static_runner], state, tokens, 0)
     for _ in range(8):

@@ -59,11 +59,11 @@ def fork_join(main: Callable[[], torch.Tensor], sides: Sequence[Callable[[], tor
     finally:
         for s in used:
             current.wait_stream(s)  # join
-    if not torch.cuda.is_current_stream_capturing():  # captured outputs are kept by the graph (DecodeGraphs)
-        for out in others:
-            for t in out if isinstance(out, (list, tuple)) else (out,):
-                if isinstance(t, torch.Tensor) and t.is_cuda:
-                    t.record_stream(current)
+    crossing = [t for out in others for t in (out if isinstance(out, (list, tuple)) else (out,))
+                if isinstance(t, torch.Tensor) and t.is_cuda]  # fmt: skip
+    if crossing and not torch.cuda.is_current_stream_capturing():  # a graph keeps its captured outputs alive
+        for t in crossing:
+            t.record_stream(current)
     return result, others
 
 

@@ -34,7 +34,6 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from proxytune.engine.decode import ModelRunner, SamplerState, cache_argument, forward_parameters, position_limit, text_config
-from proxytune.ops import sample as proxy_sample
 
 __all__ = [
     "StaticDecoder", "StaticModel", "RingReader", "static_support", "bucket_for", "VERIFIED_MODEL_TYPES", "BUCKETS",
@@ -237,15 +236,7 @@ class StaticDecoder:
         self.capacity, self.max_len, self.ring_len = capacity, max_len, ring_len
         self.vocab_size, self.backend = vocab_size, backend
         dev = self.device = self.models[0].device
-        self.sampler = SamplerState(
-            weights=torch.zeros(self.n_pairs, capacity, device=dev),
-            temperature=torch.zeros(capacity, device=dev),
-            top_k=torch.zeros(capacity, dtype=torch.int64, device=dev),
-            top_p=torch.ones(capacity, device=dev),
-            min_p=torch.zeros(capacity, device=dev),
-            seed=torch.zeros(capacity, dtype=torch.int64, device=dev),
-            step=torch.zeros(capacity, dtype=torch.int64, device=dev),
-        )
+        self.sampler = SamplerState.neutral(self.n_pairs, capacity, dev)
         self.ring = torch.zeros(ring_len, capacity, dtype=torch.int64, device=dev)
         self.ring_logprobs = torch.zeros(ring_len, capacity, dtype=torch.float32, device=dev)
         self.slot = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -270,13 +261,11 @@ class StaticDecoder:
         for model, runner in zip(self.models, runners):
             model.load(runner, pad_id)
             model.feed(batch, tokens)
-        s = self.sampler
-        for t, fill in ((s.weights, 0.0), (s.temperature, 0.0), (s.top_k, 0), (s.top_p, 1.0), (s.min_p, 0.0),
-                        (s.seed, 0), (s.step, 0)):  # fmt: skip
-            t.fill_(fill)
-        s.weights[:, :batch].copy_(state.weights)
-        for name in ("temperature", "top_k", "top_p", "min_p", "seed", "step"):
-            getattr(s, name)[:batch].copy_(getattr(state, name))
+        self.sampler.load_(state)
+        self.slot.zero_()
+
+    def start_chunk(self) -> None:
+        """The ring's slot counter restarts: the next steps' tokens land in ring slots 0, 1, ..."""
         self.slot.zero_()
 
     def logits(self, b: int, fork: Optional[Fork] = None) -> list[torch.Tensor]:
@@ -293,16 +282,12 @@ class StaticDecoder:
         logits = self.logits(b, fork)
         for m in self.models:
             m.advance(b)
-        n, s = self.n_pairs, self.sampler
-        out = proxy_sample(
-            logits[0], logits[1 : 1 + n], logits[1 + n :], weights=s.weights[:, :b], temperature=s.temperature[:b],
-            top_k=s.top_k[:b], top_p=s.top_p[:b], min_p=s.min_p[:b], seed=s.seed[:b], step=s.step[:b],
-            vocab_size=self.vocab_size, return_logprobs=return_logprobs, backend=self.backend, validate=False,
-        )  # fmt: skip
-        tokens, logprobs = out if return_logprobs else (out, None)
+        tokens, logprobs = self.sampler.head(b).sample(
+            logits, vocab_size=self.vocab_size, backend=self.backend, return_logprobs=return_logprobs, validate=False
+        )
         for m in self.models:
             m.feed(b, tokens)
-        s.step[:b] += 1
+        self.sampler.step[:b] += 1
         self.ring[:, :b].index_copy_(0, self.slot, tokens[None])
         if logprobs is not None:
             self.ring_logprobs[:, :b].index_copy_(0, self.slot, logprobs[None])
@@ -315,11 +300,7 @@ class StaticDecoder:
         idx = torch.tensor(list(rows), dtype=torch.int64).to(self.device)
         for m in self.models:
             m.compact(idx, b)
-        s = self.sampler
-        s.weights[:, : len(rows)].copy_(s.weights[:, :b].index_select(1, idx))
-        for name in ("temperature", "top_k", "top_p", "min_p", "seed", "step"):
-            t = getattr(s, name)
-            t[: len(rows)].copy_(t[:b].index_select(0, idx))
+        self.sampler.compact_(idx, b)
 
     def state(self) -> list[torch.Tensor]:
         """Every tensor a step changes except the cache columns (see :meth:`StaticModel.state`)."""

@@ -5,143 +5,21 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from proxytune._args import check_filter_scalars
-from proxytune.ops import sample as proxy_sample
-from proxytune.engine.decode import ModelRunner, SamplerState, position_limit, to_device
+from proxytune.engine.decode import ModelRunner, SamplerState, position_limit
 from proxytune.engine.loading import LoadedModel, ModelSpec, check_spec, load_model, load_tokenizer, parse_dtype
+from proxytune.engine.eager_decoder import EagerDecoder
+from proxytune.engine.loop import decode, emit
 from proxytune.engine.prompts import chat_ids, check_messages, encode_prompt, is_messages, left_pad, messages_text
+from proxytune.engine.requests import Generation, Prompt, Row, SamplingParams, TokenEvent, as_list, is_single
 from proxytune.engine.stopping import RowText
 from proxytune.engine.vocabulary import check_same_tokens, common_vocab_size
 
 __all__ = ["ProxyTuner", "SamplingParams", "Generation", "TokenEvent"]
-
-Prompt = Union[str, Sequence[int], Sequence[dict]]  # a text, token ids, or a conversation of messages
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """What one request asks for. Every field may differ between the prompts of a batch.
-
-    ``temperature`` 0 is greedy. ``top_k`` 0, ``top_p`` 1 and ``min_p`` 0 are off. ``weights`` overrides the
-    tuner's weight of each (expert, anti-expert) pair: one float for all pairs or one per pair. ``seed``
-    (None: a fresh random one) and the row's token count drive counter-based noise, so a request draws the
-    same tokens whatever else is in its batch. ``stop``: strings that end the text (cut before them); None or
-    one string are accepted too. ``max_new_tokens`` may be as large as you like: a row also ends (finish
-    reason ``"length"``) when prompt and new tokens fill the smallest position limit of the models
-    (``max_position_embeddings`` / ``n_positions``); a prompt that already fills it is a ``ValueError``.
-    Python numbers outside float32's range are refused; positive ones below its smallest value become it.
-    """
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    weights: Union[None, float, Sequence[float]] = None
-    seed: Optional[int] = None
-    stop: Sequence[str] = ()
-
-    def checked(self, n_pairs: int, where: str) -> "SamplingParams":
-        """A copy ready for the sampler (stop strings as a tuple, numbers as the op takes them); raise
-        ``ValueError`` naming a bad field, prefixed by ``where``."""
-
-        def bad(name: str, rule: str):
-            return ValueError(f"{where}: {name} must be {rule}, got {getattr(self, name)!r}")
-
-        def real(x) -> bool:
-            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
-
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral) \
-                or self.max_new_tokens < 0:  # fmt: skip
-            raise bad("max_new_tokens", "an integer >= 0")
-        for name, integer in (("temperature", False), ("top_k", True), ("top_p", False), ("min_p", False)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
-                raise bad(name, "an integer" if integer else "a number")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
-                                      or not -(2**63) <= self.seed < 2**63):  # fmt: skip
-            raise bad("seed", "None or a 64-bit integer")
-        weights = self.weights
-        if weights is not None:
-            ws = [weights] if real(weights) else list(weights) if isinstance(weights, (list, tuple)) else None
-            if ws is None or not all(real(w) for w in ws) or len(ws) not in (1, n_pairs):
-                raise bad("weights", f"a finite float or {n_pairs} finite floats (one per expert pair)")
-        try:  # the op's own rules (fp32 ranges included), so a request fails here and not mid-batch
-            temperature, top_k, top_p, min_p, _ = check_filter_scalars(
-                self.temperature, self.top_k, self.top_p, self.min_p, weights if weights is not None else 1.0
-            )
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
-        try:
-            stop = tuple(stop)
-        except TypeError:
-            raise bad("stop", "a string or a sequence of non-empty strings") from None
-        if not all(isinstance(s, str) and s for s in stop):
-            raise bad("stop", "a string or a sequence of non-empty strings")
-        return replace(self, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, stop=stop)
-
-
-@dataclass
-class Generation:
-    """One prompt's result. ``token_ids`` include the EOS token when the row ended on it; ``text`` does not,
-    and is cut before a stop string. ``finish_reason``: ``"eos"``, ``"stop"`` or ``"length"``."""
-
-    prompt: Prompt
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    seed: int
-    logprobs: Optional[list[float]] = None
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token of prompt ``index`` as :meth:`ProxyTuner.stream` yields it.
-
-    ``text`` is the new final text (it may be empty while a multi-byte character or a possible stop string
-    is pending); the texts of one prompt's events add up to its :class:`Generation` text. The last event of
-    a prompt has a ``finish_reason``; a prompt with ``max_new_tokens=0`` gets one event with ``token_id`` None.
-    """
-
-    index: int
-    token_id: Optional[int]
-    text: str
-    logprob: Optional[float] = None
-    finish_reason: Optional[str] = None
-
-
-@dataclass
-class _Row:
-    index: int
-    prompt: Prompt
-    params: SamplingParams
-    seed: int
-    text: RowText
-    budget: int  # new tokens the row may draw: max_new_tokens, cut to the models' position limits
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-
-
-def _is_single(prompts: Any) -> bool:
-    """One prompt (a text, a list of token ids, a conversation) rather than a batch of them."""
-    return isinstance(prompts, str) or is_messages(prompts) or (
-        isinstance(prompts, (list, tuple)) and len(prompts) > 0 and isinstance(prompts[0], numbers.Integral)
-    )  # fmt: skip
-
-
-def _as_list(x: Any) -> list:
-    if x is None:
-        return []
-    if isinstance(x, (list, tuple)):
-        return list(x)
-    return [x]
-
 
 class ProxyTuner:
     """Generate text from ``base + sum_i w_i * (expert_i - anti_expert_i)``, all Hugging Face causal LMs.
@@ -203,7 +81,7 @@ class ProxyTuner:
         decode: str = "auto",
         poll_every: int = 8,
     ):
-        experts, anti_experts = _as_list(experts), _as_list(anti_experts)
+        experts, anti_experts = as_list(experts), as_list(anti_experts)
         if len(experts) != len(anti_experts):
             raise ValueError(f"got {len(experts)} experts but {len(anti_experts)} anti-experts; they come in pairs")
         n_pairs = len(experts)
@@ -242,7 +120,7 @@ class ProxyTuner:
         check_same_tokens(("the shared tokenizer", tokenizer), [(m.name, m.tokenizer) for m in loaded], self.vocab_size)
 
         if eos_token_ids is not None:
-            eos_list = [eos_token_ids] if isinstance(eos_token_ids, numbers.Integral) else _as_list(eos_token_ids)
+            eos_list = [eos_token_ids] if isinstance(eos_token_ids, numbers.Integral) else as_list(eos_token_ids)
             bad = [i for i in eos_list if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
             if bad:
                 raise TypeError(f"eos_token_ids must be non-negative integer token ids, got {bad[0]!r}")
@@ -303,7 +181,7 @@ class ProxyTuner:
         for m in models:
             cfg = getattr(m.module, "generation_config", None)
             ids = getattr(cfg, "eos_token_id", None) if cfg is not None else None
-            eos.update(i for i in _as_list(ids) if i is not None)
+            eos.update(i for i in as_list(ids) if i is not None)
         return eos
 
     def __repr__(self) -> str:
@@ -348,7 +226,7 @@ class ProxyTuner:
         use_cache : bool
             False recomputes every model over the whole sequence each step (for testing; slow).
         """
-        single = _is_single(prompts)
+        single = is_single(prompts)
         batch = [prompts] if single else list(prompts)
         results: list[Optional[Generation]] = [None] * len(batch)
         texts = [[] for _ in batch]
@@ -414,7 +292,7 @@ class ProxyTuner:
         **overrides: Any,
     ) -> Iterator[TokenEvent]:
         """Like :meth:`generate`, but yield a :class:`TokenEvent` for every token as soon as it is drawn."""
-        single = _is_single(prompts)
+        single = is_single(prompts)
         batch = [prompts] if single else list(prompts)
         for event, _ in self._events(batch, params, return_logprobs, batch_size, True, overrides):
             yield event
@@ -487,47 +365,15 @@ class ProxyTuner:
             room = limit - len(ids) if room is None else min(room, limit - len(ids))
         return room
 
-    def _sampler_state(self, rows: list[_Row]) -> SamplerState:
-        dev = self.device
-        n_pairs = len(self.experts)
-
-        def col(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(dev)
-
-        weights = []
-        for r in rows:
-            w = self.weights if r.params.weights is None else _as_list(r.params.weights)
-            weights.append([float(x) for x in (w * n_pairs if len(w) == 1 else w)])
-        return SamplerState(
-            weights=torch.tensor(weights, dtype=torch.float32).reshape(len(rows), n_pairs).T.contiguous().to(dev),
-            temperature=col([r.params.temperature for r in rows], torch.float32),
-            top_k=col([r.params.top_k for r in rows], torch.int64),
-            top_p=col([r.params.top_p for r in rows], torch.float32),
-            min_p=col([r.params.min_p for r in rows], torch.float32),
-            seed=col([r.seed for r in rows], torch.int64),
-            step=torch.zeros(len(rows), dtype=torch.int64, device=dev),
-        )
-
-    def _sample(self, logits: list[torch.Tensor], state: SamplerState, return_logprobs: bool, validate: bool):
-        """One ``proxytune.sample`` call on the base's device; ``validate`` only for the first step."""
-        n = len(self.experts)
-        moved = [to_device(x, self.device) for x in logits]
-        out = proxy_sample(
-            moved[0], moved[1 : 1 + n], moved[1 + n :], weights=state.weights, temperature=state.temperature,
-            top_k=state.top_k, top_p=state.top_p, min_p=state.min_p, seed=state.seed, step=state.step,
-            vocab_size=self.vocab_size, return_logprobs=return_logprobs, backend=self.backend, validate=validate,
-        )  # fmt: skip
-        return out if return_logprobs else (out, None)
-
     def _run_batch(self, requests, return_logprobs: bool, use_cache: bool):
-        """Yield ``(TokenEvent, _Row)`` for every token of every request in this batch."""
+        """Yield ``(TokenEvent, Row)`` for every token of every request in this batch: prefill, the first token,
+        then the decode loop (:func:`proxytune.engine.loop.decode`) over this tuner's decoder."""
         rows, inputs = [], []
         for index, prompt, p in requests:
             context, per_model = self._prompt_ids(index, prompt)
             room = self._room(index, per_model) if p.max_new_tokens > 0 else None
             budget = p.max_new_tokens if room is None else min(p.max_new_tokens, room)
-            seed = p.seed if p.seed is not None else int(torch.randint(-(2**63), 2**63 - 1, ()))
-            rows.append(_Row(index, prompt, p, seed, RowText(self.tokenizer, context, p.stop), budget))
+            rows.append(Row.start(index, prompt, p, RowText(self.tokenizer, context, p.stop), budget))
             inputs.append(per_model)
         for r in rows:
             if r.params.max_new_tokens == 0:
@@ -541,50 +387,21 @@ class ProxyTuner:
             runner.prefill(*left_pad([x[k] for x in inputs], self.pad_token_id, runner.device))
             for k, runner in enumerate(runners)
         ]
-        state = self._sampler_state(rows)
-        if use_cache and self.decode != "eager":
-            yield from self._run_static(rows, runners, logits, state, return_logprobs)
+        state = SamplerState.for_requests([r.params for r in rows], [r.seed for r in rows], self.weights, self.device)
+        tokens, logprobs = state.sample(logits, vocab_size=self.vocab_size, backend=self.backend,
+                                        return_logprobs=return_logprobs, validate=True)  # fmt: skip
+        state.step += 1
+        finished: set[int] = set()
+        first = ([tokens.tolist()], [logprobs.tolist()] if logprobs is not None else None)
+        yield from emit(rows, lambda: first, self.eos_token_ids, finished)
+        if len(finished) == len(rows):
             return
-        first = True
-        while True:
-            tokens, logprobs = self._sample(logits, state, return_logprobs, validate=first)
-            first = False
-            state.step += 1
-            host_tokens = tokens.tolist()  # the one host sync per step: stopping is decided on the host
-            host_lp = logprobs.tolist() if logprobs is not None else [None] * len(rows)
-            keep = []
-            for j, (row, tok, lp) in enumerate(zip(rows, host_tokens, host_lp)):
-                event = self._token_event(row, tok, lp)
-                yield event, row
-                if event.finish_reason is None:
-                    keep.append(j)
-            if not keep:
-                return
-            if len(keep) < len(rows):  # finished rows leave the batch: they cost no more compute
-                idx = torch.tensor(keep, dtype=torch.int64, device=self.device)
-                for runner in runners:
-                    runner.select(idx)
-                state.select(idx)
-                tokens = tokens[idx]
-                rows = [rows[j] for j in keep]
-            logits = [runner.step(tokens) for runner in runners]
-
-    def _token_event(self, row: _Row, tok: int, lp: Optional[float]) -> TokenEvent:
-        """Record token ``tok`` of ``row`` and decide whether the row ends on it."""
-        row.ids.append(tok)
-        if lp is not None:
-            row.logprobs.append(lp)
-        reason = None
-        if tok in self.eos_token_ids:
-            reason = "eos"
-        elif row.text.add(tok):
-            reason = "stop"
-        elif len(row.ids) >= row.budget:
-            reason = "length"
-        if reason is not None:
-            row.text.flush()  # a stop string may sit in a character only now complete
-            reason = "stop" if reason == "length" and row.text.stopped else reason
-        return TokenEvent(row.index, tok, row.text.take_stream(final=reason is not None), lp, reason)
+        if not use_cache or self.decode == "eager":
+            decoder = EagerDecoder(runners, state, tokens, vocab_size=self.vocab_size, backend=self.backend,
+                                   return_logprobs=return_logprobs)  # fmt: skip
+            yield from decode(decoder, rows, self.eos_token_ids, finished)
+            return
+        yield from self._decode_static(rows, runners, state, tokens, finished, return_logprobs)
 
     # ------------------------------------------------------------------------------------------ static decoding
 
@@ -621,29 +438,14 @@ class ProxyTuner:
 
         return DecodeGraphs(dec, variant=self.graph_variant)
 
-    def _run_static(self, rows: list[_Row], runners: list[ModelRunner], logits, state: SamplerState, return_logprobs: bool):
-        """The decode loop over the static step (``decode="static"`` or ``"graph"``); same events as the eager loop.
-
-        Rows stay in their slot of a batch-size bucket until the live rows fit a smaller bucket, then move to
-        the front (compaction). The device runs ``poll_every`` steps per chunk; the host reads chunk ``i``'s
-        tokens (an asynchronous copy on CUDA) while chunk ``i + 1`` runs, so a finished row may be computed for
-        up to two more chunks: its extra tokens are dropped. No step launches past the longest row's budget.
-        The caches start with room for :data:`STATIC_INITIAL_STEPS` steps and double when a chunk would not
-        fit (CUDA graphs are then captured again), so a large ``max_new_tokens`` costs memory only as used.
-        """
+    def _decode_static(self, rows: list[Row], runners: list[ModelRunner], state: SamplerState, tokens: torch.Tensor,
+                       finished: set[int], return_logprobs: bool):  # fmt: skip
+        """The decode loop over the static step (``decode="static"``) or its CUDA graphs (``"graph"``): the
+        decoders of :mod:`proxytune.engine.static_decoder`, on this tuner's kept decoder unless another request
+        holds it (a paused :meth:`stream`)."""
+        from proxytune.engine.static_decoder import GraphRun, StaticRun
         from proxytune.engine.static_step import SPARE_STEPS, STATIC_INITIAL_STEPS
 
-        tokens, logprobs = self._sample(logits, state, return_logprobs, validate=True)
-        state.step += 1
-        host_lp = logprobs.tolist() if logprobs is not None else [None] * len(rows)
-        finished: set[int] = set()
-        for row, tok, lp in zip(rows, tokens.tolist(), host_lp):
-            event = self._token_event(row, tok, lp)
-            yield event, row
-            if event.finish_reason is not None:
-                finished.add(row.index)
-        if len(finished) == len(rows):
-            return
         limit = max(r.budget for r in rows) - 1  # decode steps the longest row may need
         prompt_len = max(r.mask.shape[1] for r in runners)  # the cache column of the first decode step
         shared = not self._decoder_in_use
@@ -651,72 +453,20 @@ class ProxyTuner:
         if shared:
             self._decoder_in_use = True
         try:
-            yield from self._static_chunks(rows, runners, state, tokens, dec, graphs, shared, finished, limit,
-                                           prompt_len, return_logprobs)  # fmt: skip
+            dec.load(runners, state, tokens, self.pad_token_id)
+            for runner in runners:  # the dynamic caches are copied: free them
+                runner.cache = None
+            kw = dict(rows=len(rows), limit=limit, prompt_len=prompt_len, poll_every=self.poll_every,
+                      return_logprobs=return_logprobs)  # fmt: skip
+            if graphs is None:
+                run = StaticRun(dec, **kw)
+            else:
+                run = GraphRun(dec, graphs, keep=self._keep_graphs if shared else (lambda g: None), **kw)
+            yield from decode(run, rows, self.eos_token_ids, finished)
         finally:  # also when the caller stops iterating (the generator is closed)
             if shared:
                 self._decoder_in_use = False
 
-    def _static_chunks(self, rows, runners, state, tokens, dec, graphs, shared, finished, limit, prompt_len,
-                       return_logprobs):  # fmt: skip
-        """The chunked loop of :meth:`_run_static` once the first token is out (same events)."""
-        from proxytune.engine.static_step import SPARE_STEPS, RingReader, bucket_for
+    def _keep_graphs(self, graphs) -> None:
+        self._graphs = graphs
 
-        dec.load(runners, state, tokens, self.pad_token_id)
-        for runner in runners:  # the dynamic caches are copied: free them
-            runner.cache = None
-        b = bucket_for(len(rows))
-        order: list[Optional[_Row]] = list(rows) + [None] * (b - len(rows))  # slot -> row (None: padding)
-        reader = RingReader(dec)
-        launched, pending = 0, None
-
-        def process(chunk):
-            wait, snapshot = chunk
-            toks, lps = wait()
-            for t in range(len(toks)):
-                for j, row in enumerate(snapshot):
-                    if row is None or row.index in finished:
-                        continue
-                    event = self._token_event(row, toks[t][j], lps[t][j] if lps is not None else None)
-                    yield event, row
-                    if event.finish_reason is not None:
-                        finished.add(row.index)
-
-        while True:
-            live = [j for j, r in enumerate(order) if r is not None and r.index not in finished]
-            if not live:
-                break  # a chunk still in flight only holds tokens of finished rows
-            if bucket_for(len(live)) < b:
-                if pending is not None:  # read everything launched before moving rows
-                    yield from process(pending)
-                    pending = None
-                    continue
-                nb = bucket_for(len(live))
-                dec.compact(live, b)
-                order = [order[j] for j in live] + [None] * (nb - len(live))
-                b = nb
-            chunk = None
-            if launched < limit:
-                k = min(self.poll_every, limit - launched)
-                need = prompt_len + launched + k + SPARE_STEPS
-                if need > dec.max_len:  # grow the caches (in place of the old ones): graphs are captured anew
-                    if graphs is not None:
-                        torch.cuda.current_stream(dec.device).synchronize()  # no replay in flight when they go
-                    dec.grow(max(need, min(2 * dec.max_len, prompt_len + limit + SPARE_STEPS)))
-                    if graphs is not None:
-                        graphs = self._new_graphs(dec)
-                        if shared:
-                            self._graphs = graphs
-                dec.slot.zero_()
-                for _ in range(k):
-                    if graphs is not None:
-                        graphs.replay(b, return_logprobs)
-                    else:
-                        dec.step(b, return_logprobs)
-                launched += k
-                chunk = (reader.read(k, b, return_logprobs), list(order))
-            previous, pending = pending, chunk
-            if previous is not None:
-                yield from process(previous)
-            elif pending is None:
-                break
