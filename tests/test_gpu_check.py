@@ -59,8 +59,9 @@ def test_results_file_name_and_section_commands():
     assert mod.results_path(day, "NVIDIA H200") == ROOT / "benchmarks" / "results" / "20261201_nvidia-h200.txt"
     assert mod.results_path(day, "NVIDIA H100 80GB HBM3").name == "20261201_nvidia-h100-80gb-hbm3.txt"
     assert sum(mod.LIMITS_S.values()) <= 600  # one device call
-    tests = mod._section_command("tests")
-    assert "cuda or not slow" in tests
-    for arg in tests + mod._section_command("decode"):
-        if arg.startswith(("tests/", "benchmarks/")):
-            assert (ROOT / arg).is_file(), arg
+    tests = mod._section_commands("tests")
+    assert ["-m", "cuda", "tests/"] == tests[0][-3:]  # every cuda-marked test
+    for command in tests + mod._section_commands("decode"):
+        for arg in command:
+            if arg.startswith(("tests/", "benchmarks/")):
+                assert (ROOT / arg).exists(), arg
