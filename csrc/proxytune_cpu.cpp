@@ -1095,17 +1095,50 @@ struct RowState {
   RowParams rp;
 };
 
-template <typename T>
-std::vector<T>& tls_vec(int which) {
-  thread_local std::vector<T> bufs[4];
-  return bufs[which];
+// Each thread's buffers, reused across rows and calls: the row scratch s (padded to whole sub-blocks), the
+// sub-block maxima (kSub floats longer: see for_each_sub_at_least) and the filter stage's scratch. A
+// worker's hold one row at a time; the calling thread's hold every row when long rows are split in chunks.
+struct ThreadBuffers {
+  std::vector<float> s, sub_max;
+  Scratch filter;
+  void reserve(int64_t n_s, int64_t n_sub) {
+    if (int64_t(s.size()) < n_s) s.resize(n_s);
+    if (int64_t(sub_max.size()) < n_sub + kSub) sub_max.resize(n_sub + kSub);
+  }
+};
+ThreadBuffers& thread_buffers() {
+  thread_local ThreadBuffers buffers;
+  return buffers;
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::TensorList experts,
-                                              at::TensorList anti_experts, const at::Tensor& weights,
-                                              const at::Tensor& temperature, const at::Tensor& top_k,
-                                              const at::Tensor& top_p, const at::Tensor& min_p,
-                                              const at::Tensor& seed, const at::Tensor& step, int64_t vocab_size);
+// The tail of every row, whichever path computed its s, S and ladder. A row with no finite s -> token 0 and
+// a NaN log-probability; a greedy row -> its first maximum, log-probability 0. Returns false for a row to
+// sample.
+inline bool finish_unsampled(const RowState& R, int64_t* token, float* logprob) {
+  if (!(R.m > kNegInf)) {
+    *token = 0;
+    *logprob = std::numeric_limits<float>::quiet_NaN();
+    return true;
+  }
+  if (R.greedy) {
+    *token = R.first;
+    *logprob = 0.0f;
+    return true;
+  }
+  return false;
+}
+
+// A sampled row: the filters and the draw over their kept set, or, without filters, the draw over every
+// finite token (draw_all() returns its best key) and log p = z - log S.
+template <typename DrawAll>
+void finish_sampled(const float* s, const float* bm, int64_t V, const RowState& R, Scratch& sc, DrawAll&& draw_all,
+                    int64_t* token, float* logprob) {
+  if (finish_filtered(s, bm, V, R.m, R.rp, R.S, R.ladder, sc, token, logprob)) return;
+  const Best best = draw_all();
+  const int64_t tok = best.idx >= 0 ? best.idx : R.first;  // the first maximum always has a key
+  *token = tok;
+  *logprob = z_of(s[tok], R.m, R.rp.t) - float(std::log(R.S));
+}
 
 int dtype_code(const at::Tensor& x, const char* name) {
   switch (x.scalar_type()) {
@@ -1212,43 +1245,28 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
   if (chunks == 1) {
     // One row per task: the row's scratch stays in this thread's cache.
     at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<float>& sbuf = tls_vec<float>(0);
-      std::vector<float>& bmb = tls_vec<float>(1);
-      if (int64_t(sbuf.size()) < Vp) sbuf.resize(Vp);
-      if (int64_t(bmb.size()) < nsub + kSub) bmb.resize(nsub + kSub);  // see for_each_sub_at_least
-      thread_local Scratch sc;
+      ThreadBuffers& buf = thread_buffers();
+      buf.reserve(Vp, nsub);
+      float* s = buf.s.data();
+      float* bm = buf.sub_max.data();
       for (int64_t r = r0; r < r1; ++r) {
         RowState& R = rows[r];
-        float* s = sbuf.data();
-        float* bm = bmb.data();
-        combine_chunk(in, r, 0, V, s, bm, &R.m, &R.first);
-        if (!(R.m > kNegInf)) {
-          tok_out[r] = 0;
-          lp_out[r] = std::numeric_limits<float>::quiet_NaN();
-          continue;
-        }
-        if (R.greedy) {
-          tok_out[r] = R.first;
-          lp_out[r] = 0.0f;
-          continue;
-        }
         const RowParams& rp = R.rp;
+        combine_chunk(in, r, 0, V, s, bm, &R.m, &R.first);
+        if (finish_unsampled(R, &tok_out[r], &lp_out[r])) continue;
         scale_chunk(s, bm, 0, V, R.m, rp.t, has_ladder(rp, V), &R.S, R.ladder);
-        if (finish_filtered(s, bm, V, R.m, rp, R.S, R.ladder, sc, &tok_out[r], &lp_out[r])) continue;
-        Best best = draw_chunk(s, bm, 0, V, R.first, R.m, rp.t, rp.nz);
-        const int64_t tok = best.idx >= 0 ? best.idx : R.first;  // the first maximum always has a key
-        tok_out[r] = tok;
-        lp_out[r] = z_of(s[tok], R.m, rp.t) - float(std::log(R.S));
+        finish_sampled(s, bm, V, R, buf.filter, [&]() { return draw_chunk(s, bm, 0, V, R.first, R.m, rp.t, rp.nz); },
+                       &tok_out[r], &lp_out[r]);
       }
     });
     return {tokens, logprobs};
   }
 
   // Few long rows: split each row into `chunks` pieces for the streaming passes and the draw.
-  std::vector<float>& sbuf = tls_vec<float>(2);
-  std::vector<float>& bmb = tls_vec<float>(3);
-  if (int64_t(sbuf.size()) < B * Vp) sbuf.resize(B * Vp);
-  if (int64_t(bmb.size()) < B * nsub + kSub) bmb.resize(B * nsub + kSub);  // see for_each_sub_at_least
+  ThreadBuffers& buf = thread_buffers();
+  buf.reserve(B * Vp, B * nsub);
+  float* const s_all = buf.s.data();
+  float* const bm_all = buf.sub_max.data();
   const int64_t per = ((V + chunks - 1) / chunks + kSub - 1) / kSub * kSub;
   const int64_t items = B * chunks;
   std::vector<float> cmax(items);
@@ -1267,7 +1285,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
       range(it % chunks, &lo, &hi);
       cmax[it] = kNegInf;
       cidx[it] = lo;
-      if (lo < hi) combine_chunk(in, r, lo, hi, sbuf.data() + r * Vp, bmb.data() + r * nsub, &cmax[it], &cidx[it]);
+      if (lo < hi) combine_chunk(in, r, lo, hi, s_all + r * Vp, bm_all + r * nsub, &cmax[it], &cidx[it]);
     }
   });
   // The row maxima (the first index of the first maximum), greedy and fully masked rows.
@@ -1278,15 +1296,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
         R.m = cmax[r * chunks + c];
         R.first = cidx[r * chunks + c];
       }
-    if (!(R.m > kNegInf)) {
-      tok_out[r] = 0;
-      lp_out[r] = std::numeric_limits<float>::quiet_NaN();
-      R.done = true;
-    } else if (R.greedy) {
-      tok_out[r] = R.first;
-      lp_out[r] = 0.0f;
-      R.done = true;
-    }
+    R.done = finish_unsampled(R, &tok_out[r], &lp_out[r]);
   }
   // Phase B, per chunk: S and the ladder relative to the row maximum (so the ladder is exact, as for a
   // whole row), and for a row without filters its draw (seeded with the row maximum's key).
@@ -1300,13 +1310,12 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
       int64_t lo, hi;
       range(it % chunks, &lo, &hi);
       if (R.done || lo >= hi || !(cmax[it] > kNegInf)) continue;
-      const float* s = sbuf.data() + r * Vp;
-      const float* bm = bmb.data() + r * nsub;
+      const float* s = s_all + r * Vp;
+      const float* bm = bm_all + r * nsub;
       scale_chunk(s, bm, lo, hi, R.m, R.rp.t, has_ladder(R.rp, V), &cS[it], &cL[it * kLadder]);
       if (!has_filter(R.rp, V)) cbest[it] = draw_chunk(s, bm, lo, hi, R.first, R.m, R.rp.t, R.rp.nz);
     }
   });
-  thread_local Scratch sc_main;
   for (int64_t r = 0; r < B; ++r) {  // B < threads here: the filters run on the calling thread
     RowState& R = rows[r];
     if (R.done) continue;
@@ -1314,15 +1323,13 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
       R.S += cS[r * chunks + c];
       for (int i = 0; i < kLadder; ++i) R.ladder[i] += cL[(r * chunks + c) * kLadder + i];
     }
-    const float* s = sbuf.data() + r * Vp;
-    if (finish_filtered(s, bmb.data() + r * nsub, V, R.m, R.rp, R.S, R.ladder, sc_main, &tok_out[r], &lp_out[r]))
-      continue;
-    Best best;
-    for (int64_t c = 0; c < chunks; ++c)
-      if (cbest[r * chunks + c].idx >= 0) best.offer(cbest[r * chunks + c].key, cbest[r * chunks + c].idx);
-    const int64_t tok = best.idx >= 0 ? best.idx : R.first;  // the first maximum always has a key
-    tok_out[r] = tok;
-    lp_out[r] = z_of(s[tok], R.m, R.rp.t) - float(std::log(R.S));
+    auto best_of_chunks = [&]() {
+      Best best;
+      for (int64_t c = 0; c < chunks; ++c)
+        if (cbest[r * chunks + c].idx >= 0) best.offer(cbest[r * chunks + c].key, cbest[r * chunks + c].idx);
+      return best;
+    };
+    finish_sampled(s_all + r * Vp, bm_all + r * nsub, V, R, buf.filter, best_of_chunks, &tok_out[r], &lp_out[r]);
   }
   return {tokens, logprobs};
 }
@@ -1358,6 +1365,37 @@ TORCH_LIBRARY(proxytune, m) {
 TORCH_LIBRARY_IMPL(proxytune, CPU, m) {
   m.impl("sample", &proxytune_cpu::sample_cpu);
   m.impl("combine", &proxytune_cpu::combine_cpu);
+}
+
+// Shapes and dtypes only, on the meta device: what FakeTensor runs when torch.compile (or torch.export)
+// traces through the ops, so a graph that calls them compiles without running them. The outputs are those
+// of the CPU kernels: tokens int64 [B] and log-probabilities fp32 [B]; combine fp32 [B, vocab_size].
+namespace proxytune_cpu {
+namespace {
+std::tuple<at::Tensor, at::Tensor> sample_meta(const at::Tensor& base, at::TensorList experts,
+                                               at::TensorList anti_experts, const at::Tensor& weights,
+                                               const at::Tensor& temperature, const at::Tensor& top_k,
+                                               const at::Tensor& top_p, const at::Tensor& min_p,
+                                               const at::Tensor& seed, const at::Tensor& step, int64_t vocab_size) {
+  TORCH_CHECK(base.dim() == 2, "base must be [B, V]");
+  TORCH_CHECK(experts.size() == anti_experts.size(), "experts and anti_experts must pair up");
+  TORCH_CHECK(vocab_size >= 1, "vocab_size must be >= 1");
+  return {at::empty_symint({base.sym_size(0)}, base.options().dtype(at::kLong)),
+          at::empty_symint({base.sym_size(0)}, base.options().dtype(at::kFloat))};
+}
+at::Tensor combine_meta(const at::Tensor& base, at::TensorList experts, at::TensorList anti_experts,
+                        const at::Tensor& weights, int64_t vocab_size) {
+  TORCH_CHECK(base.dim() == 2, "base must be [B, V]");
+  TORCH_CHECK(experts.size() == anti_experts.size(), "experts and anti_experts must pair up");
+  TORCH_CHECK(vocab_size >= 1, "vocab_size must be >= 1");
+  return at::empty_symint({base.sym_size(0), c10::SymInt(vocab_size)}, base.options().dtype(at::kFloat));
+}
+}  // namespace
+}  // namespace proxytune_cpu
+
+TORCH_LIBRARY_IMPL(proxytune, Meta, m) {
+  m.impl("sample", &proxytune_cpu::sample_meta);
+  m.impl("combine", &proxytune_cpu::combine_meta);
 }
 
 // `import proxytune._C` loads this library, registering the ops above, and binds the same two functions for
