@@ -1,0 +1,228 @@
+"""The proxy-tuned model directory that vLLM loads: one ``config.json`` naming the checkpoints and weights, the
+shared tokenizer, and a one-tensor weights file. No vLLM import here (``proxytune vllm-config`` runs anywhere).
+
+Layout of ``DIR`` (``write_model_dir``):
+
+- ``config.json``: the base's own config with ``architectures = ["ProxyTunedForCausalLM"]``, ``vocab_size``
+  set to the common vocabulary ``V`` and a ``proxytune`` block::
+
+      "proxytune": {"format": 1, "base": "/abs/base", "vocab_size": V,
+                    "pairs": [{"expert": "/abs/e", "anti_expert": "/abs/a", "weight": 0.5}, ...]}
+
+  Local checkpoints are stored as absolute paths, hub ids as they are (vLLM's worker resolves them, from the
+  local cache when ``HF_HUB_OFFLINE=1``).
+- the base's tokenizer files (or ``tokenizer=``'s), and its ``generation_config.json`` if it has one.
+- ``proxytune.safetensors``: the pair weights as one float32 tensor ``proxytune.pair_weights`` (vLLM's
+  weight loader needs a weights file in the directory it is given; this one is checked against ``config.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["ARCHITECTURE", "VllmConfigError", "ModelInfo", "kv_page_units", "check_kv_layouts", "write_model_dir"]
+
+ARCHITECTURE = "ProxyTunedForCausalLM"
+FORMAT = 1
+WEIGHTS_FILE = "proxytune.safetensors"
+WEIGHTS_TENSOR = "proxytune.pair_weights"
+
+
+class VllmConfigError(ValueError):
+    """The checkpoints cannot be served together by the vLLM plugin (the message says which and why)."""
+
+
+@dataclass
+class ModelInfo:
+    """What the checks need of one checkpoint."""
+
+    role: str  # "base", "expert 1", "anti-expert 1", ...
+    source: str  # absolute directory or hub id
+    config: Any  # transformers PretrainedConfig
+
+    @property
+    def text_config(self) -> Any:
+        return self.config.get_text_config()
+
+    @property
+    def architecture(self) -> Optional[str]:
+        archs = getattr(self.config, "architectures", None) or []
+        return archs[0] if archs else None
+
+
+def kv_page_units(config: Any) -> tuple[int, int, int]:
+    """``(num_key_value_heads, head_dim, units)`` of one decoder layer's KV cache, ``units = kv_heads * head_dim``.
+
+    vLLM sizes a KV page as ``block_size * units * 2 * dtype bytes``; with one block size and one dtype for
+    every model, two layers' pages are in the ratio of their units."""
+    c = config.get_text_config()
+    heads = int(getattr(c, "num_attention_heads"))
+    kv_heads = int(getattr(c, "num_key_value_heads", None) or heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return kv_heads, int(head_dim), kv_heads * int(head_dim)
+
+
+def check_kv_layouts(models: Sequence[ModelInfo]) -> None:
+    """Raise :class:`VllmConfigError` where vLLM could not give every model's layers one KV page size.
+
+    vLLM (``unify_kv_cache_spec_page_size``) grows each layer's block until its page equals the largest page,
+    which works only where the largest page is a whole multiple of every other (Llama-3.1-8B, 8 x 128, with
+    Llama-3.2-1B, 8 x 64: yes; Llama-2-13B, 40 x 128, with Llama-2-7B, 32 x 128: no)."""
+    units = [(m, *kv_page_units(m.config)) for m in models]
+    largest = max(units, key=lambda u: u[3])
+    for m, kv, hd, u in units:
+        if largest[3] % u:
+            raise VllmConfigError(
+                f"vLLM cannot unify the KV cache layouts of the {largest[0].role} ({largest[0].source}: "
+                f"{largest[1]} KV heads x head_dim {largest[2]} = {largest[3]} per token and layer) and the {m.role} "
+                f"({m.source}: {kv} x {hd} = {u}): a KV page of one must be a whole multiple of the other's "
+                f"({largest[3]} is not a multiple of {u}); pick models whose KV heads x head_dim divide each other"
+            )
+
+
+def _supported_architectures() -> Optional[set]:
+    """vLLM's registered architectures, or ``None`` where vLLM is not installed (the check is then skipped)."""
+    try:
+        from vllm import ModelRegistry
+    except ImportError:
+        return None
+    return set(ModelRegistry.get_supported_archs())
+
+
+def check_architectures(models: Sequence[ModelInfo], supported: Optional[set]) -> None:
+    if supported is None:
+        return
+    for m in models:
+        if m.architecture is None:
+            raise VllmConfigError(f"the {m.role} ({m.source}) names no architecture in its config.json")
+        if m.architecture == ARCHITECTURE:
+            raise VllmConfigError(f"the {m.role} ({m.source}) is itself a proxy-tuned model directory")
+        if m.architecture not in supported:
+            raise VllmConfigError(
+                f"vLLM has no model class for the {m.role}'s architecture {m.architecture} ({m.source}); "
+                "it cannot run inside the proxy-tuned model"
+            )
+
+
+def _check_output_dir(out: Path) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise VllmConfigError(f"--output: {out} exists and is not a directory")
+        entries = list(out.iterdir())
+        if entries:
+            try:
+                ours = ARCHITECTURE in json.loads((out / "config.json").read_text()).get("architectures", [])
+            except (OSError, ValueError):
+                ours = False
+            if not ours:
+                raise VllmConfigError(
+                    f"--output: {out} is not empty and not a proxy-tuned model directory; give a new or empty one"
+                )
+        writable = out
+    else:
+        writable = out.absolute().parent
+        while not writable.exists():
+            writable = writable.parent
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise VllmConfigError(f"--output: cannot write in {writable}")
+
+
+def write_model_dir(
+    output: str | os.PathLike,
+    base: str,
+    experts: Sequence[str],
+    anti_experts: Sequence[str],
+    weights: Sequence[float],
+    *,
+    tokenizer: Optional[str] = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Check the checkpoints and write the directory ``output`` that ``vllm.LLM(model=output)`` serves.
+
+    Raises :class:`VllmConfigError` (or :class:`~proxytune.engine.vocabulary.VocabularyMismatchError`, or
+    ``ValueError`` / ``OSError`` from loading a config) before writing anything. Returns the ``proxytune`` block.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from proxytune.engine.loading import _hub_kwargs, _resolve_source
+    from proxytune.engine.vocabulary import check_same_tokens, common_vocab_size
+
+    if not experts or len(experts) != len(anti_experts):
+        raise VllmConfigError(f"got {len(experts)} experts and {len(anti_experts)} anti-experts; give at least one pair")
+    if len(weights) != len(experts):
+        raise VllmConfigError(f"got {len(weights)} weights for {len(experts)} pairs")
+    out = Path(output)
+    _check_output_dir(out)
+
+    def source(role: str, s: str) -> str:
+        r = _resolve_source(s, role)
+        return str(Path(r).absolute()) if Path(r).is_dir() else r
+
+    roles = [("base", base)]
+    for i, (e, a) in enumerate(zip(experts, anti_experts), 1):
+        roles += [(f"expert {i}", e), (f"anti-expert {i}", a)]
+    models = []
+    for role, s in roles:
+        src = source(role, s)
+        cfg = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code, **_hub_kwargs(src))
+        models.append(ModelInfo(role, src, cfg))
+    check_architectures(models, _supported_architectures())
+    check_kv_layouts(models)
+
+    tok_source = source("tokenizer", tokenizer) if tokenizer else models[0].source
+    tok = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=trust_remote_code, **_hub_kwargs(tok_source))
+    widths = [int(m.text_config.vocab_size) for m in models]
+    vocab = common_vocab_size(tok, widths)
+    others = []
+    for m in models:
+        if Path(m.source).is_dir() and not any((Path(m.source) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+            continue  # a checkpoint without tokenizer files: it uses the shared one
+        others.append((f"the {m.role} ({m.source})", AutoTokenizer.from_pretrained(
+            m.source, trust_remote_code=trust_remote_code, **_hub_kwargs(m.source))))  # fmt: skip
+    check_same_tokens((f"the tokenizer ({tok_source})", tok), others, vocab)
+
+    block = {
+        "format": FORMAT,
+        "base": models[0].source,
+        "vocab_size": vocab,
+        "pairs": [
+            {"expert": models[1 + 2 * i].source, "anti_expert": models[2 + 2 * i].source, "weight": float(w)}
+            for i, w in enumerate(weights)
+        ],
+    }
+    config = models[0].config.to_dict()
+    config["architectures"] = [ARCHITECTURE]
+    config.pop("auto_map", None)  # the base's remote code is not this model's
+    text = config.get("text_config")
+    (text if isinstance(text, dict) else config)["vocab_size"] = vocab
+    config["proxytune"] = block
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("model.safetensors", "model.safetensors.index.json"):
+        if (out / stale).exists():
+            os.remove(out / stale)
+    tok.save_pretrained(out)
+    try:
+        GenerationConfig.from_pretrained(models[0].source, **_hub_kwargs(models[0].source)).save_pretrained(out)
+    except OSError:
+        pass  # the base has no generation_config.json: vLLM uses its defaults
+    save_file({WEIGHTS_TENSOR: torch.tensor([float(w) for w in weights], dtype=torch.float32)}, str(out / WEIGHTS_FILE))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return block
+
+
+def read_block(hf_config: Any) -> dict:
+    """The ``proxytune`` block of a loaded top-level config, checked."""
+    block = getattr(hf_config, "proxytune", None)
+    if not isinstance(block, dict) or block.get("format") != FORMAT:
+        raise VllmConfigError(
+            f"this config has no proxytune block of format {FORMAT}; write the directory with `proxytune vllm-config`"
+        )
+    return block
+
