@@ -1,5 +1,5 @@
-"""Command line: ``proxytune demo`` and ``proxytune eval`` (the shipped tiny family), ``proxytune generate`` and
-``proxytune score``."""
+"""Command line: ``proxytune demo`` and ``proxytune eval`` (the shipped tiny family), ``proxytune generate``,
+``proxytune score`` and ``proxytune vllm-config`` (a model directory for the vLLM plugin)."""
 
 from __future__ import annotations
 
@@ -397,6 +397,10 @@ def _generate(args: argparse.Namespace) -> int:
     jsonl = args.format == "jsonl"
     if args.logprobs and not jsonl:
         raise CliError("--logprobs needs --format jsonl")
+    if args.speculative_tokens and not experts:
+        raise CliError("--speculative-tokens needs --expert and --anti-expert (the first expert drafts)")
+    if args.speculative_tokens and args.decode in ("static", "graph"):
+        raise CliError(f"--speculative-tokens runs in the eager decoder, not with --decode {args.decode}")
     # everything is checked before the slow loading
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -426,7 +430,7 @@ def _generate(args: argparse.Namespace) -> int:
             [ModelSpec(a, device=small_device) for a in antis],
             weights=alphas * len(experts) if len(alphas) == 1 else alphas, tokenizer=args.tokenizer, dtype=args.dtype,
             trust_remote_code=args.trust_remote_code, backend=args.backend, progress=progress,
-            decode=args.decode, poll_every=args.poll_every,
+            decode=args.decode, poll_every=args.poll_every, speculative_tokens=args.speculative_tokens,
         )  # fmt: skip
         if progress and tuner.decode_reason:
             print(f"proxytune: decode={tuner.decode} ({tuner.decode_reason})", file=sys.stderr)
@@ -650,6 +654,9 @@ def _add_generate_parser(sub) -> None:
                           "verified on a GPU); auto is eager for now")
     gen.add_argument("--poll-every", type=_integer(1, _INT32), default=8,
                      help="static/graph decode: steps between host polls")  # fmt: skip
+    gen.add_argument("--speculative-tokens", type=_COUNT, default=0, metavar="K",
+                     help="speculative decoding: the first expert drafts up to K tokens per round, the base verifies "
+                          "them in one forward; same distribution (greedy: same ids). 0 = off (default)")  # fmt: skip
     gen.add_argument("--format", choices=["text", "jsonl"], default="text")
     gen.add_argument("--logprobs", action="store_true", help="with --format jsonl: each token's log-probability")
     gen.add_argument("--stream", action="store_true", help="write tokens as they are generated")
@@ -657,6 +664,47 @@ def _add_generate_parser(sub) -> None:
                      help="write here instead of stdout (replaced only when the run succeeds)")  # fmt: skip
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     gen.set_defaults(run=_generate)
+
+
+def _vllm_config(args: argparse.Namespace) -> int:
+    """Write the proxy-tuned model directory that vLLM serves (proxytune.integrations.vllm.config)."""
+    experts, antis = args.expert or [], args.anti_expert or []
+    if not experts:
+        raise CliError("vllm-config needs at least one --expert and --anti-expert pair")
+    if len(experts) != len(antis):
+        raise CliError(f"got {len(experts)} --expert but {len(antis)} --anti-expert; give them in pairs")
+    alphas = args.alpha or [1.0]
+    if len(alphas) not in (1, len(experts)):
+        raise CliError(f"--alpha: give one for all pairs or one per pair ({len(experts)}), got {len(alphas)}")
+    from proxytune.integrations.vllm.config import write_model_dir
+
+    block = write_model_dir(  # its errors (VllmConfigError, vocabulary, loading) are ValueErrors: one line each
+        args.output, args.base, experts, antis, alphas * len(experts) if len(alphas) == 1 else alphas,
+        tokenizer=args.tokenizer, trust_remote_code=args.trust_remote_code,
+    )  # fmt: skip
+    pairs = ", ".join(f"{p['weight']:g} x ({p['expert']} - {p['anti_expert']})" for p in block["pairs"])
+    print(f"{args.output}: {block['base']} + {pairs}, vocabulary {block['vocab_size']}")
+    return 0
+
+
+def _add_vllm_config_parser(sub) -> None:
+    vc = sub.add_parser(
+        "vllm-config", help="write a model directory that vLLM serves as base + alpha * (expert - anti_expert)",
+        description="Check the checkpoints (one shared vocabulary, architectures vLLM has, KV cache layouts vLLM "
+        "can unify) and write DIR: a config.json naming them and the weights, the shared tokenizer and a small "
+        "weights file. vllm.LLM(model=DIR) and vLLM's OpenAI server load it through the proxytune plugin.",
+    )  # fmt: skip
+    model = _nonempty("a directory or hub id")
+    vc.add_argument("--base", required=True, type=model, help="the base model (directory or hub id)")
+    vc.add_argument("--expert", action="append", type=model, help="a tuned small model; repeat for several pairs")
+    vc.add_argument("--anti-expert", action="append", type=model, help="the expert's untuned counterpart; one per --expert")
+    vc.add_argument("--alpha", type=_ALPHA, action="append",
+                    help="weight of (expert - anti-expert): one for all pairs or one per pair (default 1.0)")  # fmt: skip
+    vc.add_argument("--tokenizer", default=None, type=model, help="the shared tokenizer (default: the base's)")
+    vc.add_argument("--trust-remote-code", action="store_true", help="allow models' own Python code (off by default)")
+    vc.add_argument("--output", "-o", required=True, type=_nonempty("a directory"),
+                    help="the directory to write (new, empty, or one this command wrote before)")  # fmt: skip
+    vc.set_defaults(run=_vllm_config)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -682,6 +730,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=_eval)
     _add_generate_parser(sub)
     _add_score_parser(sub)
+    _add_vllm_config_parser(sub)
     return parser
 
 

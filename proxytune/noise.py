@@ -11,6 +11,9 @@ Construction (all integers unsigned 32-bit, arithmetic mod 2**32):
 * ``u = ((r >> 9) + 0.5) * 2**-23``        (23 random bits; exact in fp32; ``0 < u < 1``)
 * ``g = -log(-log(u))``                    (Gumbel(0, 1) noise, fp32)
 
+Other streams (speculative decoding's draft, accept and residual draws) take their noise from the same
+function under a *derived* seed, :func:`stream_seed`, so they never reuse the op's own noise.
+
 Everything here is plain int64 PyTorch arithmetic (no uint32 dtype needed), so it runs on any device.
 """
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["philox4x32_10", "uniform", "gumbel"]
+__all__ = ["philox4x32_10", "uniform", "gumbel", "stream_seed"]
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53  # Philox-4x32 multipliers
@@ -79,3 +82,24 @@ def gumbel(seed: torch.Tensor, step: torch.Tensor, token: torch.Tensor, dtype: t
     """Gumbel(0, 1) noise ``-log(-log(u))`` for :func:`uniform`'s ``u``, computed in ``dtype``."""
     u = uniform(seed, step, token).to(dtype)
     return -torch.log(-torch.log(u))
+
+
+_STREAM_TAG = 0x53504543  # "SPEC": the second counter word of a derived seed (the op's counters use 0 there)
+
+
+def stream_seed(seed: torch.Tensor, stream: int) -> torch.Tensor:
+    """The seed of noise stream ``stream`` (an integer >= 1) derived from ``seed`` (int64 tensor).
+
+    ``(x0, x1, _, _) = Philox-4x32-10(counter=(stream, 0x53504543, 0, 0), key=(seed mod 2**32, seed >> 32))``
+    and the result is the 64-bit two's-complement word ``x0 + 2**32 * x1`` as int64. Stream 0 is the op's
+    own noise (the seed itself). A draw with a derived seed is ``uniform(stream_seed(seed, c), step, token)``:
+    a pure function of (seed, stream, step, token), as independent of the op's noise as Philox's outputs for
+    two keys are. Used by :mod:`proxytune.speculative` (streams 1, 2, 3).
+    """
+    if stream == 0:
+        return seed
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    c0 = torch.full_like(seed, int(stream) & _MASK32)
+    x0, x1, _, _ = philox4x32_10(c0, torch.full_like(seed, _STREAM_TAG), torch.zeros_like(seed), torch.zeros_like(seed), k0, k1)
+    hi = x1 - (x1 >= 2**31).to(x1.dtype) * 2**32  # the high word as a signed 32-bit value: no int64 overflow
+    return hi * 2**32 + x0

@@ -109,6 +109,43 @@ class ModelRunner:
         self.next_pos = self.next_pos + 1
         return logits
 
+    @torch.inference_mode()
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``n`` tokens per row in one forward (``[B, n]`` int64, on any device); returns the logits after
+        each of them ``[B, n, W]`` (speculative drafting and verification). Needs a cache. Positions past the
+        model's limit are clamped to its last one: only a row's drafts beyond its budget get there, and
+        :meth:`rollback` forgets them (causal attention keeps them out of the kept positions' logits). No host
+        sync."""
+        tokens = to_device(tokens, self.device)
+        n = tokens.shape[1]
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1]).expand(-1, n)], dim=1)
+        pos = self.next_pos[:, None] + torch.arange(n, device=self.device)
+        limit = position_limit(self.module)
+        if limit is not None:  # only drafts past a row's budget go there, and a rollback forgets them
+            pos = pos.clamp(max=limit - 1)
+        extra = {"logits_to_keep": n} if self._extra else {}
+        out = self.module(input_ids=tokens, attention_mask=self.mask, position_ids=pos, use_cache=True,
+                          **{self._cache_arg: self.cache}, **extra)  # fmt: skip
+        self.next_pos = self.next_pos + n
+        return out.logits[:, -n:]
+
+    def rollback(self, fed: int, kept: torch.Tensor) -> None:
+        """Forget all but the first ``kept[r]`` (``[B]`` int64, ``0 <= kept[r] <= fed``) of the last ``fed``
+        tokens of each row: their mask columns become holes (0) and the row's next position moves back, so the
+        row attends as if the forgotten tokens were never seen; trailing columns no row keeps are cropped from
+        the cache. One host sync (the crop length)."""
+        if fed == 0:
+            return
+        kept = kept.to(self.device)
+        cols = torch.arange(fed, device=self.device)
+        tail = (cols[None, :] < kept[:, None]).to(self.mask.dtype)
+        self.mask = torch.cat([self.mask[:, :-fed], self.mask[:, -fed:] * tail], dim=1)
+        self.next_pos = self.next_pos - (fed - kept)
+        drop = fed - int(kept.max())
+        if drop > 0:
+            self.mask = self.mask[:, :-drop]
+            self.cache.crop(-drop)  # a negative count removes that many tokens (every transformers release)
+
     def _forward(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.module(
             input_ids=input_ids, attention_mask=self.mask, position_ids=pos, use_cache=self.use_cache,

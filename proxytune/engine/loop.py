@@ -6,14 +6,17 @@ decoder then holds every model's state for them in *slots* and runs decode steps
 1. drop the finished rows when the decoder wants to (``should_move``; the eager decoder at once, the static
    one when the live rows fit a smaller batch-size bucket), after reading everything launched before;
 2. launch up to the decoder's next chunk of steps (``launch``: one step eagerly, ``poll_every`` steps on
-   the static decoder) and get a function that reads its tokens;
+   the static decoder, one draft-and-verify round on the speculative one) and get a function that reads its
+   tokens;
 3. read a chunk (the one just launched, or with a ``pipelined`` decoder the one before: the host reads chunk
    ``i`` while the device runs chunk ``i + 1``) and emit each live row's tokens, in slot order, through
-   :meth:`~proxytune.engine.requests.Row.accept`; a row's tokens after its end are dropped.
+   :meth:`~proxytune.engine.requests.Row.accept`; a row's tokens after its end are dropped. A chunk may be
+   ragged: a slot with fewer tokens than the chunk's length has None past its last one (a speculative round
+   accepts a different number of tokens per row).
 
 A decoder never decides when a row ends, and the loop never touches a model: a new decode mode (speculative
-decoding next) is a new :class:`Decoder`. Implementations: :mod:`proxytune.engine.eager_decoder`,
-:mod:`proxytune.engine.static_decoder` (static and CUDA-graph steps).
+decoding) is a new :class:`Decoder`. Implementations: :mod:`proxytune.engine.eager_decoder`,
+:mod:`proxytune.engine.static_decoder` (static and CUDA-graph steps), :mod:`proxytune.engine.speculative_decoder`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from proxytune.engine.requests import Row, TokenEvent
 __all__ = ["Decoder", "Chunk", "decode", "emit"]
 
 # Reads a launched chunk: (tokens [k][slots], logprobs [k][slots] or None). Waits for the device if needed.
-Chunk = Callable[[], tuple[list[list[int]], Optional[list[list[float]]]]]
+# An entry is None where a slot has fewer than k tokens in this chunk (ragged); its tokens come first.
+Chunk = Callable[[], tuple[list[list[Optional[int]]], Optional[list[list[Optional[float]]]]]]
 
 
 class Decoder(Protocol):
@@ -46,11 +50,12 @@ class Decoder(Protocol):
 
 def emit(rows: list[Optional[Row]], chunk: Chunk, eos_token_ids: AbstractSet[int],
          finished: set[int]) -> Iterator[tuple[TokenEvent, Row]]:  # fmt: skip
-    """Read ``chunk`` and emit its tokens for the unfinished rows of ``rows`` (slot order; None: padding)."""
+    """Read ``chunk`` and emit its tokens for the unfinished rows of ``rows`` (slot order; None: padding),
+    step by step (all slots' first tokens, then their second ones, ...), skipping a slot's None entries."""
     tokens, logprobs = chunk()
     for t in range(len(tokens)):
         for j, row in enumerate(rows):
-            if row is None or row.index in finished:
+            if row is None or row.index in finished or tokens[t][j] is None:
                 continue
             event = row.accept(tokens[t][j], logprobs[t][j] if logprobs is not None else None, eos_token_ids)
             yield event, row

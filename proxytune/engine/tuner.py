@@ -14,6 +14,7 @@ from proxytune.engine.decode import ModelRunner, SamplerState, position_limit
 from proxytune.engine.loading import LoadedModel, ModelSpec, check_spec, load_model, load_tokenizer, parse_dtype
 from proxytune.engine.eager_decoder import EagerDecoder
 from proxytune.engine.loop import decode, emit
+from proxytune.engine.speculative_decoder import SpeculativeDecoder
 from proxytune.engine.prompts import chat_ids, check_messages, encode_prompt, is_messages, left_pad, messages_text
 from proxytune.engine.requests import Generation, Prompt, Row, SamplingParams, TokenEvent, as_list, is_single
 from proxytune.engine.stopping import RowText
@@ -62,6 +63,16 @@ class ProxyTuner:
         streamed tokens then arrive in groups of up to this many. The static decoder (caches sized for the
         largest batch seen so far, grown as requests need) and its graphs are kept between calls:
         :meth:`release_decode_buffers` frees them.
+    speculative_tokens : int
+        0 (default): off. ``k >= 1``: speculative decoding (``docs/speculative.md``): the first expert drafts
+        up to ``k`` tokens per round, the base and the other models score them in one forward each, and the
+        standard accept/reject rule keeps the output distribution exactly the plain engine's (greedy: the same
+        ids). Runs in the eager decoder (``decode`` must be ``"auto"`` or ``"eager"``); needs at least one
+        pair. ``generate``/``stream`` may override it per call.
+    speculative_adaptive : bool
+        True (default): each row's draft length follows its acceptance (all drafts accepted: +2, else -1,
+        between 1 and ``speculative_tokens``). False: always ``speculative_tokens`` drafts (fewer only where
+        the row's budget ends).
     """
 
     def __init__(
@@ -80,6 +91,8 @@ class ProxyTuner:
         progress: bool = False,
         decode: str = "auto",
         poll_every: int = 8,
+        speculative_tokens: int = 0,
+        speculative_adaptive: bool = True,
     ):
         experts, anti_experts = as_list(experts), as_list(anti_experts)
         if len(experts) != len(anti_experts):
@@ -138,10 +151,25 @@ class ProxyTuner:
             raise ValueError(f"poll_every must be a positive integer, got {poll_every!r}")
         self.poll_every = poll_every
         self.decode, self.decode_reason = self._resolve_decode(decode)
+        self.speculative_tokens = self._check_speculative(speculative_tokens)
+        if self.speculative_tokens and decode in ("static", "graph"):
+            raise ValueError(f"speculative_tokens={speculative_tokens} runs in the eager decoder; decode={decode!r} "
+                             "cannot speculate: pass decode='auto' or 'eager'")  # fmt: skip
+        if not isinstance(speculative_adaptive, bool):
+            raise ValueError(f"speculative_adaptive must be True or False, got {speculative_adaptive!r}")
+        self.speculative_adaptive = speculative_adaptive
         self._decoder = None  # the static decoder (and its graphs), kept between batches
         self._graphs = None
         self._decoder_in_use = False  # held by a running request (a stream may pause between tokens)
         self.graph_variant = "auto"  # "streams", "sequential" or "auto" (the faster by measurement, per bucket)
+
+    def _check_speculative(self, k: Any) -> int:
+        """``k`` as a checked draft length (0: off): an integer >= 0, and > 0 only with a pair to draft."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise ValueError(f"speculative_tokens must be an integer >= 0, got {k!r}")
+        if k > 0 and not self.experts:
+            raise ValueError(f"speculative_tokens={k} needs an (expert, anti-expert) pair: the first expert drafts")
+        return int(k)
 
     def release_decode_buffers(self) -> None:
         """Drop the static decoder's caches and buffers and its CUDA graphs (rebuilt by the next call)."""
@@ -205,6 +233,7 @@ class ProxyTuner:
         return_logprobs: bool = False,
         batch_size: Optional[int] = None,
         use_cache: bool = True,
+        speculative_tokens: Optional[int] = None,
         **overrides: Any,
     ) -> Union[Generation, list[Generation]]:
         """Generate a completion for each prompt.
@@ -224,13 +253,16 @@ class ProxyTuner:
         batch_size : int, optional
             At most this many prompts run together (default: all).
         use_cache : bool
-            False recomputes every model over the whole sequence each step (for testing; slow).
+            False recomputes every model over the whole sequence each step (for testing; slow; no speculation).
+        speculative_tokens : int, optional
+            This call's draft length (0: no speculation); default the tuner's ``speculative_tokens``.
         """
         single = is_single(prompts)
         batch = [prompts] if single else list(prompts)
         results: list[Optional[Generation]] = [None] * len(batch)
         texts = [[] for _ in batch]
-        for event, row in self._events(batch, params, return_logprobs, batch_size, use_cache, overrides):
+        for event, row in self._events(batch, params, return_logprobs, batch_size, use_cache, overrides,
+                                       speculative_tokens):  # fmt: skip
             texts[event.index].append(event.text)
             if event.finish_reason is not None:
                 results[event.index] = Generation(
@@ -289,17 +321,20 @@ class ProxyTuner:
         *,
         return_logprobs: bool = False,
         batch_size: Optional[int] = None,
+        speculative_tokens: Optional[int] = None,
         **overrides: Any,
     ) -> Iterator[TokenEvent]:
-        """Like :meth:`generate`, but yield a :class:`TokenEvent` for every token as soon as it is drawn."""
+        """Like :meth:`generate`, but yield a :class:`TokenEvent` for every token as soon as it is drawn (with
+        speculation: a round's accepted tokens as soon as the round has decided them)."""
         single = is_single(prompts)
         batch = [prompts] if single else list(prompts)
-        for event, _ in self._events(batch, params, return_logprobs, batch_size, True, overrides):
+        for event, _ in self._events(batch, params, return_logprobs, batch_size, True, overrides, speculative_tokens):
             yield event
 
     # ------------------------------------------------------------------------------------------ the loop
 
-    def _events(self, prompts, params, return_logprobs, batch_size, use_cache, overrides):
+    def _events(self, prompts, params, return_logprobs, batch_size, use_cache, overrides, speculative_tokens=None):
+        speculative = self.speculative_tokens if speculative_tokens is None else self._check_speculative(speculative_tokens)
         if isinstance(params, SamplingParams) or params is None:
             params = [params or SamplingParams()] * len(prompts)
         params = list(params)
@@ -322,7 +357,8 @@ class ProxyTuner:
             bar = tqdm(total=len(prompts), desc="generating", unit="prompt", leave=False)
         for start in starts:
             chunk = range(start, min(start + size, len(prompts)))
-            yield from self._run_batch([(i, prompts[i], params[i]) for i in chunk], return_logprobs, use_cache)
+            yield from self._run_batch([(i, prompts[i], params[i]) for i in chunk], return_logprobs, use_cache,
+                                       speculative)  # fmt: skip
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
@@ -365,9 +401,10 @@ class ProxyTuner:
             room = limit - len(ids) if room is None else min(room, limit - len(ids))
         return room
 
-    def _run_batch(self, requests, return_logprobs: bool, use_cache: bool):
+    def _run_batch(self, requests, return_logprobs: bool, use_cache: bool, speculative: int = 0):
         """Yield ``(TokenEvent, Row)`` for every token of every request in this batch: prefill, the first token,
-        then the decode loop (:func:`proxytune.engine.loop.decode`) over this tuner's decoder."""
+        then the decode loop (:func:`proxytune.engine.loop.decode`) over this tuner's decoder (the speculative
+        one with ``speculative`` drafts, when there is a cache)."""
         rows, inputs = [], []
         for index, prompt, p in requests:
             context, per_model = self._prompt_ids(index, prompt)
@@ -395,6 +432,14 @@ class ProxyTuner:
         first = ([tokens.tolist()], [logprobs.tolist()] if logprobs is not None else None)
         yield from emit(rows, lambda: first, self.eos_token_ids, finished)
         if len(finished) == len(rows):
+            return
+        if use_cache and speculative > 0:
+            decoder = SpeculativeDecoder(
+                runners, state, tokens, budgets=[r.budget - 1 for r in rows], draft_tokens=speculative,
+                adaptive=self.speculative_adaptive, vocab_size=self.vocab_size, backend=self.backend,
+                return_logprobs=return_logprobs,
+            )  # fmt: skip
+            yield from decode(decoder, rows, self.eos_token_ids, finished)
             return
         if not use_cache or self.decode == "eager":
             decoder = EagerDecoder(runners, state, tokens, vocab_size=self.vocab_size, backend=self.backend,
