@@ -18,3 +18,4 @@ for label, args in systems.items():
     outs = [s["filtered_resps"][0] for s in sorted(r["samples"]["tinyworld_qa"], key=lambda s: s["doc_id"])]
     same_out = sum(o == e.split("\n")[0] for o, e in zip(outs, rec["outputs"][label]))
     print(label, sum(got), sum(rec["correct"][label]), "per-question equal:", got == rec["correct"][label], "same text:", same_out, "/ 800")
+    assert got == rec["correct"][label] and same_out == 800, label
