@@ -115,6 +115,22 @@ def test_templates_and_token_id_inputs(family, tok):
         assert s.token_logprobs == pytest.approx(want, abs=TOL)
 
 
+def test_a_conversation_prompt_with_a_chat_expert(family, tok):
+    """The chat expert sees the conversation in its chat template, the others its contents one per line; the
+    continuation is encoded on its own and follows each."""
+    base, e0, _, a0, _ = family["gpt2"]
+    tuner = ProxyTuner(base, ModelSpec(e0, template="chat"), a0, tokenizer=tok, weights=1.0)
+    chat = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "a tiny model"},
+            {"role": "user", "content": "the lazy dog"}]  # fmt: skip
+    (s,) = tuner.score([chat], [" jumps over"])
+    ids = bare(tok, " jumps over")
+    assert s.token_ids == ids
+    templated = bare(tok, tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    plain = tok("\n".join(m["content"] for m in chat))["input_ids"]
+    want = naive_score([base, e0, a0], [plain, templated, plain], ids, [1.0], 320)
+    assert s.token_logprobs == pytest.approx(want, abs=TOL)
+
+
 def test_sampled_tokens_score_as_generate_reports_them(family, tok):
     """At temperature 1 without filters generate's logprobs are the same distribution's: score must agree,
     and the greedy continuation is greedy."""
