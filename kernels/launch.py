@@ -30,10 +30,13 @@ from .sample_kernel import proxy_sample_kernel
 __all__ = ["proxy_sample", "launch_settings", "kernel_arguments", "LaunchSettings", "MAX_PAIRS", "NUM_WARPS"]
 
 MAX_PAIRS = 4  # pairs passed as separate pointers; more are folded into an fp32 base first (same order)
-# Warps per program on a GPU. Chosen with kernels/aot.py: at 4 warps ptxas runs out of registers and spills on
-# sm_80 and sm_90 (bf16 and fp32); at 8 nothing spills on sm_80 / sm_90 for bf16, fp16 and fp32, B in
-# {1, 64, 256}, V up to 262144 (tests/test_kernel_aot.py checks the table).
-NUM_WARPS = 8
+# Warps per program on a GPU, chosen with kernels/aot.py (ptxas' report, sm_80 and sm_90, bf16 / fp16 / fp32,
+# B in {1, 64, 256}, V in {32000, 50257, 128256, 151936, 262144}): at 4 warps every configuration runs out of
+# registers and spills (255 registers, up to 600 bytes); at 8, rows whose width or stride is not a multiple of
+# 16 (GPT-2's 50257) still spill on sm_90 (128 registers, 24 bytes); at 16 nothing spills anywhere (97-99
+# registers), and each program has the most loads in flight, which matters at small B where the rows are
+# split over fewer programs than SMs. tests/test_kernel_aot.py checks the table.
+NUM_WARPS = 16
 GPU_BLOCK = GPU_CAP = 1024  # tile width and candidate capacity on a GPU (powers of two)
 INTERPRETER_BLOCK, INTERPRETER_CAP = 256, 512  # smaller tiles: the numpy interpreter's cost grows with them
 _LEVELS = 16  # top-k lower-bound levels counted per program (one nat apart)
@@ -127,27 +130,12 @@ def _row_major(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def proxy_sample(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    anti_experts: Sequence[torch.Tensor],
-    weights: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    min_p: torch.Tensor,
-    seed: torch.Tensor,
-    step: torch.Tensor,
-    vocab_size: int,
-    *,
-    block: Optional[int] = None,
-    split: Optional[int] = None,
-    cap: Optional[int] = None,
-    has_top_k: bool = True,
-    has_top_p: bool = True,
-    has_min_p: bool = True,
-    write_logprobs: bool = True,
-    num_warps: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    base: torch.Tensor, experts: Sequence[torch.Tensor], anti_experts: Sequence[torch.Tensor], weights: torch.Tensor,
+    temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, seed: torch.Tensor,
+    step: torch.Tensor, vocab_size: int, *, block: Optional[int] = None, split: Optional[int] = None,
+    cap: Optional[int] = None, has_top_k: bool = True, has_top_p: bool = True, has_min_p: bool = True,
+    write_logprobs: bool = True, num_warps: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the fused sampler once. Semantics: ``docs/semantics.md`` (``validate=False`` behaviour).
 
     Parameters
