@@ -5,7 +5,8 @@ Imported by vLLM only (the plugin registers it lazily, as ``"proxytune.integrati
 How it maps onto vLLM:
 
 - Each checkpoint becomes the vLLM model class of its own architecture (``init_vllm_registered_model`` with
-  its own Hugging Face config), under the prefix ``base.`` or ``experts.{i}.`` / ``anti_experts.{i}.``. Their
+  its own Hugging Face config), under the prefix ``base.`` or ``expert_a.`` / ``anti_expert_a.``, ``expert_b.``, ... (no digits:
+  vLLM reads a layer's index from the one integer in its name). Their
   attention layers are ordinary vLLM attention layers, so every model gets its own paged KV cache, continuous
   batching and prefix caching; tensor parallelism shards each model as vLLM shards it alone.
 - ``forward`` runs every model on the same tokens and positions and returns their last hidden states side by
@@ -29,6 +30,8 @@ from torch import nn
 from proxytune.integrations.vllm.config import WEIGHTS_FILE, WEIGHTS_TENSOR, VllmConfigError, read_block
 
 __all__ = ["ProxyTunedForCausalLM"]
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def _sub_config(source: str, trust_remote_code: bool):
@@ -55,27 +58,27 @@ class ProxyTunedForCausalLM(nn.Module):
         self.vocab_size = int(block["vocab_size"])
         pairs = block["pairs"]
         self.num_pairs = len(pairs)
+        if self.num_pairs > len(_LETTERS):
+            raise VllmConfigError(f"at most {len(_LETTERS)} (expert, anti-expert) pairs, got {self.num_pairs}")
+        # sub-model names without digits: vLLM reads a layer's index as the one integer in its name
         sources = [("base", block["base"])]
-        for i, p in enumerate(pairs):
-            sources += [(f"experts.{i}", p["expert"]), (f"anti_experts.{i}", p["anti_expert"])]
+        for letter, p in zip(_LETTERS, pairs):
+            sources += [(f"expert_{letter}", p["expert"]), (f"anti_expert_{letter}", p["anti_expert"])]
         trust = model_config.trust_remote_code
-        self._names, self._hidden, models = [], [], {}
+        self._names, self._hidden = [], []
         for name, source in sources:
             cfg = _sub_config(source, trust)
-            sub = init_vllm_registered_model(vllm_config, prefix=maybe_prefix(prefix, name), hf_config=cfg)
-            models[name] = sub
+            self.add_module(name, init_vllm_registered_model(vllm_config, prefix=maybe_prefix(prefix, name), hf_config=cfg))
             self._names.append(name)
             self._hidden.append(int(cfg.get_text_config().hidden_size))
-        self.base = models["base"]
-        self.experts = nn.ModuleList([models[f"experts.{i}"] for i in range(self.num_pairs)])
-        self.anti_experts = nn.ModuleList([models[f"anti_experts.{i}"] for i in range(self.num_pairs)])
         self.pair_weights = [float(p["weight"]) for p in pairs]
         self.secondary_weights = [
             DefaultModelLoader.Source(source, revision=None, prefix=f"{name}.") for name, source in sources
         ]
 
     def _models(self) -> list[nn.Module]:
-        return [self.base, *[m for pair in zip(self.experts, self.anti_experts) for m in pair]]
+        """base, expert_a, anti_expert_a, expert_b, ...: the order of :meth:`forward`'s hidden states."""
+        return [getattr(self, n) for n in self._names]
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The base's embeddings (vLLM's interface asks for it); :meth:`forward` does not accept embeddings."""
