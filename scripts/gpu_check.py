@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import platform
 import re
@@ -80,8 +81,11 @@ def _section_commands(section: str) -> list[list[str]]:
     py, pytest = sys.executable, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra"]
     if section == "tests":
         # every cuda-marked test, then the Triton file's default tests, which on a GPU run the compiled kernel
-        # (about 29 distinct compilations: measured by counting the launches' specialisations on CPU)
-        return [pytest + ["-m", "cuda", "tests/"], pytest + ["-m", "not slow and not cuda", "tests/test_triton_backend.py"]]
+        # (about 29 distinct compilations, counted on CPU from the launches' specialisations; 8-30 s each on
+        # this project's 2-core CPU by kernels/aot.py): spread over processes where pytest-xdist is there
+        workers = ["-n", "8"] if importlib.util.find_spec("xdist") is not None else []
+        return [pytest + workers + ["-m", "cuda", "tests/"],
+                pytest + workers + ["-m", "not slow and not cuda", "tests/test_triton_backend.py"]]  # fmt: skip
     if section == "sampler":
         return [[py, str(Path(__file__).resolve()), "--sampler-bench"]]
     if section == "decode":
