@@ -12,6 +12,7 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 _spec = importlib.util.spec_from_file_location("_cpu_build", os.path.join("proxytune", "_cpu_build.py"))
 _cpu_build = importlib.util.module_from_spec(_spec)
@@ -19,6 +20,7 @@ _spec.loader.exec_module(_cpu_build)
 
 ext_modules, cmdclass = [], {}
 sources = [os.path.relpath(p) for p in _cpu_build.sources()]
+headers = [os.path.relpath(p) for p in _cpu_build.headers(_cpu_build.sources())]
 if sources and os.environ.get("PROXYTUNE_NO_EXT") != "1":
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -32,10 +34,24 @@ if sources and os.environ.get("PROXYTUNE_NO_EXT") != "1":
             CppExtension(
                 "proxytune._C",
                 sources,
+                depends=headers,  # rebuild when a header changes
                 extra_compile_args=[*_cpu_build.CXX_FLAGS, *_cpu_build.openmp_flags()],
                 extra_link_args=_cpu_build.openmp_flags(),
             )
         ]
         cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
 
+class build_py_with_headers(build_py):
+    """Ships csrc's headers in proxytune/_csrc beside the .cpp that pyproject's package-data lists, so the
+    build on first use finds them (pyproject.toml lists only *.cpp; listing *.h there would do the same)."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "proxytune", "_csrc")
+        if os.path.isdir(target):
+            for header in headers:
+                self.copy_file(header, os.path.join(target, os.path.basename(header)))
+
+
+cmdclass["build_py"] = build_py_with_headers
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = [
-    "CXX_FLAGS", "NAMED_BUILDS", "openmp_flags", "sources", "cache_dir", "cached_library", "build", "named_build",
-    "load", "BuildError",
+    "CXX_FLAGS", "NAMED_BUILDS", "openmp_flags", "sources", "headers", "cache_dir", "cached_library", "build",
+    "named_build", "load", "BuildError",
 ]  # fmt: skip
 
 # -ffp-contract=off: round like the reference (no fused multiply-add); -fno-trapping-math lets the compiler
@@ -84,8 +84,8 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def _headers(srcs: list[Path]) -> list[Path]:
-    """The headers beside the sources (they change the build too)."""
+def headers(srcs: list[Path]) -> list[Path]:
+    """The headers beside the sources (the .cpp includes them; they change the build too)."""
     return sorted({h for src in srcs for h in src.parent.glob("*.h")})
 
 
@@ -111,7 +111,7 @@ def _library_path(srcs: list[Path], compiler: str, extra_flags: tuple[str, ...] 
     for part in (torch.__version__, getattr(torch.version, "git_version", ""), sys.implementation.cache_tag,
                  platform.machine(), compiler, " ".join(CXX_FLAGS), " ".join(extra_flags)):  # fmt: skip
         h.update(str(part).encode() + b"\0")
-    for src in [*srcs, *_headers(srcs)]:
+    for src in [*srcs, *headers(srcs)]:
         h.update(src.name.encode() + b"\0" + src.read_bytes())
     return cache_dir() / f"cpu-op-{h.hexdigest()[:20]}" / "_C.so"
 

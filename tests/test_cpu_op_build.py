@@ -21,7 +21,7 @@ def test_import_registers_the_torch_ops_without_a_call():
 
 
 def test_the_sources_are_found_and_the_flags_shared_with_setup():
-    assert [p.name for p in _cpu_build.sources()] == ["proxytune_cpu.cpp"]
+    assert [p.name for p in _cpu_build.sources()] == ["proxytune_cpu.cpp"]  # it includes the headers
     setup = (_cpu_build.sources()[0].parents[1] / "setup.py").read_text()
     assert "_cpu_build.CXX_FLAGS" in setup and "-ffp-contract=off" in _cpu_build.CXX_FLAGS
 
@@ -52,3 +52,24 @@ def test_the_cache_is_keyed_by_the_sources(monkeypatch, tmp_path):
     src.write_text("int y;")
     assert _cpu_build._library_path([src], "/usr/bin/c++") != first
     assert first.is_relative_to(tmp_path)
+
+
+def test_the_cache_is_keyed_by_the_headers_and_the_extra_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROXYTUNE_CACHE", str(tmp_path))
+    src, header = tmp_path / "a.cpp", tmp_path / "a.h"
+    src.write_text('#include "a.h"')
+    header.write_text("int x;")
+    first = _cpu_build._library_path([src], "/usr/bin/c++")
+    header.write_text("int y;")
+    second = _cpu_build._library_path([src], "/usr/bin/c++")
+    assert second != first
+    assert _cpu_build._library_path([src], "/usr/bin/c++", ("-march=x86-64-v3",)) != second
+
+
+def test_a_named_build_is_a_known_name_or_a_library_path(tmp_path):
+    assert _cpu_build.NAMED_BUILDS["x86-64-v3"] == ("-DPROXYTUNE_NO_CLONES", "-march=x86-64-v3")
+    library = tmp_path / "_C.so"
+    library.write_bytes(b"")
+    assert _cpu_build.named_build(str(library)) == library
+    with pytest.raises(_cpu_build.BuildError, match="unknown C\\+\\+ op build 'avx9'"):
+        _cpu_build.named_build("avx9")

@@ -14,3 +14,17 @@ def test_every_subpackage_is_listed_in_pyproject():
     found = {"proxytune." + ".".join(p.parent.relative_to(ROOT / "proxytune").parts) for p in (ROOT / "proxytune").glob("*/**/__init__.py")}
     assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
     assert "proxytune.kernels" in listed and config["package-dir"]["proxytune.kernels"] == "kernels"
+
+
+def test_the_wheel_ships_every_csrc_file_for_the_build_on_first_use(tmp_path):
+    """build_py lays out what a wheel holds: csrc/ as proxytune/_csrc, its .cpp and the headers they include."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROXYTUNE_NO_EXT": "1"}
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=ROOT, env=env,
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    shipped = {p.name for p in (tmp_path / "proxytune" / "_csrc").iterdir() if p.suffix in (".cpp", ".h")}
+    expected = {p.name for p in (ROOT / "csrc").iterdir() if p.suffix in (".cpp", ".h")}
+    assert expected and shipped == expected, f"missing from the wheel: {sorted(expected - shipped)}"
