@@ -15,14 +15,12 @@ import proxytune
 from proxytune.reference import combine_reference, keep_mask_reference
 from proxytune.testing import proxy_inputs
 
+from conformance import FILTERS as ALL_FILTERS, as_tuple
+
 WIDTHS = [(1, 1), (7, 7), (1000, 1000), (32000, 32000), (152064, 151936)]  # (base width, expert width)
-FILTERS = [  # (temperature, top_k, top_p, min_p)
-    (1.0, 0, 0.9, 0.0),
-    (0.7, 50, 0.95, 0.0),
-    (1.3, 0, 1.0, 0.05),
-    (0.8, 40, 0.8, 0.1),
-    (1.0, 5, 1.0, 0.0),
-]
+# (temperature, top_k, top_p, min_p): the entries of the one filter table (tests/conformance.py) compared with
+# Hugging Face's warpers (sampled, each filter alone and together; the first is top-p alone)
+FILTERS = [as_tuple(ALL_FILTERS[i]) for i in (21, 22, 13, 23, 24)]
 
 
 def hf_keep(scores, temperature, top_k, top_p, min_p):
