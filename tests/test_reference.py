@@ -15,7 +15,7 @@ import proxytune
 from proxytune.reference import combine_reference, keep_mask_reference
 from proxytune.testing import proxy_inputs
 
-from conformance import FILTERS as ALL_FILTERS, as_tuple
+from conformance import FILTERS as ALL_FILTERS, U32, U64, as_tuple, mass_above, mass_tolerance, per_row
 
 WIDTHS = [(1, 1), (7, 7), (1000, 1000), (32000, 32000), (152064, 151936)]  # (base width, expert width)
 # (temperature, top_k, top_p, min_p): the entries of the one filter table (tests/conformance.py) compared with
@@ -37,63 +37,11 @@ def hf_keep(scores, temperature, top_k, top_p, min_p):
     return torch.isfinite(scores)
 
 
-def per_row(batch, **params):
-    dtypes = {"temperature": torch.float32, "top_k": torch.int64, "top_p": torch.float32, "min_p": torch.float32}
-    return {k: torch.full((batch,), v, dtype=dtypes[k]) for k, v in params.items()}
-
-
 def closed_under_ties(s, keep):
     """Every token at least as large as the smallest kept one: HF cuts a tie group by sort order; proxytune
     keeps the whole group, exactly when HF keeps any of it (its first member has the mass strictly above)."""
     smallest_kept = torch.where(keep, s, float("inf")).amin(dim=1, keepdim=True)
     return torch.isfinite(s) & (s >= smallest_kept)
-
-
-def mass_above(s, temperature, top_k):
-    """fp64 probability mass strictly above each token, renormalised over the top-k survivors.
-
-    Returns ``(mass, z, n, mean_abs_z)``: the mass ``[B, V]``, the scaled logits ``z`` of the top-k survivors
-    (0 elsewhere), and per row ``[B, 1]`` the number of finite terms of the softmax (the survivors) and the
-    mean ``|z|`` under it, which :func:`mass_tolerance` needs."""
-    z, keep = keep_mask_reference(s, **per_row(s.shape[0], temperature=temperature, top_k=top_k, top_p=1.0, min_p=0.0))
-    q = torch.softmax(torch.where(keep, z, float("-inf")), dim=1)
-    q_sorted, order = q.sort(dim=1, descending=True)
-    above = torch.nn.functional.pad(q_sorted.cumsum(dim=1)[:, :-1], (1, 0))
-    mean_abs_z = (q * torch.where(keep, z, 0.0).abs()).sum(dim=1, keepdim=True)
-    return torch.empty_like(above).scatter_(1, order, above), torch.where(keep, z, 0.0), keep.sum(dim=1, keepdim=True), mean_abs_z
-
-
-U32, U64 = 2.0**-24, 2.0**-53  # unit roundoffs of fp32 and fp64
-
-
-def gamma(n, u):
-    """Higham's ``gamma_n = n u / (1 - n u)`` (``n`` a number or a tensor)."""
-    return n * u / (1 - n * u)
-
-
-def mass_tolerance(n, z, mean_abs_z, u=U32):
-    """How far a top-p mass computed in a floating type of unit roundoff ``u`` may lie from the exact one,
-    whatever the summation order (torch picks AVX2, AVX-512 or scalar kernels by CPU; ATEN_CPU_CAPABILITY
-    forces one, and each adds the terms in its own order and grouping).
-
-    A sum of ``n`` non-negative terms, added in any order and grouping, errs by at most ``gamma_{n-1}`` times
-    the exact sum: each term passes through at most ``n - 1`` roundings (Higham, *Accuracy and Stability of
-    Numerical Algorithms*, 2nd ed., section 4.2). The mass strictly above token ``j`` is the exclusive
-    cumulative sum of ``q_i = exp(z_i) / Z`` over the ``n`` finite terms of the row's softmax, so:
-
-    * the normaliser ``Z = sum_i exp(z_i)`` is off by ``gamma_{n-1}`` relative, a factor common to every
-      ``q_i``: at most ``gamma_{n-1}`` on a mass <= 1;
-    * the cumulative sum adds at most ``n - 1`` terms whose sum is <= 1: ``gamma_{n-1}`` absolute;
-    * ``z = (s - m) / T`` is rounded twice (``2u`` relative), which moves ``exp(z_i)`` by ``2u |z_i|``
-      relative: ``2u E_q|z|`` through ``Z`` and at most ``2u |z_j|`` on the tokens above ``j`` (their
-      ``z_i >= z_j``);
-    * ``exp`` and the division: a couple of ulps per term, ``4u`` on the mass.
-
-    Returns ``2 gamma_{n-1} + (4 + 2 E_q|z| + 2 |z_j|) u`` per token. It is a worst case, so for a
-    151,936-token row in fp32 it is about 0.018 where real CPUs err by ~4e-5; it holds on every CPU, and a
-    keep set wrong by more than it still fails (test_keep_set_check_catches_a_wrong_cut).
-    """
-    return 2 * gamma((n - 1).clamp(min=0).double(), u) + (4 + 2 * mean_abs_z + 2 * z.abs()) * u
 
 
 def unexplained_keep_differences(keep, expected, s, t, k, p, u):
