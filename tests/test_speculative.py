@@ -43,7 +43,8 @@ def ids(gens):
     return [g.token_ids for g in gens]
 
 
-GREEDY_CASES = [("llama", (1, 8)), ("qwen2", (2, 4)), ("gpt2", (4, 8))]  # every k and kind, fast
+GREEDY_CASES = [pytest.param(kind, ks, id=f"{kind}-k{ks[0]}-k{ks[1]}")
+                for kind, ks in (("llama", (1, 8)), ("qwen2", (2, 4)), ("gpt2", (4, 8)))]  # every k and kind
 GREEDY_SLOW = [pytest.param(kind, (1, 2, 4, 8), marks=pytest.mark.slow, id=f"{kind}-all-k") for kind in KINDS]
 
 

@@ -4,8 +4,8 @@ One :meth:`SpeculativeDecoder.launch` is one round for every slot (the math is :
 the rule and its noise streams ``docs/speculative.md``):
 
 1. the expert (pair 0's) is fed the row's last token and drafts ``K`` tokens one forward at a time, from its
-   own distribution with the request's temperature and filters; one more forward gives its logits after the
-   last draft (``K + 1`` one-token forwards in all);
+   own distribution with the request's temperature and filters (``K`` one-token forwards; one more, for its
+   logits after the last draft, only when a row accepts all ``K``);
 2. the base, the other experts and every anti-expert are fed ``[last token, d_1 .. d_K]`` in **one** forward
    each (:meth:`~proxytune.engine.decode.ModelRunner.extend`), giving ``K + 1`` positions of logits;
 3. the combined, filtered target is computed per position (``proxytune.combine`` with the tuner's backend,
@@ -93,37 +93,53 @@ class SpeculativeDecoder:
         k = max(limits)
         expert, verifiers = self.runners[1], [self.runners[0]] + self.runners[2:]
 
-        # 1. drafts: k one-token forwards of the expert, and one more for its logits after the last draft
+        # 1. drafts: k one-token forwards of the expert (fed the last token, then each draft but the last)
         drafts, logq, expert_logits, last = [], [], [], self.tokens
-        for i in range(k + 1):
+        for i in range(k):
             e = to_device(expert.extend(last[:, None])[:, 0], dev)
             expert_logits.append(e)
-            if i < k:
-                last, lq = draft_tokens(e, temperature=st.temperature, top_k=st.top_k, top_p=st.top_p, min_p=st.min_p,
-                                        seed=st.seed, step=st.step + i, vocab_size=v, backend=self.backend)  # fmt: skip
-                drafts.append(last)
-                logq.append(lq)
+            last, lq = draft_tokens(e, temperature=st.temperature, top_k=st.top_k, top_p=st.top_p, min_p=st.min_p,
+                                    seed=st.seed, step=st.step + i, vocab_size=v, backend=self.backend)  # fmt: skip
+            drafts.append(last)
+            logq.append(lq)
         block = torch.stack([self.tokens] + drafts, dim=1)  # [B, k + 1]
 
         # 2. one forward of k + 1 tokens for the base and every other model
         scored = [to_device(r.extend(block), dev) for r in verifiers]
-        logits = [scored[0], torch.stack(expert_logits, dim=1)] + scored[1:]  # base, experts, anti-experts
 
         # 3. the target per position, the accept test, the correction (residual or bonus) token
-        rep = lambda x: x.repeat_interleave(k + 1, dim=-1)  # noqa: E731  per-row values per position
-        flat = [x.reshape(b * (k + 1), x.shape[-1]) for x in logits]
-        s = combine(flat[0], flat[1 : 1 + self.n_pairs], flat[1 + self.n_pairs :], weights=rep(st.weights),
-                    vocab_size=v, backend=self.backend, validate=False)  # fmt: skip
-        logp = filtered_logprobs(s, rep(st.temperature), rep(st.top_k), rep(st.top_p), rep(st.min_p)).view(b, k + 1, v)
-        s = s.view(b, k + 1, v)
+        def target(first: int, stop: int, expert_at: list) -> torch.Tensor:
+            """The combined logits at positions [first, stop) of the block ``[B, stop - first, V]``."""
+            n_pos = stop - first
+            logits = [scored[0][:, first:stop], torch.stack(expert_at, dim=1)] + [x[:, first:stop] for x in scored[1:]]
+            flat = [x.reshape(b * n_pos, x.shape[-1]) for x in logits]  # base, experts, anti-experts
+            w = st.weights.repeat_interleave(n_pos, dim=1)
+            return combine(flat[0], flat[1 : 1 + self.n_pairs], flat[1 + self.n_pairs :], weights=w, vocab_size=v,
+                           backend=self.backend, validate=False).view(b, n_pos, v)  # fmt: skip
+
+        def logprobs_of(s: torch.Tensor) -> torch.Tensor:
+            n_pos = s.shape[1]
+            rep = lambda x: x.repeat_interleave(n_pos)  # noqa: E731  per-row values per position
+            return filtered_logprobs(s.reshape(b * n_pos, v), rep(st.temperature), rep(st.top_k), rep(st.top_p),
+                                     rep(st.min_p)).view(b, n_pos, v)  # fmt: skip
+
         limit = torch.tensor(limits, dtype=torch.int64, device=dev)
         rows = torch.arange(b, device=dev)
         if k > 0:
+            s = target(0, k, expert_logits)
+            logp = logprobs_of(s)
             d = torch.stack(drafts, dim=1)  # [B, k]
-            lp = logp[:, :k].gather(2, d[..., None])[..., 0]
+            lp = logp.gather(2, d[..., None])[..., 0]
             n = accepted_counts(accept_drafts(lp, torch.stack(logq, dim=1), st.seed, st.step), limit)
         else:
-            d, lp, n = block[:, :0], logp[:, :0, 0], torch.zeros(b, dtype=torch.int64, device=dev)
+            s = logp = scored[0][:, :0, :v].float()
+            d, lp, n = block[:, :0], logp[:, :, 0], torch.zeros(b, dtype=torch.int64, device=dev)
+        expert_fed = k
+        if bool((n == k).any()):  # a row accepted all k drafts: the bonus needs the expert's logits after d_k
+            expert_logits.append(to_device(expert.extend(block[:, -1:])[:, 0], dev))
+            expert_fed += 1
+            s_last = target(k, k + 1, expert_logits[k:])
+            s, logp = torch.cat([s, s_last], dim=1), torch.cat([logp, logprobs_of(s_last)], dim=1)
         resid = (n < limit) & (st.temperature > 0)  # sampled rows that rejected a draft
         at = s[rows, n]  # the combined logits at each row's correction position
         temperature, top_k, top_p, min_p, seed = st.temperature, st.top_k, st.top_p, st.min_p, st.seed
@@ -140,7 +156,7 @@ class SpeculativeDecoder:
 
         # 4. every model forgets what no row kept; the rows' state advances
         for runner in self.runners:
-            runner.rollback(k + 1, n + 1)
+            runner.rollback(expert_fed if runner is expert else k + 1, n + 1)
         st.step += n + 1
         self.tokens = x
         counts = n.tolist()
