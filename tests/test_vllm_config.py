@@ -53,11 +53,25 @@ def test_writes_config_tokenizer_and_weights(models, tmp_path, capsys):
     ]
     assert torch.equal(load_file(str(out / WEIGHTS_FILE))[WEIGHTS_TENSOR], torch.tensor([0.25, -1.5]))
     assert (out / "tokenizer.json").exists() and not (out / "model.safetensors").exists()
+    assert cfg["max_position_embeddings"] == 512  # every tiny model's
     # a directory this command wrote may be written again (here with one --alpha for both pairs)
     rc, err = run(capsys, "--base", models["base"], "--expert", models["e"], "--anti-expert", models["a"],
                   "--expert", models["e"], "--anti-expert", models["a"], "--alpha", "2", "-o", str(out))  # fmt: skip
     assert rc == 0, err
     assert [p["weight"] for p in json.loads((out / "config.json").read_text())["proxytune"]["pairs"]] == [2.0, 2.0]
+
+
+def test_max_positions_are_the_smallest_models(models, tmp_path, capsys):
+    short = tmp_path / "short"
+    from tiny_models import tiny_model
+
+    m = tiny_model("llama", seed=7, hidden=64, heads=2)
+    m.config.max_position_embeddings = 128
+    m.save_pretrained(short)
+    rc, err = run(capsys, "--base", models["base"], "--expert", str(short), "--anti-expert", models["a"],
+                  "-o", str(tmp_path / "pt"))  # fmt: skip
+    assert rc == 0, err
+    assert json.loads((tmp_path / "pt" / "config.json").read_text())["max_position_embeddings"] == 128
 
 
 def test_kv_layouts_vllm_cannot_unify_are_refused(models, tmp_path, capsys):
@@ -70,7 +84,7 @@ def test_kv_layouts_vllm_cannot_unify_are_refused(models, tmp_path, capsys):
 
 
 def test_kv_page_units_of_real_configs():
-    """The arithmetic behind the README's table of pairs, on the published shapes."""
+    """The arithmetic behind docs/vllm.md's table of pairs, on the published shapes."""
     from transformers import LlamaConfig
 
     def llama(hidden, heads, kv, head_dim=None):

@@ -4,7 +4,8 @@ shared tokenizer, and a one-tensor weights file. No vLLM import here (``proxytun
 Layout of ``DIR`` (``write_model_dir``):
 
 - ``config.json``: the base's own config with ``architectures = ["ProxyTunedForCausalLM"]``, ``vocab_size``
-  set to the common vocabulary ``V`` and a ``proxytune`` block::
+  set to the common vocabulary ``V``, ``max_position_embeddings`` to the smallest of the models' (vLLM's
+  default ``max_model_len``) and a ``proxytune`` block::
 
       "proxytune": {"format": 1, "base": "/abs/base", "vocab_size": V,
                     "pairs": [{"expert": "/abs/e", "anti_expert": "/abs/a", "weight": 0.5}, ...]}
@@ -200,7 +201,11 @@ def write_model_dir(
     config["architectures"] = [ARCHITECTURE]
     config.pop("auto_map", None)  # the base's remote code is not this model's
     text = config.get("text_config")
-    (text if isinstance(text, dict) else config)["vocab_size"] = vocab
+    top = text if isinstance(text, dict) else config
+    top["vocab_size"] = vocab
+    positions = [getattr(m.text_config, "max_position_embeddings", None) for m in models]
+    if all(isinstance(p, int) for p in positions):  # vLLM derives max_model_len from it: the smallest model's limit
+        top["max_position_embeddings"] = min(positions)
     config["proxytune"] = block
 
     out.mkdir(parents=True, exist_ok=True)
