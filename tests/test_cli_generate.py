@@ -9,18 +9,16 @@ import pytest
 
 from proxytune import ProxyTuner
 from proxytune.cli import main
-from tiny_models import PROMPTS, save_tiny, tiny_tokenizer
+from tiny_models import PROMPTS, save_tiny, save_trio, trio_args, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {name: save_tiny(root / name, kind, seed=seed)
-            for name, kind, seed in [("base", "llama", 0), ("expert", "qwen2", 1), ("anti", "qwen2", 2)]}  # fmt: skip
+    return save_trio(tmp_path_factory.mktemp("models"), ("llama", "qwen2", "qwen2"))
 
 
 def args(dirs, *extra):
-    return ["generate", "--base", dirs["base"], "--expert", dirs["expert"], "--anti-expert", dirs["anti"], "-q", *extra]
+    return trio_args("generate", dirs, *extra)
 
 
 def test_generate_text_matches_the_api(dirs, capsys):

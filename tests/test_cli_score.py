@@ -5,32 +5,24 @@ import json
 import sys
 
 import pytest
-import torch
 
 from proxytune import ProxyTuner
 from proxytune.cli import main
-from tiny_models import PROMPTS, save_tiny
+from tiny_models import PROMPTS, save_trio, trio_args
 
 CONTS = [" this is", " the lazy dog", [40, 41, 42], " small ones"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return {name: save_tiny(root / name, kind, seed=seed)
-            for name, kind, seed in [("base", "llama", 0), ("expert", "llama", 1), ("anti", "llama", 2)]}  # fmt: skip
+    return save_trio(tmp_path_factory.mktemp("models"), ("llama", "llama", "llama"))
 
 
 def args(dirs, *extra):
-    return ["score", "--base", dirs["base"], "--expert", dirs["expert"], "--anti-expert", dirs["anti"], "-q", *extra]
+    return trio_args("score", dirs, *extra)
 
 
 def write_pairs(path, prompts, conts):

@@ -14,12 +14,7 @@ from tiny_models import EOS_ID, PAD_ID, PROMPTS, tiny_model
 N_NEW = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: two threads on a busy 2-core machine are ~40x slower per forward
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 try:
     import lm_eval  # noqa: F401
@@ -23,12 +22,7 @@ except ImportError:
 needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm_eval is not installed (the lm-eval extra)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: two threads on a busy 2-core machine are ~40x slower per forward
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_import_proxytune_does_not_import_lm_eval():

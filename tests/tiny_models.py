@@ -97,3 +97,14 @@ def save_tiny(directory: str | os.PathLike, kind: str = "llama", vocab_size: int
     model.save_pretrained(directory)
     (tokenizer or tiny_tokenizer()).save_pretrained(directory)
     return str(directory)
+
+
+def save_trio(root, kinds=("llama", "llama", "llama")) -> dict[str, str]:
+    """A base, an expert and an anti-expert (seeds 0, 1, 2) saved under ``root``: ``{"base", "expert", "anti"}``."""
+    return {name: save_tiny(os.path.join(root, name), kind, seed=seed)
+            for (name, seed), kind in zip((("base", 0), ("expert", 1), ("anti", 2)), kinds)}  # fmt: skip
+
+
+def trio_args(command: str, dirs: dict[str, str], *extra: str) -> list[str]:
+    """``proxytune COMMAND`` over a :func:`save_trio`, quiet."""
+    return [command, "--base", dirs["base"], "--expert", dirs["expert"], "--anti-expert", dirs["anti"], "-q", *extra]
