@@ -13,6 +13,7 @@ import sys
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 _spec = importlib.util.spec_from_file_location("_cpu_build", os.path.join("proxytune", "_cpu_build.py"))
 _cpu_build = importlib.util.module_from_spec(_spec)
@@ -53,5 +54,14 @@ class build_py_with_headers(build_py):
                 self.copy_file(header, os.path.join(target, os.path.basename(header)))
 
 
+class sdist_with_headers(sdist):
+    """Puts csrc's headers in the source distribution too, so a wheel built from it ships them."""
+
+    def make_distribution(self):
+        self.filelist.extend(h for h in headers if h not in self.filelist.files)
+        super().make_distribution()
+
+
 cmdclass["build_py"] = build_py_with_headers
+cmdclass["sdist"] = sdist_with_headers
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -28,3 +28,20 @@ def test_the_wheel_ships_every_csrc_file_for_the_build_on_first_use(tmp_path):
     shipped = {p.name for p in (tmp_path / "proxytune" / "_csrc").iterdir() if p.suffix in (".cpp", ".h")}
     expected = {p.name for p in (ROOT / "csrc").iterdir() if p.suffix in (".cpp", ".h")}
     assert expected and shipped == expected, f"missing from the wheel: {sorted(expected - shipped)}"
+
+
+def test_the_sdist_carries_every_csrc_file(tmp_path):
+    """A wheel built from the source distribution must find the headers too."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    env = {**os.environ, "PROXYTUNE_NO_EXT": "1"}
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        shipped = {Path(m.name).name for m in tar.getmembers() if Path(m.name).parent.name == "csrc"}
+    expected = {p.name for p in (ROOT / "csrc").iterdir() if p.suffix in (".cpp", ".h")}
+    assert expected <= shipped, f"missing from the sdist: {sorted(expected - shipped)}"
