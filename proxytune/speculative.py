@@ -27,12 +27,12 @@ from typing import Optional
 
 import torch
 
-from proxytune.noise import stream_seed, uniform
+from proxytune.noise import uniform
 from proxytune.ops import sample as proxy_sample
 from proxytune.reference import keep_mask_reference
 
 __all__ = ["DRAFT_STREAM", "ACCEPT_STREAM", "RESIDUAL_STREAM", "filtered_logprobs", "draft_tokens", "accept_drafts",
-           "accepted_counts", "residual_logits"]  # fmt: skip
+           "accept_greedy", "accepted_counts", "residual_logits"]  # fmt: skip
 
 DRAFT_STREAM, ACCEPT_STREAM, RESIDUAL_STREAM = 1, 2, 3  # noise streams (stream 0: the op's own draws)
 
@@ -75,28 +75,37 @@ def filtered_logprobs(
 
 def draft_tokens(
     logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-    min_p: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, vocab_size: int, backend: str,
+    min_p: torch.Tensor, draft_seed: torch.Tensor, step: torch.Tensor, vocab_size: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Draw one draft token per row from the draft model's own filtered distribution ``q`` (its ``[B, W]``
-    logits with the request's temperature and filters), by the op with the draft stream's seed.
-    Returns ``(tokens int64 [B], log q(token) fp32 [B])``; 0 for greedy rows. No host sync."""
+    logits with the request's temperature and filters), by the op with the draft stream's seed
+    ``draft_seed = stream_seed(seed, DRAFT_STREAM)``. Returns ``(tokens int64 [B], log q(token) fp32 [B])``;
+    0 for greedy rows. No host sync."""
     return proxy_sample(
-        logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=stream_seed(seed, DRAFT_STREAM),
+        logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=draft_seed,
         step=step, vocab_size=vocab_size, return_logprobs=True, backend=backend, validate=False,
     )  # fmt: skip
 
 
-def accept_drafts(logp: torch.Tensor, logq: torch.Tensor, seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+def accept_drafts(logp: torch.Tensor, logq: torch.Tensor, accept_seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """Whether each draft passes the test ``u < p(d) / q(d)`` (in log space, fp64).
 
     ``logp``, ``logq``: ``[B, K]`` log-probabilities of the drafted tokens under the target and the draft;
-    ``seed`` ``[B]``; ``step`` ``[B]`` the generated index of each row's first draft (draft ``i`` is at
-    ``step + i``). ``u = uniform(stream_seed(seed, ACCEPT_STREAM), step + i, 0)``. Returns bool ``[B, K]``.
-    A draft the target forbids (``p = 0``) is always rejected; one with ``p >= q`` always accepted.
+    ``accept_seed`` ``[B]``: ``stream_seed(seed, ACCEPT_STREAM)``; ``step`` ``[B]`` the generated index of
+    each row's first draft (draft ``i`` is at ``step + i``). ``u = uniform(accept_seed, step + i, 0)``.
+    Returns bool ``[B, K]``. A draft the target forbids (``p = 0``) is always rejected; one with ``p >= q``
+    always accepted (so greedy rows, whose ``p`` and ``q`` are point masses, need no noise: see
+    :func:`accept_greedy`).
     """
     steps = step[:, None] + torch.arange(logp.shape[1], device=logp.device)
-    u = uniform(stream_seed(seed, ACCEPT_STREAM)[:, None], steps, torch.zeros_like(steps))
+    u = uniform(accept_seed[:, None], steps, torch.zeros_like(steps))
     return torch.log(u.double()) < logp.double() - logq.double()
+
+
+def accept_greedy(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """:func:`accept_drafts` for rows whose ``p`` and ``q`` are point masses (log-probabilities 0 or -inf):
+    the test passes iff ``p(d) >= q(d)``, whatever ``u``. Bool ``[B, K]``, no noise."""
+    return logp.double() - logq.double() >= 0
 
 
 def accepted_counts(accepted: torch.Tensor, limit: Optional[torch.Tensor] = None) -> torch.Tensor:

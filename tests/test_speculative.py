@@ -16,7 +16,8 @@ from proxytune.engine.loading import ModelSpec, load_model
 from proxytune.engine.prompts import left_pad
 from proxytune.noise import philox4x32_10, stream_seed, uniform
 from proxytune.reference import keep_mask_reference, sample_reference
-from proxytune.speculative import accept_drafts, accepted_counts, filtered_logprobs, residual_logits
+from proxytune.speculative import ACCEPT_STREAM, accept_drafts, accept_greedy, accepted_counts, filtered_logprobs, \
+    residual_logits  # fmt: skip
 from tiny_models import EOS_ID, KINDS, PROMPTS, tiny_trio
 
 WEIGHTS = [0.0, 0.5, 1.0, 0.5]  # per row of PROMPTS
@@ -173,11 +174,14 @@ def test_accept_rule_and_residual():
     seed, step = torch.tensor([3, 3, 9]), torch.tensor([0, 0, 5])
     logp = torch.log(torch.tensor([[0.5, 0.0, 0.2], [0.9, 0.9, 0.9], [0.1, 0.2, 0.3]]))
     logq = torch.log(torch.tensor([[0.5, 0.3, 0.4], [0.3, 0.3, 0.3], [0.2, 0.2, 0.6]]))
-    acc = accept_drafts(logp, logq, seed, step)
+    acc = accept_drafts(logp, logq, stream_seed(seed, ACCEPT_STREAM), step)
     assert acc[0, 0] and not acc[0, 1] and acc[1].all()  # p >= q always passes; p = 0 never does
     u = uniform(stream_seed(seed, 2)[:, None], step[:, None] + torch.arange(3), torch.zeros(3, 3, dtype=torch.int64))
     assert torch.equal(acc, u.double() < (logp.exp() / logq.exp()).double().clamp(max=1.0))
     assert accepted_counts(acc).tolist()[:2] == [1, 3]
+    point = torch.tensor([[0.0, float("-inf"), 0.0]])  # greedy: point masses
+    assert accept_greedy(point, torch.zeros(1, 3)).tolist() == [[True, False, True]]
+    assert torch.equal(accept_greedy(point, torch.zeros(1, 3)), accept_drafts(point, torch.zeros(1, 3), seed[:1], step[:1]))
     assert accepted_counts(acc, torch.tensor([0, 2, 3])).tolist()[:2] == [0, 2]
     p = torch.tensor([[0.5, 0.3, 0.2, 0.0]])
     q = torch.tensor([[0.2, 0.5, 0.1, 0.2]])

@@ -34,8 +34,8 @@ from proxytune.engine.decode import ModelRunner, SamplerState, to_device
 from proxytune.engine.loop import Chunk
 from proxytune.noise import stream_seed
 from proxytune.ops import combine, sample as proxy_sample
-from proxytune.speculative import RESIDUAL_STREAM, accept_drafts, accepted_counts, draft_tokens, filtered_logprobs, \
-    residual_logits  # fmt: skip
+from proxytune.speculative import ACCEPT_STREAM, DRAFT_STREAM, RESIDUAL_STREAM, accept_drafts, accept_greedy, \
+    accepted_counts, draft_tokens, filtered_logprobs, residual_logits  # fmt: skip
 
 __all__ = ["SpeculativeDecoder"]
 
@@ -69,6 +69,8 @@ class SpeculativeDecoder:
         self.remaining = list(budgets)
         self.k = [draft_tokens] * self.slots
         self.rounds = self.drafted = self.accepted = 0  # totals over slots, for measurements
+        self.stream_seeds = torch.stack([stream_seed(state.seed, c) for c in (DRAFT_STREAM, ACCEPT_STREAM, RESIDUAL_STREAM)])
+        self.any_sampled = bool((state.temperature > 0).any())  # else no accept noise is needed
 
     def should_move(self, live: int) -> bool:
         return live < self.slots
@@ -79,6 +81,8 @@ class SpeculativeDecoder:
             runner.select(idx)
         self.state.select(idx)
         self.tokens = self.tokens[idx]
+        self.stream_seeds = self.stream_seeds[:, idx.to(self.stream_seeds.device)]
+        self.any_sampled = bool((self.state.temperature > 0).any())
         self.remaining = [self.remaining[j] for j in live]
         self.k = [self.k[j] for j in live]
         self.slots = len(live)
@@ -89,6 +93,7 @@ class SpeculativeDecoder:
             return None
         st, b, v = self.state, self.slots, self.vocab_size
         dev = st.step.device
+        draft_seed, accept_seed, residual_seed = self.stream_seeds
         limits = [max(0, min(k, rem - 1)) for k, rem in zip(self.k, self.remaining)]
         k = max(limits)
         expert, verifiers = self.runners[1], [self.runners[0]] + self.runners[2:]
@@ -99,7 +104,7 @@ class SpeculativeDecoder:
             e = to_device(expert.extend(last[:, None])[:, 0], dev)
             expert_logits.append(e)
             last, lq = draft_tokens(e, temperature=st.temperature, top_k=st.top_k, top_p=st.top_p, min_p=st.min_p,
-                                    seed=st.seed, step=st.step + i, vocab_size=v, backend=self.backend)  # fmt: skip
+                                    draft_seed=draft_seed, step=st.step + i, vocab_size=v, backend=self.backend)  # fmt: skip
             drafts.append(last)
             logq.append(lq)
         block = torch.stack([self.tokens] + drafts, dim=1)  # [B, k + 1]
@@ -130,7 +135,9 @@ class SpeculativeDecoder:
             logp = logprobs_of(s)
             d = torch.stack(drafts, dim=1)  # [B, k]
             lp = logp.gather(2, d[..., None])[..., 0]
-            n = accepted_counts(accept_drafts(lp, torch.stack(logq, dim=1), st.seed, st.step), limit)
+            lq = torch.stack(logq, dim=1)
+            accepted = accept_drafts(lp, lq, accept_seed, st.step) if self.any_sampled else accept_greedy(lp, lq)
+            n = accepted_counts(accepted, limit)
         else:
             s = logp = scored[0][:, :0, :v].float()
             d, lp, n = block[:, :0], logp[:, :, 0], torch.zeros(b, dtype=torch.int64, device=dev)
@@ -149,7 +156,7 @@ class SpeculativeDecoder:
             at = torch.where(resid[:, None], residual_logits(logp[rows, n], q), at)
             temperature = torch.where(resid, 1.0, temperature)
             top_k, top_p, min_p = torch.where(resid, 0, top_k), torch.where(resid, 1.0, top_p), torch.where(resid, 0.0, min_p)
-            seed = torch.where(resid, stream_seed(st.seed, RESIDUAL_STREAM), seed)
+            seed = torch.where(resid, residual_seed, seed)
         x = proxy_sample(at, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, step=st.step + n,
                          vocab_size=v, backend=self.backend, validate=False)  # fmt: skip
         x_lp = logp[rows, n].gather(1, x[:, None])[:, 0]
