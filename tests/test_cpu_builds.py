@@ -109,10 +109,16 @@ def _run(tmp_path: Path, name: str, *how: str) -> list:
     return torch.load(out)
 
 
+@pytest.fixture(scope="module")
+def build_cache(tmp_path_factory) -> Path:
+    """One cache for the builds of this module (the benchmark test reuses the x86-64-v3 build)."""
+    return tmp_path_factory.mktemp("cpu-builds")
+
+
 @pytest.mark.skipif(why_unavailable() is not None, reason="the cpu backend is not built")
 @pytest.mark.parametrize("name", _variants())
-def test_instruction_set_builds_agree(name, tmp_path, monkeypatch):
-    monkeypatch.setenv("PROXYTUNE_CACHE", str(tmp_path / "cache"))
+def test_instruction_set_builds_agree(name, tmp_path, monkeypatch, build_cache):
+    monkeypatch.setenv("PROXYTUNE_CACHE", str(build_cache))
     library = _cpu_build.named_build(name)
     installed = _run(tmp_path, "installed", "installed")
     variant = _run(tmp_path, "variant", str(library), str(Path(_cpu_build.__file__)))
@@ -126,3 +132,19 @@ def test_instruction_set_builds_agree(name, tmp_path, monkeypatch):
         if name != "baseline":
             assert same, f"case {i // 2}: log-probabilities {l0.tolist()} vs {l1.tolist()}"
         torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.skipif(why_unavailable() is not None, reason="the cpu backend is not built")
+@pytest.mark.parametrize("name", [p for p in _variants() if p.id == "x86-64-v3"])
+def test_the_benchmark_times_a_chosen_build(name, build_cache):
+    """PROXYTUNE_CPU_BUILD makes benchmarks/ load that build in place of the installed one, and say so."""
+    env = {**os.environ, "PROXYTUNE_CACHE": str(build_cache), "PROXYTUNE_CPU_BUILD": name, "PROXYTUNE_BENCH_TIME": "0.05"}
+    env.pop("PROXYTUNE_BENCH_SAVE", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/test_sampler.py", "-q", "-p", "no:cacheprovider",
+         "-k", "cpu-fp32-B1-V32000-p0.9-cpu"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"cpu backend: build {name} (-DPROXYTUNE_NO_CLONES -march={name})" in done.stdout
+    assert "vector code: compiler target, 8-lane registers (AVX2)" in done.stdout
