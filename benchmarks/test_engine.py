@@ -77,26 +77,46 @@ class EngineRecord:
         return self.batch * self.new_tokens / self.median_s
 
 
-class EngineTable:
-    """Collects the records and prints the table at the end of the session (registered as a plugin)."""
+class ResultsTable:
+    """A benchmark's records, printed as a table at the end of the session and saved on request
+    (``--save-results`` / ``PROXYTUNE_BENCH_SAVE=1``); registered as a pytest plugin by :meth:`of`."""
 
-    name = "proxytune-engine-table"
+    name = title = ""
 
     def __init__(self):
-        self.records: list[EngineRecord] = []
+        self.records: list = []
         self.skipped: list[str] = []
         self.started = time.time()
+
+    @classmethod
+    def of(cls, pytestconfig) -> "ResultsTable":
+        """The session's table of this kind (created and registered on first use)."""
+        plugin = pytestconfig.pluginmanager.get_plugin(cls.name)
+        if plugin is None:
+            plugin = cls()
+            pytestconfig.pluginmanager.register(plugin, cls.name)
+        return plugin
 
     @pytest.hookimpl(trylast=True)
     def pytest_terminal_summary(self, terminalreporter, config):
         if not self.records and not self.skipped:
             return
-        write = terminalreporter.write_line
-        terminalreporter.section("proxytune: engine tokens/s vs the naive loop and the base alone (same run)")
+        terminalreporter.section(self.title)
         for line in self.lines():
-            write(line)
+            terminalreporter.write_line(line)
         if config.getoption("save_results", False) or os.environ.get("PROXYTUNE_BENCH_SAVE", "") not in ("", "0"):
-            write(f"saved {self.save()}")
+            terminalreporter.write_line(f"saved {self.save()}")
+
+    def lines(self) -> list[str]:
+        raise NotImplementedError
+
+    def save(self) -> Path:
+        raise NotImplementedError
+
+
+class EngineTable(ResultsTable):
+    name = "proxytune-engine-table"
+    title = "proxytune: engine tokens/s vs the naive loop and the base alone (same run)"
 
     def lines(self) -> list[str]:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -125,24 +145,29 @@ class EngineTable:
         return out
 
     def save(self) -> Path:
-        now = datetime.datetime.now(datetime.timezone.utc)
-        slug = "".join(c if c.isalnum() else "-" for c in _device_name()).strip("-").lower()
-        path = Path(__file__).parent / "results" / f"{now:%Y%m%d-%H%M%S}_engine_{slug}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        import proxytune
-        import transformers
+        extra = {"temperature": TEMPERATURE, "top_p": TOP_P, "alpha": ALPHA, "skipped": self.skipped}
+        return save_results("engine", "python -m pytest benchmarks/test_engine.py", self.records, extra)
 
-        meta = {
-            "date": now.isoformat(timespec="seconds"), "command": "python -m pytest benchmarks/test_engine.py",
-            "device": _device_name(), "dtype": str(DTYPE), "torch": torch.__version__,
-            "transformers": transformers.__version__, "proxytune": proxytune.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "temperature": TEMPERATURE, "top_p": TOP_P, "alpha": ALPHA, "skipped": self.skipped,
-        }  # fmt: skip
-        rows = [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in self.records]
-        path.write_text(json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
-        return path
+
+def save_results(kind: str, command: str, records: list, extra: dict, **top) -> Path:
+    """Write ``benchmarks/results/<date>_<kind>_<device>.json``: the run's environment (``extra`` added to it),
+    every record (with its tokens/s) and any ``top``-level fields; returns the path."""
+    import proxytune
+    import transformers
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    slug = "".join(c if c.isalnum() else "-" for c in _device_name()).strip("-").lower()
+    path = Path(__file__).parent / "results" / f"{now:%Y%m%d-%H%M%S}_{kind}_{slug}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "date": now.isoformat(timespec="seconds"), "command": command, "device": _device_name(), "dtype": str(DTYPE),
+        "torch": torch.__version__, "transformers": transformers.__version__, "proxytune": proxytune.__version__,
+        "python": platform.python_version(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, **extra,
+    }  # fmt: skip
+    rows = [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in records]
+    path.write_text(json.dumps({"meta": meta, "records": rows, **top}, indent=1) + "\n")
+    return path
 
 
 def _device_name() -> str:
@@ -156,11 +181,7 @@ def _device_name() -> str:
 
 @pytest.fixture(scope="session")
 def table(pytestconfig) -> EngineTable:
-    plugin = pytestconfig.pluginmanager.get_plugin(EngineTable.name)
-    if plugin is None:
-        plugin = EngineTable()
-        pytestconfig.pluginmanager.register(plugin, EngineTable.name)
-    return plugin
+    return EngineTable.of(pytestconfig)
 
 
 # ---------------------------------------------------------------------------------------------- models

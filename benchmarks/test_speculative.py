@@ -24,18 +24,15 @@ model line gives t(base forward of k+1 tokens) / t(base forward of 1 token) with
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.test_engine import DEVICE, DTYPE, _device_name, _median, _prompts, _setup
+from benchmarks.test_engine import DEVICE, DTYPE, ResultsTable, _device_name, _median, _prompts, _setup, save_results
 
 KS = (2, 4, 8)
 NEW = {"tinyworld": 16, "mid": 16}
@@ -59,25 +56,13 @@ class SpecRecord:
         return self.batch * self.new_tokens / self.median_s
 
 
-class SpecTable:
-    """Collects the records and prints the table at the end of the session (registered as a plugin)."""
-
+class SpecTable(ResultsTable):
     name = "proxytune-speculative-table"
+    title = "proxytune: speculative proxy-tuning vs plain proxy-tuning and the base alone"
 
     def __init__(self):
-        self.records: list[SpecRecord] = []
+        super().__init__()
         self.costs: dict = {}  # family -> {k: ratio}
-        self.started = time.time()
-
-    @pytest.hookimpl(trylast=True)
-    def pytest_terminal_summary(self, terminalreporter, config):
-        if not self.records:
-            return
-        terminalreporter.section("proxytune: speculative proxy-tuning vs plain proxy-tuning and the base alone")
-        for line in self.lines():
-            terminalreporter.write_line(line)
-        if config.getoption("save_results", False) or os.environ.get("PROXYTUNE_BENCH_SAVE", "") not in ("", "0"):
-            terminalreporter.write_line(f"saved {self.save()}")
 
     def lines(self) -> list[str]:
         load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -107,33 +92,13 @@ class SpecTable:
         return out
 
     def save(self) -> Path:
-        now = datetime.datetime.now(datetime.timezone.utc)
-        slug = "".join(c if c.isalnum() else "-" for c in _device_name()).strip("-").lower()
-        path = Path(__file__).parent / "results" / f"{now:%Y%m%d-%H%M%S}_speculative_{slug}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        import transformers
-
-        import proxytune
-
-        meta = {
-            "date": now.isoformat(timespec="seconds"), "command": "python -m pytest benchmarks/test_speculative.py",
-            "device": _device_name(), "dtype": str(DTYPE), "torch": torch.__version__,
-            "transformers": transformers.__version__, "proxytune": proxytune.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, "cost_model": self.costs,
-        }  # fmt: skip
-        rows = [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in self.records]
-        path.write_text(json.dumps({"meta": meta, "records": rows, "table": self.lines()}, indent=1) + "\n")
-        return path
+        return save_results("speculative", "python -m pytest benchmarks/test_speculative.py", self.records,
+                            {"cost_model": self.costs}, table=self.lines())  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def table(pytestconfig) -> SpecTable:
-    plugin = pytestconfig.pluginmanager.get_plugin(SpecTable.name)
-    if plugin is None:
-        plugin = SpecTable()
-        pytestconfig.pluginmanager.register(plugin, SpecTable.name)
-    return plugin
+    return SpecTable.of(pytestconfig)
 
 
 _FAMILY: dict = {}

@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 from proxytune.engine.decode import ModelRunner, SamplerState, to_device
+from proxytune.engine.eager_decoder import EagerDecoder
 from proxytune.engine.loop import Chunk
 from proxytune.noise import stream_seed
 from proxytune.ops import combine, sample as proxy_sample
@@ -40,7 +41,7 @@ from proxytune.speculative import ACCEPT_STREAM, DRAFT_STREAM, RESIDUAL_STREAM, 
 __all__ = ["SpeculativeDecoder"]
 
 
-class SpeculativeDecoder:
+class SpeculativeDecoder(EagerDecoder):
     """Speculative rounds over prefilled :class:`~proxytune.engine.decode.ModelRunner` s (at least one pair).
 
     Parameters
@@ -61,31 +62,22 @@ class SpeculativeDecoder:
                  return_logprobs: bool):  # fmt: skip
         if len(runners) < 3:
             raise ValueError("speculative decoding needs an (expert, anti-expert) pair: the first expert drafts")
-        self.runners, self.state, self.tokens = list(runners), state, tokens
+        super().__init__(runners, state, tokens, vocab_size=vocab_size, backend=backend, return_logprobs=return_logprobs)
         self.n_pairs = state.weights.shape[0]
-        self.vocab_size, self.backend, self.return_logprobs = vocab_size, backend, return_logprobs
         self.k_max, self.adaptive = draft_tokens, adaptive
-        self.slots = tokens.shape[0]
         self.remaining = list(budgets)
         self.k = [draft_tokens] * self.slots
         self.rounds = self.drafted = self.accepted = 0  # totals over slots, for measurements
         self.stream_seeds = torch.stack([stream_seed(state.seed, c) for c in (DRAFT_STREAM, ACCEPT_STREAM, RESIDUAL_STREAM)])
         self.any_sampled = bool((state.temperature > 0).any())  # else no accept noise is needed
 
-    def should_move(self, live: int) -> bool:
-        return live < self.slots
-
     def move(self, live: list[int]) -> int:
-        idx = torch.tensor(live, dtype=torch.int64, device=self.tokens.device)
-        for runner in self.runners:
-            runner.select(idx)
-        self.state.select(idx)
-        self.tokens = self.tokens[idx]
-        self.stream_seeds = self.stream_seeds[:, idx.to(self.stream_seeds.device)]
+        super().move(live)  # runners, sampler state, last tokens
+        idx = torch.tensor(live, dtype=torch.int64, device=self.stream_seeds.device)
+        self.stream_seeds = self.stream_seeds[:, idx]
         self.any_sampled = bool((self.state.temperature > 0).any())
         self.remaining = [self.remaining[j] for j in live]
         self.k = [self.k[j] for j in live]
-        self.slots = len(live)
         return self.slots
 
     def launch(self) -> Optional[Chunk]:
