@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = [
-    "CXX_FLAGS", "NAMED_BUILDS", "openmp_flags", "sources", "headers", "cache_dir", "cached_library", "build",
-    "named_build", "load", "BuildError",
+    "CXX_FLAGS", "NAMED_BUILDS", "BuildError", "build", "cache_dir", "cached_library", "headers", "load",
+    "named_build", "openmp_flags", "sources",
 ]  # fmt: skip
 
 # -ffp-contract=off: round like the reference (no fused multiply-add); -fno-trapping-math lets the compiler

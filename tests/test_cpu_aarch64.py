@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "cpu_aarch64.sh"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_cpu_builds import RUN_CASES  # noqa: E402  (the same cases as the x86-64 builds)
+from test_cpu_builds import RUN_CASES  # the same cases as the x86-64 builds
 
 
 def _why_not() -> str | None:
@@ -39,20 +39,24 @@ def _why_not() -> str | None:
         return "this machine is aarch64: the default suite tests the native build"
     if shutil.which("bash") is None:
         return "no bash to run scripts/cpu_aarch64.sh"
-    missing = subprocess.run(["bash", str(SCRIPT), "missing-tools"], capture_output=True, text=True).stdout.strip()
+    missing = subprocess.run(["bash", str(SCRIPT), "missing-tools"], capture_output=True, text=True, check=False)
+    missing = missing.stdout.strip()
     if missing:
         return f"missing {missing}: `bash scripts/cpu_aarch64.sh tools` (apt-get) installs them"
-    if subprocess.run(["bash", str(SCRIPT), "prepared"]).returncode != 0:
+    if subprocess.run(["bash", str(SCRIPT), "prepared"], check=False).returncode != 0:
         return "no aarch64 Python and torch yet: `bash scripts/cpu_aarch64.sh prepare` downloads them once"
     if why_unavailable() is not None:
         return "the installed cpu backend is not built"
     return None
 
 
-@pytest.mark.skipif(_why_not() is not None, reason=str(_why_not()))
+_WHY_NOT = _why_not()
+
+
+@pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
 def test_aarch64_build_agrees_with_installed(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    built = subprocess.run(["bash", str(SCRIPT), "build"], capture_output=True, text=True, timeout=1200)
+    built = subprocess.run(["bash", str(SCRIPT), "build"], capture_output=True, text=True, timeout=1200, check=False)
     assert built.returncode == 0, built.stderr
     library = built.stdout.strip().splitlines()[-1]
     script = tmp_path / "cases.py"
@@ -63,7 +67,7 @@ def test_aarch64_build_agrees_with_installed(tmp_path):
                    timeout=900)  # fmt: skip
     ran = subprocess.run(
         ["bash", str(SCRIPT), "python", str(script), str(arm_out), library, str(Path(_cpu_build.__file__)), str(cases)],
-        capture_output=True, text=True, timeout=3600,
+        capture_output=True, text=True, timeout=3600, check=False,
     )  # fmt: skip
     assert ran.returncode == 0, ran.stderr[-4000:]
     arm, x86 = torch.load(arm_out), torch.load(x86_out)

@@ -143,7 +143,7 @@ def test_the_benchmark_times_a_chosen_build(name, build_cache):
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/test_sampler.py", "-q", "-p", "no:cacheprovider",
          "-k", "cpu-fp32-B1-V32000-p0.9-cpu"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"cpu backend: build {name} (-DPROXYTUNE_NO_CLONES -march={name})" in done.stdout

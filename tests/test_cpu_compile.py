@@ -23,14 +23,14 @@ def _args(B: int = 3, V: int = 5003, seed: int = 0):
     expert = (torch.randn(B, V + 7, generator=g) * 3).to(torch.bfloat16)
     anti = torch.randn(B, V, generator=g) * 3
     weights = torch.rand(1, B, generator=g) * 2 - 0.5
-    rows = dict(
-        temperature=torch.tensor([0.7, 1.0, 0.0][:B] + [1.0] * max(0, B - 3)),
-        top_k=torch.tensor([0, 40, 0][:B] + [0] * max(0, B - 3)),
-        top_p=torch.tensor([0.9, 1.0, 1.0][:B] + [0.9] * max(0, B - 3)),
-        min_p=torch.tensor([0.0, 0.0, 0.05][:B] + [0.0] * max(0, B - 3)),
-        seed=torch.randint(-(2**62), 2**62, (B,), generator=g),
-        step=torch.randint(0, 1000, (B,), generator=g),
-    )
+    rows = {
+        "temperature": torch.tensor([0.7, 1.0, 0.0][:B] + [1.0] * max(0, B - 3)),
+        "top_k": torch.tensor([0, 40, 0][:B] + [0] * max(0, B - 3)),
+        "top_p": torch.tensor([0.9, 1.0, 1.0][:B] + [0.9] * max(0, B - 3)),
+        "min_p": torch.tensor([0.0, 0.0, 0.05][:B] + [0.0] * max(0, B - 3)),
+        "seed": torch.randint(-(2**62), 2**62, (B,), generator=g),
+        "step": torch.randint(0, 1000, (B,), generator=g),
+    }
     return base, [expert], [anti], weights, rows, V
 
 
