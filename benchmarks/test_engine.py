@@ -119,10 +119,8 @@ class EngineTable(ResultsTable):
     title = "proxytune: engine tokens/s vs the naive loop and the base alone (same run)"
 
     def lines(self) -> list[str]:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         out = [
-            f"device {DEVICE} ({_device_name()}), dtype {str(DTYPE).replace('torch.', '')}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, load average {load:.1f} now; T={TEMPERATURE}, top-p={TOP_P}, alpha={ALPHA}",
+            environment_line(f"T={TEMPERATURE}, top-p={TOP_P}, alpha={ALPHA}"),
             "tok/s = B * new / median generation time (prefill included); x naive = tok/s / naive tok/s;",
             "not fwd = share of the wall time outside the models' forward calls (sampling, bookkeeping, syncs).",
             "",
@@ -147,6 +145,13 @@ class EngineTable(ResultsTable):
     def save(self) -> Path:
         extra = {"temperature": TEMPERATURE, "top_p": TOP_P, "alpha": ALPHA, "skipped": self.skipped}
         return save_results("engine", "python -m pytest benchmarks/test_engine.py", self.records, extra)
+
+
+def environment_line(settings: str) -> str:
+    """The first line of a benchmark table: device, dtype, torch, threads, the load now, then ``settings``."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return (f"device {DEVICE} ({_device_name()}), dtype {str(DTYPE).replace('torch.', '')}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} now; {settings}")  # fmt: skip
 
 
 def save_results(kind: str, command: str, records: list, extra: dict, **top) -> Path:

@@ -24,7 +24,6 @@ model line gives t(base forward of k+1 tokens) / t(base forward of 1 token) with
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.test_engine import DEVICE, DTYPE, ResultsTable, _device_name, _median, _prompts, _setup, save_results
+from benchmarks.test_engine import DEVICE, DTYPE, ResultsTable, _median, _prompts, _setup, environment_line, save_results
 
 KS = (2, 4, 8)
 NEW = {"tinyworld": 16, "mid": 16}
@@ -65,10 +64,8 @@ class SpecTable(ResultsTable):
         self.costs: dict = {}  # family -> {k: ratio}
 
     def lines(self) -> list[str]:
-        load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
         out = [
-            f"device {DEVICE} ({_device_name()}), dtype {str(DTYPE).replace('torch.', '')}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} now; greedy, weight 1",
+            environment_line("greedy, weight 1"),
             "tok/s = B * new / median generation time (prefill included); x plain = tok/s / plain proxy-tuning tok/s;",
             "acc/fwd = tokens per row per base forward after the prefill (adaptive k, at most the k shown).",
             "",

@@ -49,20 +49,25 @@ def _one_line(message: str) -> str:
 # argparse type= functions: a bad value raises ArgumentTypeError, which argparse reports as "argument --flag: ..."
 
 
-def _integer(lo: int, hi: Optional[int] = None) -> Callable[[str], int]:
-    rule = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+def _parsed(kind: str, convert: Callable[[str], object], rule: str, ok: Callable[[object], bool]) -> Callable[[str], object]:
+    """An argparse ``type=``: ``convert(text)`` that must satisfy ``ok``, else "must be RULE, got ..."."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text if kind == 'number' else value}")
         return value
 
-    parse.__name__ = "integer"
+    parse.__name__ = kind  # argparse names it in "invalid <kind> value" messages
     return parse
+
+
+def _integer(lo: int, hi: Optional[int] = None) -> Callable[[str], int]:
+    rule = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    return _parsed("integer", int, rule, lambda v: v >= lo and (hi is None or v <= hi))
 
 
 def _f32(x: float) -> float:
@@ -76,17 +81,10 @@ def _f32(x: float) -> float:
 def _real(rule: str, ok: Callable[[float], bool], rounded: bool = False) -> Callable[[str], float]:
     """A finite float within float32's range with ``ok(value)`` (``rounded``: also for its float32 rounding)."""
 
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
-        if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX and ok(value) and (not rounded or ok(_f32(value)))):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-        return value
+    def fits(v: float) -> bool:
+        return math.isfinite(v) and abs(v) <= FLOAT32_MAX and ok(v) and (not rounded or ok(_f32(v)))
 
-    parse.__name__ = "number"
-    return parse
+    return _parsed("number", float, rule, fits)
 
 
 def _text(text: str) -> str:
@@ -381,19 +379,82 @@ class _Output:
             self.tmp = None
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from proxytune import backends
-    from proxytune.engine import ModelSpec, ProxyTuner, SamplingParams
+def _add_model_flags(p, *, loading: bool = True) -> None:
+    """The models' flags of generate, score and vllm-config (``loading``: also devices, dtype, templates and
+    the backend, which only the commands that load the models take)."""
+    model = _nonempty("a directory or hub id")
+    p.add_argument("--base", required=True, type=model, help="the base model (directory or hub id)")
+    p.add_argument("--expert", action="append", type=model, help="a tuned small model; repeat for several pairs")
+    p.add_argument("--anti-expert", action="append", type=model, help="the expert's untuned counterpart; one per --expert")
+    p.add_argument("--alpha", type=_ALPHA, action="append",
+                   help="weight of (expert - anti-expert): one for all pairs or one per pair (default 1.0)")  # fmt: skip
+    p.add_argument("--tokenizer", default=None, type=model, help="the shared tokenizer (default: the base's)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow models' own Python code (off by default)")
+    if not loading:
+        return
+    p.add_argument("--expert-template", default=None, type=_text,
+                   help="how experts see the prompt: 'chat' (their tokenizer's chat template) or a text with {prompt}")  # fmt: skip
+    p.add_argument("--device", default=None, help="device of every model (default: cuda if available, else cpu)")
+    p.add_argument("--base-device", default=None, help="device of the base only")
+    p.add_argument("--expert-device", default=None, help="device of the experts and anti-experts")
+    p.add_argument("--dtype", default=None, type=_dtype,
+                   help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")  # fmt: skip
+    p.add_argument("--backend", default="auto", help="op backend (auto, reference, cpu, triton)")
 
+
+def _pairs(args: argparse.Namespace, *, required: bool = False) -> tuple[list[str], list[str], list[float]]:
+    """``(experts, anti_experts, one weight per pair)`` from the flags, checked before anything loads."""
     experts, antis = args.expert or [], args.anti_expert or []
+    if required and not experts:
+        raise CliError(f"{args.command} needs at least one --expert and --anti-expert pair")
     if len(experts) != len(antis):
         raise CliError(f"got {len(experts)} --expert but {len(antis)} --anti-expert; give them in pairs")
-    for flag, value in (("--alpha", args.alpha), ("--expert-template", args.expert_template)):
+    for flag, value in (("--alpha", args.alpha), ("--expert-template", getattr(args, "expert_template", None))):
         if value is not None and not experts:
             raise CliError(f"{flag} needs --expert and --anti-expert (it applies to the expert pairs)")
     alphas = args.alpha or [1.0]
     if len(alphas) not in (1, len(experts)):
         raise CliError(f"--alpha: give one for all pairs or one per pair ({len(experts)}), got {len(alphas)}")
+    return experts, antis, alphas * len(experts) if len(alphas) == 1 else alphas
+
+
+def _check_devices_and_backend(args: argparse.Namespace) -> None:
+    """The device flags and the backend, checked (cheaply) before the models load."""
+    import torch
+
+    from proxytune import backends
+
+    device = _check_device("--device", args.device)
+    base_device = _check_device("--base-device", args.base_device) or device
+    _check_device("--expert-device", args.expert_device)
+    try:
+        backends.resolve(args.backend, base_device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    except (ValueError, backends.BackendUnavailableError) as e:
+        raise CliError(f"--backend: {e}") from None
+
+
+def _load_tuner(args: argparse.Namespace, experts, antis, weights, progress: bool, **options):
+    """The ProxyTuner of the model flags (transformers' own progress bars off unless ``progress``)."""
+    from proxytune.engine import ModelSpec, ProxyTuner
+
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
+    small_device = args.expert_device or args.device
+    return ProxyTuner(
+        ModelSpec(args.base, device=args.base_device or args.device),
+        [ModelSpec(e, device=small_device, template=args.expert_template) for e in experts],
+        [ModelSpec(a, device=small_device) for a in antis],
+        weights=weights, tokenizer=args.tokenizer, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+        backend=args.backend, progress=progress, **options,
+    )  # fmt: skip
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from proxytune.engine import SamplingParams
+
+    experts, antis, weights = _pairs(args)
     jsonl = args.format == "jsonl"
     if args.logprobs and not jsonl:
         raise CliError("--logprobs needs --format jsonl")
@@ -406,32 +467,13 @@ def _generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, seed=args.seed, stop=tuple(args.stop or ()),
     ).checked(len(experts), "parameters")  # fmt: skip  (the flags' types checked these already)
-    device = _check_device("--device", args.device)
-    base_device = _check_device("--base-device", args.base_device) or device
-    _check_device("--expert-device", args.expert_device)
-    import torch
-
-    try:
-        backends.resolve(args.backend, base_device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    except (ValueError, backends.BackendUnavailableError) as e:
-        raise CliError(f"--backend: {e}") from None
+    _check_devices_and_backend(args)
     prompts = _read_prompts(args)
     progress = not args.quiet and sys.stderr.isatty()
     out = _Output(args.output)
     try:
-        if not progress:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
-        small_device = args.expert_device or args.device
-        tuner = ProxyTuner(
-            ModelSpec(args.base, device=args.base_device or args.device),
-            [ModelSpec(e, device=small_device, template=args.expert_template) for e in experts],
-            [ModelSpec(a, device=small_device) for a in antis],
-            weights=alphas * len(experts) if len(alphas) == 1 else alphas, tokenizer=args.tokenizer, dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code, backend=args.backend, progress=progress,
-            decode=args.decode, poll_every=args.poll_every, speculative_tokens=args.speculative_tokens,
-        )  # fmt: skip
+        tuner = _load_tuner(args, experts, antis, weights, progress, decode=args.decode, poll_every=args.poll_every,
+                            speculative_tokens=args.speculative_tokens)  # fmt: skip
         if progress and tuner.decode_reason:
             print(f"proxytune: decode={tuner.decode} ({tuner.decode_reason})", file=sys.stderr)
         _write(tuner, prompts, params, args, out.file)
@@ -524,45 +566,15 @@ def _read_pairs(source: str) -> tuple[list, list]:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from proxytune import backends
-    from proxytune.engine import ModelSpec, ProxyTuner
-
-    experts, antis = args.expert or [], args.anti_expert or []
-    if len(experts) != len(antis):
-        raise CliError(f"got {len(experts)} --expert but {len(antis)} --anti-expert; give them in pairs")
-    for flag, value in (("--alpha", args.alpha), ("--expert-template", args.expert_template)):
-        if value is not None and not experts:
-            raise CliError(f"{flag} needs --expert and --anti-expert (it applies to the expert pairs)")
-    alphas = args.alpha or [1.0]
-    if len(alphas) not in (1, len(experts)):
-        raise CliError(f"--alpha: give one for all pairs or one per pair ({len(experts)}), got {len(alphas)}")
-    device = _check_device("--device", args.device)
-    base_device = _check_device("--base-device", args.base_device) or device
-    _check_device("--expert-device", args.expert_device)
-    import torch
-
-    try:
-        backends.resolve(args.backend, base_device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    except (ValueError, backends.BackendUnavailableError) as e:
-        raise CliError(f"--backend: {e}") from None
+    experts, antis, weights = _pairs(args)
+    _check_devices_and_backend(args)
     if args.input is None and sys.stdin.isatty():
         raise CliError("--input: give a JSON-lines file of {\"prompt\": ..., \"continuation\": ...} (or - for stdin)")
     prompts, conts = _read_pairs(args.input or "-")
     progress = not args.quiet and sys.stderr.isatty()
     out = _Output(args.output)
     try:
-        if not progress:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        small_device = args.expert_device or args.device
-        tuner = ProxyTuner(
-            ModelSpec(args.base, device=args.base_device or args.device),
-            [ModelSpec(e, device=small_device, template=args.expert_template) for e in experts],
-            [ModelSpec(a, device=small_device) for a in antis],
-            weights=alphas * len(experts) if len(alphas) == 1 else alphas, tokenizer=args.tokenizer, dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code, backend=args.backend, progress=progress,
-        )  # fmt: skip
+        tuner = _load_tuner(args, experts, antis, weights, progress)
         scores = tuner.score(prompts, conts, batch_size=args.batch_size)
         for i, (p, c, sc) in enumerate(zip(prompts, conts, scores)):
             record = {"index": i, "prompt": p, "continuation": c, "logprob": sc.logprob, "is_greedy": sc.is_greedy,
@@ -583,24 +595,9 @@ def _add_score_parser(sub) -> None:
         "the sum and whether greedy decoding gives it. A text continuation is tokenised as lm-evaluation-harness "
         "does (see ProxyTuner.score).",
     )  # fmt: skip
-    model = _nonempty("a directory or hub id")
-    sc.add_argument("--base", required=True, type=model, help="the base model (directory or hub id)")
-    sc.add_argument("--expert", action="append", type=model, help="a tuned small model; repeat for several pairs")
-    sc.add_argument("--anti-expert", action="append", type=model, help="the expert's untuned counterpart; one per --expert")
-    sc.add_argument("--alpha", type=_ALPHA, action="append",
-                    help="weight of (expert - anti-expert): one for all pairs or one per pair (default 1.0)")  # fmt: skip
+    _add_model_flags(sc)
     sc.add_argument("--input", "-i", default=None, type=_nonempty("a file name or - for stdin"),
                     help='JSON lines {"prompt": ..., "continuation": ...}, strings or arrays of token ids; - for stdin')  # fmt: skip
-    sc.add_argument("--expert-template", default=None, type=_text,
-                    help="how experts see the prompt: 'chat' or a text with {prompt}")  # fmt: skip
-    sc.add_argument("--device", default=None, help="device of every model (default: cuda if available, else cpu)")
-    sc.add_argument("--base-device", default=None, help="device of the base only")
-    sc.add_argument("--expert-device", default=None, help="device of the experts and anti-experts")
-    sc.add_argument("--dtype", default=None, type=_dtype,
-                    help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")  # fmt: skip
-    sc.add_argument("--tokenizer", default=None, type=model, help="the shared tokenizer (default: the base's)")
-    sc.add_argument("--trust-remote-code", action="store_true", help="allow models' own Python code (off by default)")
-    sc.add_argument("--backend", default="auto", help="combine backend (auto, reference, cpu, triton)")
     sc.add_argument("--batch-size", type=_POSITIVE, default=None, help="pairs per forward (default: all)")
     sc.add_argument("--output", "-o", default=None, type=_nonempty("a file name"),
                     help="write here instead of stdout (replaced only when the run succeeds)")  # fmt: skip
@@ -620,13 +617,7 @@ def _add_generate_parser(sub) -> None:
         description="Generate text from base + alpha * (expert - anti_expert). Models are local directories or "
         "hub ids (from the local cache when offline); all must share one tokenizer.",
     )  # fmt: skip
-    model = _nonempty("a directory or hub id")
-    gen.add_argument("--base", required=True, type=model, help="the base model (directory or hub id)")
-    gen.add_argument("--expert", action="append", type=model, help="a tuned small model; repeat for several pairs")
-    gen.add_argument("--anti-expert", action="append", type=model,
-                     help="the expert's untuned counterpart; one per --expert")  # fmt: skip
-    gen.add_argument("--alpha", type=_ALPHA, action="append",
-                     help="weight of (expert - anti-expert): one for all pairs or one per pair (default 1.0)")  # fmt: skip
+    _add_model_flags(gen)
     gen.add_argument("--prompt", action="append", type=_text, help="a prompt; repeat for a batch")
     gen.add_argument("--prompt-file", type=_nonempty("a file name or - for stdin"),
                      help="prompts, one per line (or JSON lines with a \"prompt\" field if .jsonl); - for stdin")  # fmt: skip
@@ -638,16 +629,6 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--seed", type=_integer(-(2**63), 2**63 - 1), default=None,
                      help="noise seed of every prompt (default: a fresh one each)")  # fmt: skip
     gen.add_argument("--stop", action="append", type=_nonempty("a non-empty string"), help="a stop string; repeatable")
-    gen.add_argument("--expert-template", default=None, type=_text,
-                     help="how experts see the prompt: 'chat' (their tokenizer's chat template) or a text with {prompt}")  # fmt: skip
-    gen.add_argument("--device", default=None, help="device of every model (default: cuda if available, else cpu)")
-    gen.add_argument("--base-device", default=None, help="device of the base only")
-    gen.add_argument("--expert-device", default=None, help="device of the experts and anti-experts")
-    gen.add_argument("--dtype", default=None, type=_dtype,
-                     help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")  # fmt: skip
-    gen.add_argument("--tokenizer", default=None, type=model, help="the shared tokenizer (default: the base's)")
-    gen.add_argument("--trust-remote-code", action="store_true", help="allow models' own Python code (off by default)")
-    gen.add_argument("--backend", default="auto", help="sampler backend (auto, reference, cpu, triton)")
     gen.add_argument("--batch-size", type=_POSITIVE, default=None, help="prompts per batch (default: all)")
     gen.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",
                      help="decode step: eager, static (static caches and buffers) or graph (CUDA graphs, not yet "
@@ -668,18 +649,11 @@ def _add_generate_parser(sub) -> None:
 
 def _vllm_config(args: argparse.Namespace) -> int:
     """Write the proxy-tuned model directory that vLLM serves (proxytune.integrations.vllm.config)."""
-    experts, antis = args.expert or [], args.anti_expert or []
-    if not experts:
-        raise CliError("vllm-config needs at least one --expert and --anti-expert pair")
-    if len(experts) != len(antis):
-        raise CliError(f"got {len(experts)} --expert but {len(antis)} --anti-expert; give them in pairs")
-    alphas = args.alpha or [1.0]
-    if len(alphas) not in (1, len(experts)):
-        raise CliError(f"--alpha: give one for all pairs or one per pair ({len(experts)}), got {len(alphas)}")
+    experts, antis, weights = _pairs(args, required=True)
     from proxytune.integrations.vllm.config import write_model_dir
 
     block = write_model_dir(  # its errors (VllmConfigError, vocabulary, loading) are ValueErrors: one line each
-        args.output, args.base, experts, antis, alphas * len(experts) if len(alphas) == 1 else alphas,
+        args.output, args.base, experts, antis, weights,
         tokenizer=args.tokenizer, trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     pairs = ", ".join(f"{p['weight']:g} x ({p['expert']} - {p['anti_expert']})" for p in block["pairs"])
@@ -694,14 +668,7 @@ def _add_vllm_config_parser(sub) -> None:
         "can unify) and write DIR: a config.json naming them and the weights, the shared tokenizer and a small "
         "weights file. vllm.LLM(model=DIR) and vLLM's OpenAI server load it through the proxytune plugin.",
     )  # fmt: skip
-    model = _nonempty("a directory or hub id")
-    vc.add_argument("--base", required=True, type=model, help="the base model (directory or hub id)")
-    vc.add_argument("--expert", action="append", type=model, help="a tuned small model; repeat for several pairs")
-    vc.add_argument("--anti-expert", action="append", type=model, help="the expert's untuned counterpart; one per --expert")
-    vc.add_argument("--alpha", type=_ALPHA, action="append",
-                    help="weight of (expert - anti-expert): one for all pairs or one per pair (default 1.0)")  # fmt: skip
-    vc.add_argument("--tokenizer", default=None, type=model, help="the shared tokenizer (default: the base's)")
-    vc.add_argument("--trust-remote-code", action="store_true", help="allow models' own Python code (off by default)")
+    _add_model_flags(vc, loading=False)
     vc.add_argument("--output", "-o", required=True, type=_nonempty("a directory"),
                     help="the directory to write (new, empty, or one this command wrote before)")  # fmt: skip
     vc.set_defaults(run=_vllm_config)
@@ -712,8 +679,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="proxytune", description="Fast decoding-time proxy-tuning.")
     parser.add_argument("--version", action="version", version=f"proxytune {__version__}")
-    # the metavar leaves out score (listed in the help below): tests/test_cli_errors.py pins this text
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,eval,generate}")
+    sub = parser.add_subparsers(dest="command", required=True)
     family = _nonempty("a directory")
     demo = sub.add_parser("demo", help="proxy-tuning a shipped tiny model family: answers side by side, accuracy table")
     demo.add_argument("--models", default=None, type=family, help="the family's directory (default: the shipped one)")
@@ -731,6 +697,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_generate_parser(sub)
     _add_score_parser(sub)
     _add_vllm_config_parser(sub)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"  # the commands by name when one is missing
     return parser
 
 

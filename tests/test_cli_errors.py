@@ -121,7 +121,7 @@ def run_ok(capsys, argv):
         (["demo", "--examples", "2.5"], "--examples must be an integer"),
         (["eval", "--limit", "x"], "--limit must be an integer"),
         (["frobnicate"], "invalid choice"),
-        ([], "required: {demo,eval,generate}"),
+        ([], "required: {demo,eval,generate,score,vllm-config}"),
         (["generate", "--prompt", "x"], "--base"),
         (gen("--decode", "fast"), "--decode: invalid choice"),
         (gen("--format", "csv"), "--format: invalid choice"),
