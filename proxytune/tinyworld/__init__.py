@@ -1,7 +1,9 @@
 """A tiny synthetic world and a shipped family of four Llama-architecture models trained on it.
 
-``world``: the deterministic data generator; ``tokenizer`` and ``training``: how the family is made;
-``train``: the training entry point; ``evaluation``: held-out exact match and the gap closed by proxy-tuning.
+What the demo and the evaluation use at run time: ``world`` (the deterministic data generator) and
+``evaluation`` (held-out exact match and the gap closed by proxy-tuning). Tooling, never imported at run
+time: ``train`` (the entry point, ``python -m proxytune.tinyworld.train``: the command the shipped models
+record, so it stays installable with them), ``training`` and ``tokenizer`` (how the family is made).
 The family lives in ``models/``: small and large bases pretrained on the same prose, and each fine-tuned on
 the instruction data (the large tuned one is only the reference for the gap).
 """

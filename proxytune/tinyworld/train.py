@@ -1,4 +1,4 @@
-"""Train the tiny family: ``python -m proxytune.tinyworld.train`` (or ``scripts/train_tiny_family.py``).
+"""Train the tiny family: ``python -m proxytune.tinyworld.train`` (the command the shipped models record).
 
 One tokenizer, then for each size (small, large): pretrain a base on the world's prose, save it, fine-tune a
 copy on the instruction data (tuning entities only) and save that. Both sizes see the same token stream and
