@@ -53,8 +53,16 @@ def compile_report(
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    from triton.runtime.jit import JITFunction
+
+    from . import sample_kernel
     from .launch import Scratch, kernel_arguments, launch_settings
-    from .sample_kernel import proxy_sample_kernel as kernel
+
+    kernel = sample_kernel.proxy_sample_kernel
+    if not isinstance(kernel, JITFunction):
+        # triton's interpreter was on when the kernels were imported here (TRITON_INTERPRET=1): they are numpy
+        # functions, and the interpreter patches triton.language for good. Compile in a fresh process.
+        return _compile_in_subprocess(arch, dtype, batch, vocab, pairs, num_warps, sms, filters, write_logprobs, ptx_out)
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -101,6 +109,29 @@ def compile_report(
     return report
 
 
+def _compile_in_subprocess(arch, dtype, batch, vocab, pairs, num_warps, sms, filters, write_logprobs, ptx_out) -> dict:
+    import os
+    import subprocess
+
+    argv = [sys.executable, "-m", "proxytune.kernels.aot", "--arch", str(arch), "--dtype", dtype, "--batch", str(batch),
+            "--vocab", str(vocab), "--pairs", str(pairs), "--filters", ",".join(str(int(f)) for f in filters), "--json"]  # fmt: skip
+    argv += ["--num-warps", str(num_warps)] if num_warps else []
+    argv += ["--sms", str(sms)] if sms else []
+    argv += [] if write_logprobs else ["--no-logprobs"]
+    argv += ["--ptx-out", ptx_out] if ptx_out else []
+    out = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="0"))
+    if out.returncode:
+        raise RuntimeError(f"AOT compilation failed ({' '.join(argv[1:])}):\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _filter_flags(text: str) -> tuple[bool, bool, bool]:
+    parts = text.split(",")
+    if len(parts) != 3 or any(p not in ("0", "1") for p in parts):
+        raise argparse.ArgumentTypeError(f"must be three 0/1 flags (top-k, top-p, min-p), e.g. 1,1,0; got {text!r}")
+    return tuple(p == "1" for p in parts)
+
+
 def _parse_ptxas(log: str, compiled, seconds: float) -> dict:
     used, frame = _PTXAS_USED.findall(log), _PTXAS_FRAME.findall(log)
     if len(used) != 1 or len(frame) != 1:  # one kernel, one function: anything else is a format change
@@ -122,7 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=1, help="(expert, anti-expert) pairs (default 1)")
     p.add_argument("--num-warps", type=int, default=None, help="override the launcher's warps per program")
     p.add_argument("--sms", type=int, default=None, help="SM count (default: the usual part of the target)")
+    p.add_argument("--filters", type=_filter_flags, default=(True, True, True),
+                   help="HAS_TOPK,HAS_TOPP,HAS_MINP as three 0/1 flags (default 1,1,1)")  # fmt: skip
     p.add_argument("--no-filters", action="store_true", help="compile with top-k, top-p and min-p compiled out")
+    p.add_argument("--no-logprobs", action="store_true", help="compile without the log-probability store")
     p.add_argument("--ptx-out", default=None, help="write the PTX here (one configuration only)")
     p.add_argument("--json", action="store_true", help="one JSON object per line (default: a table)")
     return p
@@ -141,14 +175,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"{name} values must be positive")
     if a.pairs < 0:
         parser.error("--pairs must be >= 0")
-    filters = (False, False, False) if a.no_filters else (True, True, True)
+    filters = (False, False, False) if a.no_filters else a.filters
     columns = ["arch", "dtype", "batch", "vocab", "num_warps", "registers", "spill_bytes", "stack_bytes",
                "shared_bytes", "compile_s"]  # fmt: skip
     if not a.json:
         print(" ".join(f"{c:>12}" for c in columns))
     for arch, dt, b, v in configs:
         r = compile_report(arch, dt, b, v, pairs=a.pairs, num_warps=a.num_warps, sms=a.sms, filters=filters,
-                           ptx_out=a.ptx_out)  # fmt: skip
+                           write_logprobs=not a.no_logprobs, ptx_out=a.ptx_out)  # fmt: skip
         print(json.dumps(r) if a.json else " ".join(f"{str(r[c]):>12}" for c in columns), flush=True)
     return 0
 

@@ -70,21 +70,22 @@ def get(name: str) -> Backend:
     return _REGISTRY[name]
 
 
-_resolved: dict[tuple[str, torch.device], tuple[Backend, int, tuple[str, ...]]] = {}
+_resolved: dict[tuple[str, torch.device], tuple[Backend, tuple[int, ...], tuple[str, ...]]] = {}
 
 
 def resolve(name: str, device: torch.device) -> Backend:
     """The backend to run for ``name`` (a registered name or ``"auto"``) on ``device``.
 
     Remembered per ``(name, device)``: the op calls this on every step. A remembered answer stands while
-    its backend is still the registered one under its name, the registry has not grown and the backend
-    serves the same device types; failures are not remembered.
+    the registry holds the same backends (by identity: registering or replacing one, also by assignment,
+    invalidates it) and the chosen one serves the same device types; failures are not remembered.
     """
     hit = _resolved.get((name, device))
-    if hit is not None and _REGISTRY.get(hit[0].name) is hit[0] and hit[1] == len(_REGISTRY) and hit[2] == hit[0].types():
+    registered = tuple(map(id, _REGISTRY.values()))
+    if hit is not None and hit[1] == registered and hit[2] == hit[0].types():
         return hit[0]
     backend = _resolve(name, device)
-    _resolved[name, device] = (backend, len(_REGISTRY), backend.types())
+    _resolved[name, device] = (backend, registered, backend.types())
     return backend
 
 
