@@ -72,19 +72,16 @@ class StaticRun:
 
 class GraphRun(StaticRun):
     """:class:`StaticRun` with each step replayed from its CUDA graph (``graph_step.DecodeGraphs``); when the
-    caches grow, the graphs are captured anew and handed to ``keep`` (the tuner keeps a shared decoder's)."""
+    caches grow, ``new_graphs(decoder)`` captures them anew (the tuner's, which also keeps a shared decoder's)."""
 
-    def __init__(self, decoder: StaticDecoder, graphs, *, keep: Callable[[object], None], **kwargs):
+    def __init__(self, decoder: StaticDecoder, graphs, *, new_graphs: Callable[[StaticDecoder], object], **kwargs):
         super().__init__(decoder, **kwargs)
-        self.graphs, self.keep = graphs, keep
+        self.graphs, self.new_graphs = graphs, new_graphs
 
     def _step(self) -> None:
         self.graphs.replay(self.slots, self.return_logprobs)
 
     def _grow(self, max_len: int) -> None:
-        from proxytune.engine.graph_step import DecodeGraphs
-
         torch.cuda.current_stream(self.decoder.device).synchronize()  # no replay in flight when they go
         super()._grow(max_len)
-        self.graphs = DecodeGraphs(self.decoder, variant=self.graphs.variant)
-        self.keep(self.graphs)
+        self.graphs = self.new_graphs(self.decoder)

@@ -477,11 +477,15 @@ class ProxyTuner:
             self._decoder, self._graphs = dec, graphs
         return dec, graphs
 
-    def _new_graphs(self, dec):
-        """Empty CUDA graphs over ``dec`` (each bucket is captured on its first replay)."""
+    def _new_graphs(self, dec, keep: bool = False):
+        """Empty CUDA graphs over ``dec`` (each bucket is captured on its first replay); ``keep``: as the
+        tuner's, for its shared decoder."""
         from proxytune.engine.graph_step import DecodeGraphs
 
-        return DecodeGraphs(dec, variant=self.graph_variant)
+        graphs = DecodeGraphs(dec, variant=self.graph_variant)
+        if keep:
+            self._graphs = graphs
+        return graphs
 
     def _decode_static(self, rows: list[Row], runners: list[ModelRunner], state: SamplerState, tokens: torch.Tensor,
                        finished: set[int], return_logprobs: bool):  # fmt: skip
@@ -506,12 +510,8 @@ class ProxyTuner:
             if graphs is None:
                 run = StaticRun(dec, **kw)
             else:
-                run = GraphRun(dec, graphs, keep=self._keep_graphs if shared else (lambda g: None), **kw)
+                run = GraphRun(dec, graphs, new_graphs=lambda d: self._new_graphs(d, keep=shared), **kw)
             yield from decode(run, rows, self.eos_token_ids, finished)
         finally:  # also when the caller stops iterating (the generator is closed)
             if shared:
                 self._decoder_in_use = False
-
-    def _keep_graphs(self, graphs) -> None:
-        self._graphs = graphs
-
