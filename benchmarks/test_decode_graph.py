@@ -76,7 +76,7 @@ def _llama(role: str, seed: int):
 
 def _trio():
     if not _MODELS:
-        from benchmarks.test_engine import _tokenizer
+        from test_engine import _tokenizer
 
         _MODELS["trio"] = tuple(_llama(role, seed) for role, seed in (("base", 0), ("small", 1), ("small", 2)))
         _MODELS["tok"] = _tokenizer(VOCAB)
@@ -124,7 +124,7 @@ def _timed(fn) -> float:
 @pytest.mark.parametrize("batch", BATCHES, ids=[f"B{b}" for b in BATCHES])
 def test_decode_graph_tokens_per_second(batch):
     _cuda_or_skip()
-    from benchmarks.test_engine import naive_generate
+    from test_engine import naive_generate
     from proxytune import ProxyTuner
 
     (base, expert, anti), tok = _trio()

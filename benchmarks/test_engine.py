@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.naive import naive_sample
+from naive import naive_sample
 from proxytune.engine.decode import cache_argument
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import proxytune
-from benchmarks.conftest import Record
-from benchmarks.naive import naive_sample
+from conftest import Record
+from naive import naive_sample
 from proxytune import backends
 from proxytune.testing import proxy_inputs
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.test_engine import DEVICE, DTYPE, ResultsTable, _median, _prompts, _setup, environment_line, save_results
+from test_engine import DEVICE, DTYPE, ResultsTable, _median, _prompts, _setup, environment_line, save_results
 
 KS = (2, 4, 8)
 NEW = {"tinyworld": 16, "mid": 16}

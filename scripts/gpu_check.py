@@ -98,10 +98,10 @@ def sampler_bench() -> list[str]:
     import torch
     import triton.testing
 
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # its modules import each other by name, as under pytest
     import proxytune
-    from benchmarks.conftest import measure_copy_bandwidth
-    from benchmarks.naive import naive_sample
+    from conftest import measure_copy_bandwidth
+    from naive import naive_sample
     from proxytune.testing import proxy_inputs
 
     device = torch.device("cuda")

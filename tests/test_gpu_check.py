@@ -9,6 +9,7 @@ import datetime
 import importlib.util
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ def _module():
 
 
 def _run(*args, env=None):
+    """The script under this test's interpreter (``PYTHON``): a venv need not be first on ``PATH``."""
+    env = dict(os.environ if env is None else env, PYTHON=sys.executable)
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=120, env=env)
 
 

@@ -1,1 +1,0 @@
-"""The benchmark suite (``pytest benchmarks``) and the naive baseline pipeline (:mod:`benchmarks.naive`)."""
