@@ -196,7 +196,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    """Held-out exact match of the five systems; ``--save DIR`` writes tinyworld_eval.{json,txt,png} there."""
+    """Held-out exact match of the five systems; ``--save DIR`` writes tinyworld_eval.{json,txt,png} there.
+    With ``--alpha``: the proxy at each weight, the weight chosen on validation (``tinyworld.dial``)."""
     import shlex
 
     import torch
@@ -207,9 +208,14 @@ def _eval(args: argparse.Namespace) -> int:
     if args.save is not None:
         _check_save_dir(args.save)
     torch.set_num_threads(args.threads) if args.threads else None
+    if args.alpha is not None:
+        from proxytune.tinyworld.dial import main as dial_main
+
+        argv = args.argv if args.argv is not None else sys.argv[1:]
+        return dial_main(models, args, "proxytune " + " ".join(shlex.quote(a) for a in argv))
     tuners = build_tuners(models)
-    result = evaluate(models, limit=args.limit, tuners=tuners, batch_size=args.batch_size)
-    print(format_table(result.accuracy, len(result.questions), result.gap_closed, result.format_rate))
+    result = evaluate(models, limit=args.limit, tuners=tuners, batch_size=args.batch_size, split=args.split, progress=None)
+    print(format_table(result.accuracy, len(result.questions), result.gap_closed, result.format_rate, result.intervals()))
     if args.save is not None:
         argv = args.argv if args.argv is not None else sys.argv[1:]
         for path in save_results(result, args.save, "proxytune " + " ".join(shlex.quote(a) for a in argv)):
@@ -693,6 +699,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=_integer(1, 1024), default=None, help="torch CPU threads (default: torch's)")
     ev.add_argument("--save", default=None, metavar="DIR", type=family,
                     help="write tinyworld_eval.{json,txt,png} into DIR (checked before evaluating)")  # fmt: skip
+    from proxytune.tinyworld.dial import SPLITS, parse_weights
+
+    ev.add_argument("--alpha", default=None, metavar="A[,A...]", type=_parsed("list", parse_weights, "one or "
+                    "more distinct finite numbers separated by commas", bool), help="the proxy's weights: each is reported, one is "
+                    "chosen on the validation half; --save writes tinyworld_dial.{json,txt,png} and _tokens.png")  # fmt: skip
+    ev.add_argument("--split", default="all", choices=SPLITS,
+                    help="held-out questions: the validation half, the test half, or all (default)")  # fmt: skip
     ev.set_defaults(run=_eval)
     _add_generate_parser(sub)
     _add_score_parser(sub)

@@ -92,6 +92,19 @@ class EvalResult:
     def gap_closed(self) -> Optional[float]:
         return gap_closed(self.accuracy) if "proxy-tuned large" in self.outputs else None
 
+    def intervals(self) -> dict:
+        """95% intervals (``tinyworld.stats``: bootstrap over the questions): ``label -> {"exact_match": (lo, hi),
+        "in_format": (lo, hi)}`` and ``"gap closed" -> (lo, hi)`` (when it is defined), from the same resamples."""
+        from proxytune.tinyworld.stats import bootstrap, gap_samples, interval
+
+        samples = bootstrap({(k, label): f(label) for label in self.outputs
+                             for k, f in (("exact_match", self.correct), ("in_format", self.well_formed))})  # fmt: skip
+        out = {label: {k: interval(samples[(k, label)]) for k in ("exact_match", "in_format")} for label in self.outputs}
+        if self.gap_closed is not None:
+            em = {label: samples[("exact_match", label)] for label in self.outputs}
+            out["gap closed"] = interval(gap_samples(em["proxy-tuned large"], em["large base"], em["large tuned"]))
+        return out
+
 
 def world_of(models_dir=None):
     """The world the family was trained on (its parameters are in every model's ``training_info.json``)."""
@@ -101,15 +114,26 @@ def world_of(models_dir=None):
 
 
 def evaluate(models_dir=None, limit: Optional[int] = None, tuners: Optional[dict] = None,
-             batch_size: int = 256) -> EvalResult:  # fmt: skip
-    """Answer the first ``limit`` held-out questions (all by default) with every system."""
-    questions = world_of(models_dir).eval_questions()[:limit]
+             batch_size: int = 256, split: str = "all", progress: Optional[bool] = False) -> EvalResult:  # fmt: skip
+    """Answer the first ``limit`` held-out questions of ``split`` (``tinyworld.dial``'s halves; all by default)
+    with every system. ``progress``: a bar over every answer on stderr (None: when stderr is a terminal)."""
+    from proxytune.tinyworld.dial import progress_bar, split_questions
+
+    world = world_of(models_dir)
+    questions = split_questions(world, world.eval_questions(), split)[:limit]
     tuners = tuners if tuners is not None else build_tuners(models_dir)
     outputs, seconds = {}, {}
-    for label, tuner in tuners.items():
-        t0 = time.time()
-        outputs[label] = answer(tuner, [q.prompt for q in questions], batch_size)
-        seconds[label] = round(time.time() - t0, 2)
+    bar = progress_bar(len(questions) * len(tuners), progress)
+    try:
+        for label, tuner in tuners.items():
+            t0 = time.time()
+            outputs[label] = []
+            for s in range(0, len(questions), batch_size):
+                outputs[label] += answer(tuner, [q.prompt for q in questions[s:s + batch_size]], batch_size)
+                bar.update(len(questions[s:s + batch_size]))
+            seconds[label] = round(time.time() - t0, 2)
+    finally:
+        bar.close()
     return EvalResult(questions, outputs, seconds)
 
 
@@ -138,14 +162,26 @@ def choice_accuracy(model, tokenizer, questions: Sequence[QA]) -> float:
     return right / max(1, len(questions))
 
 
-def format_table(acc: dict, n: int, gap: Optional[float], well_formed: Optional[dict] = None) -> str:
-    """The accuracy table; with ``well_formed`` also the share of answers in the strict format."""
-    head = f"{'system':<20} {'exact match':>12}"
+def format_table(acc: dict, n: int, gap: Optional[float], well_formed: Optional[dict] = None,
+                 intervals: Optional[dict] = None) -> str:  # fmt: skip
+    """The accuracy table; with ``well_formed`` also the share of answers in the strict format; with
+    ``intervals`` (:meth:`EvalResult.intervals`) each figure's 95% interval after it."""
+
+    def ci(label, key):
+        c = intervals.get(label, {}).get(key) if intervals else None
+        return f" [{100 * c[0]:5.1f}, {100 * c[1]:5.1f}]" if c else ""
+
+    head = f"{'system':<20} {'exact match':>12}" + (" " * 15 if intervals else "")
     lines = [head + (f" {'in format':>10}" if well_formed else "") + f"   (held-out questions: {n})"]
     for label, a in acc.items():
-        lines.append(f"{label:<20} {100 * a:11.1f}%" + (f" {100 * well_formed[label]:9.1f}%" if well_formed else ""))
+        lines.append(f"{label:<20} {100 * a:11.1f}%{ci(label, 'exact_match')}"
+                     + (f" {100 * well_formed[label]:9.1f}%{ci(label, 'in_format')}" if well_formed else ""))  # fmt: skip
     if gap is not None:
-        lines.append(f"gap closed by proxy-tuning: (proxy - large base) / (large tuned - large base) = {100 * gap:.1f}%")
+        c = intervals.get("gap closed") if intervals else None
+        lines.append(f"gap closed by proxy-tuning: (proxy - large base) / (large tuned - large base) = {100 * gap:.1f}%"
+                     + (f" [{100 * c[0]:.1f}, {100 * c[1]:.1f}]" if c else ""))  # fmt: skip
+    if intervals:
+        lines.append("[95% intervals: bootstrap over questions, 10,000 resamples, seed 0]")
     return "\n".join(lines)
 
 
@@ -157,10 +193,12 @@ def save_results(result: EvalResult, directory, command: str, prefix: str = "tin
 
     os.makedirs(directory, exist_ok=True)
     acc = result.accuracy
-    table = format_table(acc, len(result.questions), result.gap_closed, result.format_rate)
+    intervals = result.intervals()
+    table = format_table(acc, len(result.questions), result.gap_closed, result.format_rate, intervals)
     base = os.path.join(directory, prefix)
     record = {
         "command": command, "accuracy": acc, "in_format": result.format_rate, "gap_closed": result.gap_closed,
+        "intervals_95": intervals,
         "n_questions": len(result.questions),
         "seconds": result.seconds, "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                                "cpu": platform.processor() or platform.machine()},
