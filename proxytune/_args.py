@@ -14,6 +14,8 @@ from typing import NamedTuple, Union
 
 import torch
 
+from proxytune._rules import MAX_WEIGHT, check_weight
+
 __all__ = ["SampleArgs", "Scalar", "PerRow", "normalize", "check_filter_scalars", "fresh_seed"]
 
 Scalar = Union[int, float]
@@ -194,7 +196,7 @@ def check_filter_scalars(temperature, top_k, top_p, min_p, weights):
     temperature or top_p below the smallest fp32 becomes that smallest fp32 (top_p: every p <= 1/V keeps the
     same set; temperature: still a draw, not greedy), a top_k past :data:`TOP_K_MAX` becomes it (the same
     keep-everything filter). Numbers that cannot be fp32 parameters (above 3.4e38) raise ``ValueError``, as do
-    out-of-range values.
+    out-of-range values; weights follow :func:`proxytune._rules.check_weight` (``|w| <= 1e6``).
     """
 
     def bad(name, rule, value):
@@ -216,8 +218,8 @@ def check_filter_scalars(temperature, top_k, top_p, min_p, weights):
     if _real(min_p) and not 0 <= min_p < 1:
         raise bad("min_p", "in [0, 1) (0 = off)", min_p)
     for w in weights if isinstance(weights, (list, tuple)) else (weights,):
-        if _real(w) and not abs(w) <= FP32_MAX:
-            raise bad("weights", "finite, at most 3.4e38 in magnitude (float32)", w)
+        if not isinstance(w, torch.Tensor):  # the one weight rule (proxytune._rules), as every entry point has it
+            check_weight(w)
     return temperature, top_k, top_p, min_p, weights
 
 
@@ -229,7 +231,7 @@ def _check_tensor_values(args: SampleArgs, params: bool = True) -> None:
         ("top_k", args.top_k < 0, ">= 0"),
         ("top_p", ~((args.top_p > 0) & (args.top_p <= 1)), "in (0, 1]"),
         ("min_p", ~((args.min_p >= 0) & (args.min_p < 1)), "in [0, 1)"),
-        ("weights", ~torch.isfinite(args.weights).all(dim=0), "finite"),
+        ("weights", ~(args.weights.abs() <= MAX_WEIGHT).all(dim=0), "finite and |w| <= 1e6"),
     ]
     for name, bad, rule in checks:
         if bool(bad.any()):

@@ -32,6 +32,12 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
 
+    def _parse_optional(self, arg_string):
+        # a negative number is a value even where a short flag is its prefix (score's -i: "-inf" is not "-i nf")
+        if self._negative_number_matcher.match(arg_string):
+            return None
+        return super()._parse_optional(arg_string)
+
     def error(self, message: str):
         m = re.fullmatch(r"argument ([^:]+): (.*)", message, re.S)
         if m:  # "argument --top-p: must be ..." -> "--top-p must be ..."; "argument --output/-o: x" -> "--output: x"
@@ -385,16 +391,26 @@ class _Output:
             self.tmp = None
 
 
+class _Once(argparse.Action):
+    """A single-valued flag that may be given once: a repeat is an error, never a silent replacement (two
+    --prompt-file flags would otherwise drop the first file's prompts)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            raise argparse.ArgumentError(self, f"given twice ({getattr(namespace, self.dest)!r}, then {values!r}); give it once")
+        setattr(namespace, self.dest, values)
+
+
 def _add_model_flags(p, *, loading: bool = True) -> None:
     """The models' flags of generate, score and vllm-config (``loading``: also devices, dtype, templates and
     the backend, which only the commands that load the models take)."""
     model = _nonempty("a directory or hub id")
-    p.add_argument("--base", required=True, type=model, help="the base model (directory or hub id)")
+    p.add_argument("--base", required=True, type=model, action=_Once, help="the base model (directory or hub id)")
     p.add_argument("--expert", action="append", type=model, help="a tuned small model; repeat for several pairs")
     p.add_argument("--anti-expert", action="append", type=model, help="the expert's untuned counterpart; one per --expert")
     p.add_argument("--alpha", type=_ALPHA, action="append",
                    help="weight of (expert - anti-expert): one for all pairs or one per pair (default 1.0)")  # fmt: skip
-    p.add_argument("--tokenizer", default=None, type=model, help="the shared tokenizer (default: the base's)")
+    p.add_argument("--tokenizer", default=None, type=model, action=_Once, help="the shared tokenizer (default: the base's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models' own Python code (off by default)")
     if not loading:
         return
@@ -602,10 +618,10 @@ def _add_score_parser(sub) -> None:
         "does (see ProxyTuner.score).",
     )  # fmt: skip
     _add_model_flags(sc)
-    sc.add_argument("--input", "-i", default=None, type=_nonempty("a file name or - for stdin"),
+    sc.add_argument("--input", "-i", default=None, type=_nonempty("a file name or - for stdin"), action=_Once,
                     help='JSON lines {"prompt": ..., "continuation": ...}, strings or arrays of token ids; - for stdin')  # fmt: skip
     sc.add_argument("--batch-size", type=_POSITIVE, default=None, help="pairs per forward (default: all)")
-    sc.add_argument("--output", "-o", default=None, type=_nonempty("a file name"),
+    sc.add_argument("--output", "-o", default=None, type=_nonempty("a file name"), action=_Once,
                     help="write here instead of stdout (replaced only when the run succeeds)")  # fmt: skip
     sc.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     sc.set_defaults(run=_score)
@@ -614,7 +630,17 @@ def _add_score_parser(sub) -> None:
 _TEMPERATURE = _real("finite, >= 0 and at most 3.4e38 (float32; 0 = greedy)", lambda t: t >= 0)
 _TOP_P = _real("in (0, 1]", lambda p: 0 < p <= 1)
 _MIN_P = _real("in [0, 1), also when rounded to float32", lambda p: 0 <= p < 1, rounded=True)
-_ALPHA = _real("finite and at most 3.4e38 in size (float32)", lambda a: True)
+def _weight_ok(a: float) -> bool:
+    from proxytune._rules import check_weight
+
+    try:
+        check_weight(a)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+_ALPHA = _parsed("number", float, "a finite number with |w| <= 1e6", _weight_ok)  # the one weight rule (_rules)
 
 
 def _add_generate_parser(sub) -> None:
@@ -625,7 +651,7 @@ def _add_generate_parser(sub) -> None:
     )  # fmt: skip
     _add_model_flags(gen)
     gen.add_argument("--prompt", action="append", type=_text, help="a prompt; repeat for a batch")
-    gen.add_argument("--prompt-file", type=_nonempty("a file name or - for stdin"),
+    gen.add_argument("--prompt-file", type=_nonempty("a file name or - for stdin"), action=_Once,
                      help="prompts, one per line (or JSON lines with a \"prompt\" field if .jsonl); - for stdin")  # fmt: skip
     gen.add_argument("--max-new-tokens", type=_COUNT, default=64)
     gen.add_argument("--temperature", type=_TEMPERATURE, default=1.0, help="0 = greedy (default 1.0)")
@@ -647,7 +673,7 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--format", choices=["text", "jsonl"], default="text")
     gen.add_argument("--logprobs", action="store_true", help="with --format jsonl: each token's log-probability")
     gen.add_argument("--stream", action="store_true", help="write tokens as they are generated")
-    gen.add_argument("--output", "-o", default=None, type=_nonempty("a file name"),
+    gen.add_argument("--output", "-o", default=None, type=_nonempty("a file name"), action=_Once,
                      help="write here instead of stdout (replaced only when the run succeeds)")  # fmt: skip
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     gen.set_defaults(run=_generate)
@@ -675,7 +701,7 @@ def _add_vllm_config_parser(sub) -> None:
         "weights file. vllm.LLM(model=DIR) and vLLM's OpenAI server load it through the proxytune plugin.",
     )  # fmt: skip
     _add_model_flags(vc, loading=False)
-    vc.add_argument("--output", "-o", required=True, type=_nonempty("a directory"),
+    vc.add_argument("--output", "-o", required=True, type=_nonempty("a directory"), action=_Once,
                     help="the directory to write (new, empty, or one this command wrote before)")  # fmt: skip
     vc.set_defaults(run=_vllm_config)
 

@@ -371,3 +371,35 @@ def test_pair_options_without_pairs_are_errors(no_models, capsys):
     assert "--expert-template needs --expert" in error_of(
         capsys, ["generate", "--base", "b", "--prompt", "x", "--expert-template", "chat"]
     )
+
+
+# --- issue 23: repeats of file flags, the weight bound, negative numbers after a short flag ------------------
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (gen("--prompt-file", "a.txt", "--prompt-file", "b.txt", prompt=False), "--prompt-file"),
+    (gen("-o", "a.txt", "--output", "b.txt"), "--output"),
+    (gen("--tokenizer", "t1", "--tokenizer", "t2"), "--tokenizer"),
+    (["generate", "--base", "b1", "--base", "b2", "--prompt", "x"], "--base"),
+    (["score", "--base", "b", "-i", "a.jsonl", "--input", "b.jsonl"], "--input"),
+    (["vllm-config", "--base", "b", "--expert", "e", "--anti-expert", "a", "-o", "x", "-o", "y"], "--output"),
+])  # fmt: skip
+def test_a_repeated_file_flag_is_refused_not_replaced(no_models, capsys, argv, flag):
+    message = error_of(capsys, argv)
+    assert message.startswith(f"{flag}: given twice") and "give it once" in message, message
+
+
+@pytest.mark.parametrize("value", ["-inf", "inf", "nan", "3e38", "-3.4e38", "1.000001e6"])
+@pytest.mark.parametrize("command", ["generate", "score"])
+def test_alpha_out_of_the_weight_bound_is_named(no_models, capsys, value, command):
+    argv = [command, "--base", "b", "--expert", "e", "--anti-expert", "a", "--alpha", value]
+    argv += ["--prompt", "x"] if command == "generate" else ["-i", "in.jsonl"]
+    assert error_of(capsys, argv) == f"--alpha must be a finite number with |w| <= 1e6, got {value}"
+
+
+def test_alpha_at_the_weight_bound_passes_the_flags(no_models, capsys, tmp_path):
+    # -1e6 is a value (not a flag) and within the bound: the command gets as far as loading (refused here)
+    pairs = tmp_path / "in.jsonl"
+    pairs.write_text('{"prompt": "a", "continuation": " b"}\n')
+    with pytest.raises(AssertionError, match="loaded models"):
+        main(["score", "--base", "b", "--expert", "e", "--anti-expert", "a", "--alpha", "-1e6", "-i", str(pairs)])

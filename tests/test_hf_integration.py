@@ -142,7 +142,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="1 experts but 2 anti-experts"):
         ProxyTuningLogitsProcessor([m], [m, m])
     with pytest.raises(ValueError, match="weights must be"):
-        ProxyTuningLogitsProcessor([m, m], [m, m], weights=[1.0])
+        ProxyTuningLogitsProcessor([m, m], [m, m], weights=[1.0, 2.0, 3.0])
     with pytest.raises(TypeError, match="expert 0 must be a transformers PreTrainedModel"):
         ProxyTuningLogitsProcessor("gpt2", m)
     with pytest.raises(ValueError, match="attention_mask must be"):

@@ -110,7 +110,7 @@ def test_different_vocabularies_are_refused(models, tmp_path, capsys):
     ([], "needs at least one --expert and --anti-expert pair"),
     (["--expert", "E", "--expert", "E", "--anti-expert", "A"], "got 2 --expert but 1 --anti-expert"),
     (["--expert", "E", "--anti-expert", "A", "--alpha", "1", "--alpha", "2"], "--alpha: give one for all pairs or one per pair (1), got 2"),
-    (["--expert", "E", "--anti-expert", "A", "--alpha", "nan"], "--alpha must be finite"),
+    (["--expert", "E", "--anti-expert", "A", "--alpha", "nan"], "--alpha must be a finite number with |w| <= 1e6, got nan"),
 ])  # fmt: skip
 def test_flags_are_checked_before_loading(argv, message, tmp_path, capsys):
     # E and A do not exist: the flags fail first

@@ -17,7 +17,7 @@ import torch
 if TYPE_CHECKING:
     from proxytune.engine.prompts import PromptTemplate
 
-__all__ = ["ModelSpec", "ModelLoadError", "LoadedModel", "check_spec", "load_model", "load_tokenizer", "parse_dtype"]
+__all__ = ["ModelSpec", "ModelLoadError", "LoadedModel", "check_device", "check_spec", "load_model", "load_tokenizer", "parse_dtype"]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -70,12 +70,30 @@ class LoadedModel:
     source: str  # where it came from, for messages
 
 
-def parse_dtype(dtype: Union[torch.dtype, str, None]) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
+def parse_dtype(dtype: Union[torch.dtype, str, None], name: str = "dtype") -> Optional[torch.dtype]:
+    """None, or one of the dtypes the models may run in (float32, bfloat16, float16), given by name or as a
+    ``torch.dtype``: the same rule for both (float64 logits are not an op input; the op would refuse them late)."""
+    if dtype is None or dtype in _DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
-    raise ValueError(f"dtype must be one of {sorted(set(_DTYPES))} or a torch.dtype, got {dtype!r}")
+    raise ValueError(f"{name} must be one of {sorted(set(_DTYPES))} (or that torch.dtype), got {dtype!r}")
+
+
+def check_device(device: Union[str, torch.device, None], name: str = "device") -> Optional[torch.device]:
+    """``torch.device(device)`` for a device models can run on here, None as None; a meta device (shapes
+    without data) and CUDA on a machine without it are refused up front, naming ``name``."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{name}: not a device: {device!r} ({e})") from None
+    if dev.type == "meta":
+        raise ValueError(f"{name}: device meta holds no data (shapes only): models cannot run on it; give cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: device {device} requested but CUDA is not available here")
+    return dev
 
 
 def default_device() -> torch.device:
@@ -149,9 +167,8 @@ def check_spec(spec: ModelSpec, name: str) -> None:
     the slow loading starts, so a typo in the last path fails at once."""
     if isinstance(spec.model, (str, os.PathLike)):
         _resolve_source(spec.model, name)
-    parse_dtype(spec.dtype)
-    if spec.device is not None and torch.device(spec.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{name}: device {spec.device} requested but CUDA is not available here")
+    parse_dtype(spec.dtype, f"{name}: dtype")
+    check_device(spec.device, f"{name}: device")
 
 
 @contextlib.contextmanager
@@ -179,8 +196,7 @@ def load_model(
     device = torch.device(spec.device) if spec.device is not None else device
     if device is None:  # a model object stays where it is; a loaded one goes to the GPU if there is one
         device = spec.model.device if isinstance(spec.model, PreTrainedModel) else default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{name}: device {device} requested but CUDA is not available here")
+    check_device(device, f"{name}: device")  # a model object may sit on the meta device: refused here
     if isinstance(spec.model, PreTrainedModel):  # moved in place (nn.Module.to), like any .to()
         module, source = spec.model, getattr(spec.model, "name_or_path", "") or f"<{type(spec.model).__name__}>"
         module = module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)

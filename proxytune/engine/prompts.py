@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 
 __all__ = [
-    "PromptTemplate", "encode_prompt", "left_pad", "position_ids", "is_messages", "check_messages", "messages_text",
+    "PromptTemplate", "check_text", "encode_prompt", "left_pad", "position_ids", "is_messages", "check_messages", "messages_text",
     "chat_ids", "render_chat",
 ]  # fmt: skip
 
@@ -90,19 +90,26 @@ def chat_ids(tokenizer: Any, messages: Sequence[Mapping], model_name: str) -> li
     return list(tokenizer(render_chat(tokenizer, messages, model_name), add_special_tokens=False)["input_ids"])
 
 
+def check_text(text: str, name: str) -> str:
+    """``text`` if it is valid Unicode (encodable as UTF-8), else a ``ValueError`` naming ``name`` (a lone
+    surrogate, as Python makes of undecodable bytes, would reach the tokenizer as a ``TypeError``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{name} is not valid Unicode text: {text[e.start:e.end]!r} at character {e.start} (a lone surrogate,"
+            " as from undecodable bytes); decode the input as UTF-8 first"
+        ) from None
+    return text
+
+
 def encode_prompt(tokenizer: Any, prompt: Union[str, Sequence[int]], name: str = "prompt") -> tuple[list[int], list[int]]:
     """``(ids with the tokenizer's special tokens, bare ids)`` of one prompt; a list of ids is taken as is.
 
     Raises ``ValueError`` / ``TypeError`` naming ``name`` for text that is not valid Unicode (a lone surrogate,
     as Python makes of undecodable bytes) and for anything that is neither text nor a sequence of ids."""
     if isinstance(prompt, str):
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(
-                f"{name} is not valid Unicode text: {prompt[e.start:e.end]!r} at character {e.start} (a lone surrogate,"
-                " as from undecodable bytes); decode the input as UTF-8 first"
-            ) from None
+        check_text(prompt, name)
         return list(tokenizer(prompt)["input_ids"]), list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
         raise TypeError(f"{name} must be a string or a sequence of token ids, got {type(prompt).__name__}")

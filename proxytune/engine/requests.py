@@ -7,12 +7,12 @@ accepted so that a bad one fails before any model runs, with the request named.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field, replace
 from typing import AbstractSet, Any, Optional, Sequence, Union
 
 from proxytune._args import check_filter_scalars, fresh_seed
+from proxytune._rules import check_weights
 from proxytune.engine.prompts import is_messages
 from proxytune.engine.stopping import RowText
 
@@ -51,9 +51,6 @@ class SamplingParams:
         def bad(name: str, rule: str):
             return ValueError(f"{where}: {name} must be {rule}, got {getattr(self, name)!r}")
 
-        def real(x) -> bool:
-            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
-
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral) \
                 or self.max_new_tokens < 0:  # fmt: skip
             raise bad("max_new_tokens", "an integer >= 0")
@@ -65,16 +62,14 @@ class SamplingParams:
                                       or not -(2**63) <= self.seed < 2**63):  # fmt: skip
             raise bad("seed", "None or a 64-bit integer")
         weights = self.weights
-        if weights is not None:
-            ws = [weights] if real(weights) else list(weights) if isinstance(weights, (list, tuple)) else None
-            if ws is None or not all(real(w) for w in ws) or len(ws) not in (1, n_pairs):
-                raise bad("weights", f"a finite float or {n_pairs} finite floats (one per expert pair)")
-        try:  # the op's own rules (fp32 ranges included), so a request fails here and not mid-batch
-            temperature, top_k, top_p, min_p, _ = check_filter_scalars(
-                self.temperature, self.top_k, self.top_p, self.min_p, weights if weights is not None else 1.0
-            )
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        try:  # the one weight rule (proxytune._rules) and the op's own rules (fp32 ranges included), so a
+            # request fails here and not mid-batch
+            if weights is not None:
+                weights = check_weights(weights, n_pairs)
+            temperature, top_k, top_p, min_p, _ = check_filter_scalars(self.temperature, self.top_k, self.top_p,
+                                                                       self.min_p, 1.0)  # fmt: skip
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from None
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
         try:
             stop = tuple(stop)
@@ -82,7 +77,7 @@ class SamplingParams:
             raise bad("stop", "a string or a sequence of non-empty strings") from None
         if not all(isinstance(s, str) and s for s in stop):
             raise bad("stop", "a string or a sequence of non-empty strings")
-        return replace(self, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, stop=stop)
+        return replace(self, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, weights=weights, stop=stop)
 
 
 @dataclass

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
+from proxytune._rules import check_batch_size, check_weights
 from proxytune.engine.decode import forward_parameters, to_device
-from proxytune.engine.prompts import is_messages, left_pad, position_ids
+from proxytune.engine.prompts import check_text, is_messages, left_pad, position_ids
 
 if TYPE_CHECKING:
     from proxytune.engine.tuner import ProxyTuner
@@ -93,9 +94,13 @@ def _continuation_ids(tuner: "ProxyTuner", i: int, prompt: Any, continuation: Co
         except UnicodeEncodeError as e:
             raise ValueError(f"{name} is not valid Unicode text (a lone surrogate at character {e.start})") from None
         if isinstance(prompt, str):
+            check_text(prompt, f"prompt {i}")  # before the tokenizer sees it
             prompt, ids = split_continuation(tuner.tokenizer, prompt, continuation)
         else:
             ids = _bare(tuner.tokenizer, continuation)
+        if not ids and not continuation.strip():
+            raise ValueError(f"{name} ({continuation!r}) is whitespace only and gives no token ids after prompt {i} "
+                             "(lm-eval's rule, see ProxyTuner.score): there is nothing to score")  # fmt: skip
         if not ids:
             raise ValueError(
                 f"{name} ({continuation!r}) has no token ids of its own: encoding prompt {i} and it together merges it "
@@ -108,18 +113,6 @@ def _continuation_ids(tuner: "ProxyTuner", i: int, prompt: Any, continuation: Co
             raise ValueError(f"{name} is empty: there is nothing to score")
         ids = continuation
     return prompt, _check_ids(ids, name, tuner.vocab_size)
-
-
-def _weights(tuner: "ProxyTuner", weights: Any) -> list[float]:
-    n = len(tuner.experts)
-    if weights is None:
-        return list(tuner.weights)
-    ws = [weights] * n if isinstance(weights, numbers.Real) and not isinstance(weights, bool) else weights
-    if not isinstance(ws, (list, tuple)) or len(ws) != n or not all(
-        isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in ws
-    ):  # fmt: skip
-        raise ValueError(f"weights must be None, a finite float or {n} finite floats (one per expert pair), got {weights!r}")
-    return [float(w) for w in ws]
 
 
 def _forward(module: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
@@ -149,9 +142,8 @@ def score(
     prompts, continuations = list(prompts), list(continuations)
     if len(prompts) != len(continuations):
         raise ValueError(f"got {len(prompts)} prompts but {len(continuations)} continuations; they come in pairs")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    ws = _weights(tuner, weights)
+    batch_size = check_batch_size(batch_size)
+    ws = list(tuner.weights) if weights is None else check_weights(weights, len(tuner.experts))
 
     requests = []  # (per-model context ids, continuation ids), checked before any model runs
     for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):

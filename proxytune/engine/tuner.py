@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 from dataclasses import fields, replace
@@ -10,8 +9,9 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
+from proxytune._rules import check_batch_size, check_bool, check_weights
 from proxytune.engine.decode import ModelRunner, SamplerState, position_limit
-from proxytune.engine.loading import LoadedModel, ModelSpec, check_spec, load_model, load_tokenizer, parse_dtype
+from proxytune.engine.loading import LoadedModel, ModelSpec, check_device, check_spec, load_model, load_tokenizer, parse_dtype
 from proxytune.engine.eager_decoder import EagerDecoder
 from proxytune.engine.loop import decode, emit
 from proxytune.engine.speculative_decoder import SpeculativeDecoder
@@ -32,7 +32,9 @@ class ProxyTuner:
     experts, anti_experts : one or a sequence of the same kinds, pairwise
         The tuned small models and their untuned counterparts. Empty: the base alone.
     weights : float or sequence of floats
-        ``w_i`` per pair (``alpha`` in the paper), default 1.0; requests may override it.
+        ``w_i`` per pair (``alpha`` in the paper), default 1.0; requests may override it. One number for every
+        pair or one per pair, each finite with ``|w| <= 1e6`` (``docs/semantics.md``); a weight without a pair
+        to weigh is an error.
     tokenizer : tokenizer, hub id or directory, optional
         The shared tokenizer. Default: the base's. Every model's own tokenizer (where one can be found) must
         give the same tokens for the same ids over the common vocabulary, else
@@ -81,7 +83,7 @@ class ProxyTuner:
         experts: Any = (),
         anti_experts: Any = (),
         *,
-        weights: Union[float, Sequence[float]] = 1.0,
+        weights: Union[None, float, Sequence[float]] = None,
         tokenizer: Any = None,
         dtype: Union[torch.dtype, str, None] = None,
         device: Union[str, torch.device, None] = None,
@@ -98,14 +100,12 @@ class ProxyTuner:
         if len(experts) != len(anti_experts):
             raise ValueError(f"got {len(experts)} experts but {len(anti_experts)} anti-experts; they come in pairs")
         n_pairs = len(experts)
-        ws = [weights] * n_pairs if isinstance(weights, numbers.Real) else list(weights)
-        if len(ws) != n_pairs or not all(isinstance(w, numbers.Real) and math.isfinite(w) for w in ws):
-            raise ValueError(f"weights must be a finite float or {n_pairs} finite floats, got {weights!r}")
-        self.weights = [float(w) for w in ws]
+        self.weights = [] if weights is None and not n_pairs else check_weights(1.0 if weights is None else weights, n_pairs)
+        check_bool(trust_remote_code, "trust_remote_code")
         self.backend = backend
         self.progress = progress
         dtype = parse_dtype(dtype)
-        device = torch.device(device) if device is not None else None
+        device = check_device(device, "device")
 
         named = [("base", base)] + [(f"expert {i}", e) for i, e in enumerate(experts)]
         named += [(f"anti-expert {i}", a) for i, a in enumerate(anti_experts)]
@@ -123,6 +123,10 @@ class ProxyTuner:
         self.base, self.experts, self.anti_experts = loaded[0], loaded[1 : 1 + n_pairs], loaded[1 + n_pairs :]
         self.models = loaded
         self.device = self.base.device
+        if backend != "auto":  # an unknown name fails now, not at the first token
+            from proxytune import backends
+
+            backends.resolve(backend, self.device)
 
         if tokenizer is None:
             tokenizer = next((m.tokenizer for m in loaded if m.tokenizer is not None), None)
@@ -346,9 +350,7 @@ class ProxyTuner:
             names = ", ".join(f.name for f in fields(SamplingParams))
             raise TypeError(f"unknown sampling parameter(s) {', '.join(unknown)}; SamplingParams has {names}")
         params = [replace(p, **overrides).checked(n_pairs, f"request {i}") for i, p in enumerate(params)]
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        size = batch_size or max(1, len(prompts))
+        size = check_batch_size(batch_size) or max(1, len(prompts))
         starts = list(range(0, len(prompts), size))
         bar = None
         if self.progress and len(starts) > 1:

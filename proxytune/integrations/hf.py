@@ -43,7 +43,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from transformers import LogitsProcessor, PreTrainedModel
 
-from proxytune.engine.decode import ModelRunner
+from proxytune._rules import check_weights
+from proxytune.engine.decode import ModelRunner, position_limit
 from proxytune.engine.loading import LoadedModel
 
 __all__ = ["ProxyTuningLogitsProcessor"]
@@ -98,13 +99,7 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
             raise ValueError(f"got {len(experts)} experts but {len(anti_experts)} anti-experts; they come in pairs")
         if not experts:
             raise ValueError("experts: give at least one (expert, anti-expert) pair")
-        n = len(experts)
-        ws = [weights] * n if isinstance(weights, numbers.Real) and not isinstance(weights, bool) else weights
-        if not isinstance(ws, (list, tuple)) or len(ws) != n or not all(
-            isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in ws
-        ):  # fmt: skip
-            raise ValueError(f"weights must be a finite float or {n} finite floats (one per pair), got {weights!r}")
-        self.weights = [float(w) for w in ws]
+        self.weights = check_weights(weights, len(experts))
         self.models = [_loaded(m, f"expert {i}") for i, m in enumerate(experts)]
         self.models += [_loaded(m, f"anti-expert {i}") for i, m in enumerate(anti_experts)]
         if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral)):

@@ -37,6 +37,7 @@ Requests, as lm-eval's ``hf`` model answers them:
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -45,11 +46,31 @@ from typing import Any, Optional
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-__all__ = ["ProxyTuneLM", "TASKS_DIR", "main"]
+from proxytune._rules import check_batch_size, check_weight, check_weights, parse_bool
+from proxytune.backends import BackendUnavailableError
+from proxytune.engine.loading import check_device, parse_dtype
+
+__all__ = ["ProxyTuneLM", "ProxyTuneLMError", "TASKS_DIR", "main"]
 
 TASKS_DIR = str(Path(__file__).with_name("lm_eval_tasks"))
 DEFAULT_MAX_LENGTH = 2048  # where no model names a position limit (lm-eval's hf model uses the same)
 _GEN_KEYS = {"until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p", "seed"}
+
+
+class ProxyTuneLMError(ValueError):
+    """A bad model arg or generation kwarg of the ``proxytune`` model (the message names it). Raised without the
+    chain of the check that found it; ``proxytune-lm-eval`` prints it as one line and exits with status 2."""
+
+
+class ProxyTuneLMTypeError(ProxyTuneLMError, TypeError):
+    """:class:`ProxyTuneLMError` for a value of the wrong kind (also a ``TypeError``, as the rule raised it)."""
+
+
+def _error(prefix: str, e: BaseException) -> ProxyTuneLMError:
+    """``e`` (from a rule or from building the tuner) as a :class:`ProxyTuneLMError` prefixed by ``prefix``."""
+    if isinstance(e, ProxyTuneLMError):
+        return e
+    return (ProxyTuneLMTypeError if isinstance(e, TypeError) else ProxyTuneLMError)(f"{prefix}: {e}")
 
 
 def _split(value: Any) -> list:
@@ -63,11 +84,34 @@ def _split(value: Any) -> list:
     return [value]
 
 
-def _float(value: Any, name: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"proxytune model args: {name} must be a number, got {value!r}") from None
+def _weight(value: Any, name: str) -> float:
+    """One weight: a number, or its text (model args arrive as strings), by the one weight rule."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass  # check_weight names the argument and the rule
+    return check_weight(value, name)
+
+
+def _integer(value: Any, name: str, lo: int) -> int:
+    """An integer >= ``lo``, or its text (``"64"``); nothing else (no bools, no ``"auto"``, no floats)."""
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 class ProxyTuneLM(LM):
@@ -81,7 +125,7 @@ class ProxyTuneLM(LM):
         base: Any = None,
         expert: Any = None,
         anti_expert: Any = None,
-        weights: Any = 1.0,
+        weights: Any = None,
         dtype: Optional[str] = None,
         device: Optional[str] = None,
         batch_size: Any = 1,
@@ -96,28 +140,37 @@ class ProxyTuneLM(LM):
         **unknown: Any,
     ):
         super().__init__()
+        try:
+            self._init(base, expert, anti_expert, weights, dtype, device, batch_size, tokenizer, expert_template,
+                       max_gen_toks, max_length, backend, trust_remote_code, tuner, unknown)  # fmt: skip
+        except BackendUnavailableError as e:
+            raise ProxyTuneLMError(f"proxytune model args: backend: {e}") from None
+        except (ValueError, TypeError) as e:  # one clear error naming the argument, without the chain
+            raise _error("proxytune model args", e) from None
+
+    def _init(self, base, expert, anti_expert, weights, dtype, device, batch_size, tokenizer, expert_template,
+              max_gen_toks, max_length, backend, trust_remote_code, tuner, unknown) -> None:  # fmt: skip
         if unknown:
             raise ValueError(
-                f"proxytune model args: unknown {', '.join(sorted(unknown))}; known: base, expert, anti_expert, "
-                "weights, dtype, tokenizer, expert_template, max_gen_toks, max_length, backend, trust_remote_code"
+                f"unknown {', '.join(sorted(unknown))}; known: base, expert, anti_expert, weights, dtype, tokenizer, "
+                "expert_template, max_gen_toks, max_length, backend, trust_remote_code (and lm-eval's --device, "
+                "--batch_size)"
             )
         if isinstance(batch_size, str) and batch_size.strip().isdigit():
             batch_size = int(batch_size)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"proxytune: batch_size must be a positive integer (no 'auto'), got {batch_size!r}")
-        self._batch_size = batch_size
-        if isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int) or max_gen_toks < 1:
-            raise ValueError(f"proxytune model args: max_gen_toks must be a positive integer, got {max_gen_toks!r}")
-        self.max_gen_toks = max_gen_toks
+        try:
+            self._batch_size = check_batch_size(batch_size) or 1
+        except ValueError:
+            raise ValueError(f"batch_size must be a positive integer (no 'auto'), got {batch_size!r}") from None
+        self.max_gen_toks = _integer(max_gen_toks, "max_gen_toks", 1)
+        max_length = None if max_length is None else _integer(max_length, "max_length", 1)
         if tuner is None:
             tuner = self._build(base, expert, anti_expert, weights, dtype, device, tokenizer, expert_template, backend,
-                                trust_remote_code)  # fmt: skip
+                                parse_bool(trust_remote_code, "trust_remote_code"))  # fmt: skip
         elif base is not None or expert is not None or anti_expert is not None:
-            raise ValueError("proxytune model args: give tuner= or base= (with expert= / anti_expert=), not both")
+            raise ValueError("give tuner= or base= (with expert= / anti_expert=), not both")
         self.tuner = tuner
         self._device = tuner.device
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
-            raise ValueError(f"proxytune model args: max_length must be a positive integer, got {max_length!r}")
         self._max_length = max_length or self._model_max_length()
 
     @staticmethod
@@ -125,20 +178,21 @@ class ProxyTuneLM(LM):
         from proxytune.engine import ModelSpec, ProxyTuner
 
         if base is None:
-            raise ValueError("proxytune model args: base= is required (a model directory or hub id)")
+            raise ValueError("base= is required (a model directory or hub id)")
         experts, antis = _split(expert), _split(anti_expert)
         if len(experts) != len(antis):
-            raise ValueError(f"proxytune model args: got {len(experts)} expert(s) but {len(antis)} anti_expert(s); "
+            raise ValueError(f"got {len(experts)} expert(s) but {len(antis)} anti_expert(s); "
                              "give them in pairs (several: expert=E1|E2,anti_expert=A1|A2)")  # fmt: skip
-        ws = [_float(w, "weights") for w in _split(weights)] or [1.0]
-        if len(ws) == 1:
-            ws = ws * len(experts)
-        if len(ws) != len(experts):
-            raise ValueError(f"proxytune model args: weights has {len(ws)} values for {len(experts)} pairs")
+        ws = None
+        if weights is not None:
+            values = _split(weights)
+            ws = check_weights([_weight(w, "weights") for w in values] if len(values) != 1 else _weight(values[0], "weights"),
+                               len(experts))  # fmt: skip
+        dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
         return ProxyTuner(
             base, [ModelSpec(e, template=expert_template) for e in experts], antis, weights=ws, tokenizer=tokenizer,
-            dtype=None if dtype in (None, "auto") else dtype, device=device, backend=backend,
-            trust_remote_code=bool(trust_remote_code), progress=True,
+            dtype=dtype, device=check_device(device, "device"), backend=backend, trust_remote_code=trust_remote_code,
+            progress=True,
         )  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------- properties
@@ -186,21 +240,35 @@ class ProxyTuneLM(LM):
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        from proxytune.engine.prompts import check_text, encode_prompt
+        from proxytune.engine.score import split_continuation
+
         prompts, conts = [], []
-        for req in requests:
+        for n, req in enumerate(requests):
             context, continuation = req.args
             if context == "":  # lm-eval: the prefix token conditions the continuation
                 ids = self._bare(continuation)
                 prefix = self.prefix_token_id
-                if ids and ids[0] == prefix:
-                    prompts.append(ids[:1])
-                    conts.append(ids[1:])
-                else:
-                    prompts.append([prefix])
-                    conts.append(ids)
+                ctx, cont = (ids[:1], ids[1:]) if ids and ids[0] == prefix else ([prefix], ids)
             else:
-                prompts.append(context)
-                conts.append(continuation)
+                for name, t in (("context", context), ("continuation", continuation)):
+                    if isinstance(t, str):
+                        check_text(t, f"loglikelihood request {n}: {name}")
+                text, cont = split_continuation(self.tokenizer, context, continuation)
+                ctx = encode_prompt(self.tokenizer, text, f"request {n}")[0] if cont else []
+                if not cont or len(ctx) + len(cont) - 1 <= self.max_length:
+                    prompts.append(context)  # fits: score tokenises it the same way (and names any problem)
+                    conts.append(continuation)
+                    continue
+            # lm-eval's hf model feeds (context + continuation)[-(max_length + 1):][:-1]: the context cut from the left
+            room = self.max_length + 1 - len(cont)
+            if cont and room < 1:
+                raise ProxyTuneLMError(
+                    f"proxytune: loglikelihood request {n}: the continuation alone is {len(cont)} tokens, more than "
+                    f"max_length={self.max_length} positions hold after one context token"
+                )
+            prompts.append(self._fit(ctx, room))
+            conts.append(cont)
         scores = self.tuner.score(prompts, conts, batch_size=self.batch_size, progress=not disable_tqdm)
         out = []
         for req, s in zip(requests, scores):
@@ -238,24 +306,59 @@ class ProxyTuneLM(LM):
         return list(tok(text, add_special_tokens=special)["input_ids"])
 
     def _sampling(self, gen_kwargs: dict):
+        """``SamplingParams`` of one request's generation kwargs, with lm-eval's meaning (its
+        ``normalize_gen_kwargs``): ``max_gen_toks`` before ``max_new_tokens``; without ``do_sample`` a
+        temperature above 0 samples; ``do_sample=False`` is greedy whatever the temperature. Values are parsed
+        strictly: a bad one is a :class:`ProxyTuneLMError` naming it (``top_p=0`` is refused, not read as 1)."""
         from proxytune.engine import SamplingParams
 
-        if not isinstance(gen_kwargs, dict):
-            raise ValueError(f"proxytune: generation kwargs must be a dict, got {gen_kwargs!r}")
-        unknown = sorted(set(gen_kwargs) - _GEN_KEYS)
-        if unknown:
-            raise ValueError(f"proxytune: unsupported generation kwargs {', '.join(unknown)}; supported: "
-                             f"{', '.join(sorted(_GEN_KEYS))}")  # fmt: skip
-        until = gen_kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        n = gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens", self.max_gen_toks))
-        do_sample = bool(gen_kwargs.get("do_sample", False))
-        temperature = float(gen_kwargs.get("temperature", 1.0 if do_sample else 0.0)) if do_sample else 0.0
-        return SamplingParams(
-            max_new_tokens=int(n), temperature=temperature, top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0),
-            top_k=int(gen_kwargs.get("top_k", 0) or 0), min_p=float(gen_kwargs.get("min_p", 0.0) or 0.0),
-            seed=gen_kwargs.get("seed"), stop=tuple(s for s in until if s),
-        )  # fmt: skip
+        try:
+            if not isinstance(gen_kwargs, dict):
+                raise ValueError(f"must be a dict, got {gen_kwargs!r}")
+            unknown = sorted(set(gen_kwargs) - _GEN_KEYS)
+            if unknown:
+                raise ValueError(f"unsupported {', '.join(unknown)}; supported: {', '.join(sorted(_GEN_KEYS))}")
+            until = gen_kwargs.get("until")
+            until = [] if until is None else [until] if isinstance(until, str) else until
+            if not isinstance(until, (list, tuple)) or not all(isinstance(u, str) for u in until):
+                raise ValueError(f"until must be a string or a list of strings, got {gen_kwargs.get('until')!r}")
+            key = next((k for k in ("max_gen_toks", "max_new_tokens") if gen_kwargs.get(k) is not None), None)
+            n = self.max_gen_toks if key is None else _integer(gen_kwargs[key], key, 1)
+            do_sample = gen_kwargs.get("do_sample")
+            do_sample = None if do_sample is None else parse_bool(do_sample, "do_sample")
+            given = gen_kwargs.get("temperature")
+            temperature = None if given is None else _number(given, "temperature")
+            if do_sample is None:
+                do_sample = temperature is not None and temperature > 0
+            temperature = (1.0 if temperature is None else temperature) if do_sample else 0.0
+
+            def get(name, default, convert):
+                value = gen_kwargs.get(name)
+                return default if value is None else convert(value, name)
+
+            seed = gen_kwargs.get("seed")
+            seed = None if seed is None else _integer(seed, "seed", -(2**63))
+            return SamplingParams(
+                max_new_tokens=n, temperature=temperature, top_p=get("top_p", 1.0, _number),
+                top_k=get("top_k", 0, lambda v, name: _integer(v, name, 0)), min_p=get("min_p", 0.0, _number),
+                seed=seed, stop=tuple(u for u in until if u),
+            ).checked(len(self.tuner.experts), "top_p/top_k/min_p/temperature")  # fmt: skip
+        except (ValueError, TypeError) as e:
+            raise _error("proxytune: generation kwargs", e) from None
+
+    def _context(self, context: str, room: int):
+        """A generation context as ``generate`` takes it: the text where its ids fit ``room`` positions, else
+        its last ``room`` ids (lm-eval's ``hf`` model cuts contexts from the left)."""
+        from proxytune.engine.prompts import encode_prompt
+
+        if not isinstance(context, str):
+            return context
+        ids = encode_prompt(self.tokenizer, context, "a generate_until context")[0]
+        return context if len(ids) <= room else self._fit(ids, room)
+
+    def _fit(self, ids: list[int], room: int) -> list[int]:
+        """The last ``room`` ids (lm-eval's ``hf`` model cuts contexts from the left to ``max_length``)."""
+        return ids[len(ids) - room :] if len(ids) > room else ids
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         groups: dict[str, list[int]] = {}
@@ -269,10 +372,17 @@ class ProxyTuneLM(LM):
             bar = tqdm(total=len(requests), desc="proxytune generate_until", unit="request")
         for indices in groups.values():
             params = self._sampling(requests[indices[0]].args[1])
+            room = self.max_length - params.max_new_tokens  # lm-eval's hf model: the context's share of max_length
+            if room < 1:
+                raise ProxyTuneLMError(
+                    f"proxytune: generation kwargs: max_gen_toks={params.max_new_tokens} leaves no room for a context "
+                    f"in max_length={self.max_length}; give a smaller max_gen_toks or a larger max_length"
+                )
+            contexts = {i: self._context(requests[i].args[0], room) for i in indices}
             indices = sorted(indices, key=lambda i: -len(requests[i].args[0]))  # longest first: less padding
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                gens = self.tuner.generate([requests[i].args[0] for i in chunk], params, batch_size=self.batch_size)
+                gens = self.tuner.generate([contexts[i] for i in chunk], params, batch_size=self.batch_size)
                 for i, g in zip(chunk, gens):
                     out[i] = g.text
                     self.cache_hook.add_partial("generate_until", requests[i].args, g.text)

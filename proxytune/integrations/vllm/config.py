@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from proxytune._rules import check_bool, check_weight
+
 __all__ = ["ARCHITECTURE", "VllmConfigError", "ModelInfo", "kv_page_units", "check_kv_layouts", "write_model_dir"]
 
 ARCHITECTURE = "ProxyTunedForCausalLM"
@@ -95,18 +97,48 @@ def _supported_architectures() -> Optional[set]:
 
 
 def check_architectures(models: Sequence[ModelInfo], supported: Optional[set]) -> None:
+    """Every model is an ordinary checkpoint (never a proxy-tuned directory: checked with or without vLLM)
+    whose architecture vLLM has (checked only where vLLM is importable: ``supported`` is None otherwise)."""
+    for m in models:
+        if m.architecture == ARCHITECTURE or getattr(m.config, "proxytune", None) is not None:
+            raise VllmConfigError(
+                f"the {m.role} ({m.source}) is itself a proxy-tuned model directory; give the checkpoints it names"
+            )
     if supported is None:
         return
     for m in models:
         if m.architecture is None:
             raise VllmConfigError(f"the {m.role} ({m.source}) names no architecture in its config.json")
-        if m.architecture == ARCHITECTURE:
-            raise VllmConfigError(f"the {m.role} ({m.source}) is itself a proxy-tuned model directory")
         if m.architecture not in supported:
             raise VllmConfigError(
                 f"vLLM has no model class for the {m.role}'s architecture {m.architecture} ({m.source}); "
                 "it cannot run inside the proxy-tuned model"
             )
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")  # the files vLLM's default loader reads
+
+
+def check_has_weights(m: ModelInfo) -> None:
+    """A local checkpoint must hold weights (vLLM would fail only when it loads); hub ids are not checked."""
+    path = Path(m.source)
+    if path.is_dir() and not any(f.is_file() for pattern in WEIGHT_PATTERNS for f in path.glob(pattern)):
+        raise VllmConfigError(
+            f"the {m.role} ({m.source}) has no weights: no {', '.join(WEIGHT_PATTERNS)} file next to its config.json"
+        )
+
+
+def _check_not_an_input(out: Path, inputs: Sequence[tuple[str, str]]) -> None:
+    """``out`` must not be (or hold, or sit inside) a checkpoint it names: writing would replace that
+    checkpoint's own config.json and tokenizer."""
+    target = os.path.realpath(out)
+    for role, source in inputs:
+        if not Path(source).is_dir():
+            continue
+        src = os.path.realpath(source)
+        if target == src or target.startswith(src + os.sep) or src.startswith(target + os.sep):
+            raise VllmConfigError(f"--output: {out} is the {role}'s directory ({source}) or overlaps it; writing "
+                                  "there would replace that checkpoint's own files: give another directory")  # fmt: skip
 
 
 def _check_output_dir(out: Path) -> None:
@@ -149,17 +181,18 @@ def write_model_dir(
     """
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
-    from proxytune.engine.loading import _hub_kwargs, _resolve_source
+    from proxytune.engine.loading import _TOKENIZER_FILES, _hub_hint, _hub_kwargs, _own_tokenizer, _resolve_source, load_tokenizer
     from proxytune.engine.vocabulary import check_same_tokens, common_vocab_size
 
+    check_bool(trust_remote_code, "trust_remote_code")
     if not experts or len(experts) != len(anti_experts):
         raise VllmConfigError(f"got {len(experts)} experts and {len(anti_experts)} anti-experts; give at least one pair")
     if len(weights) != len(experts):
         raise VllmConfigError(f"got {len(weights)} weights for {len(experts)} pairs")
+    weights = [check_weight(w, f"weights[{i}]" if len(weights) > 1 else "weights") for i, w in enumerate(weights)]
     out = Path(output)
-    _check_output_dir(out)
 
     def source(role: str, s: str) -> str:
         r = _resolve_source(s, role)
@@ -168,24 +201,42 @@ def write_model_dir(
     roles = [("base", base)]
     for i, (e, a) in enumerate(zip(experts, anti_experts), 1):
         roles += [(f"expert {i}", e), (f"anti-expert {i}", a)]
+    sources = [(role, source(role, s)) for role, s in roles]
+    tok_source = source("tokenizer", tokenizer) if tokenizer else None
+    _check_not_an_input(out, sources + ([("tokenizer", tok_source)] if tok_source else []))
+    _check_output_dir(out)
     models = []
-    for role, s in roles:
-        src = source(role, s)
-        cfg = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code, **_hub_kwargs(src))
+    for role, src in sources:
+        hub = _hub_kwargs(src)
+        try:
+            cfg = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code, **hub)
+        except (OSError, ValueError) as e:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise VllmConfigError(f"the {role}: cannot load a config from {src!r}: {message}{_hub_hint(src, hub)}") from None
         models.append(ModelInfo(role, src, cfg))
     check_architectures(models, _supported_architectures())
+    for m in models:
+        check_has_weights(m)
     check_kv_layouts(models)
 
-    tok_source = source("tokenizer", tokenizer) if tokenizer else models[0].source
-    tok = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=trust_remote_code, **_hub_kwargs(tok_source))
+    def has_tokenizer(src: str) -> bool:
+        return not Path(src).is_dir() or any((Path(src) / f).exists() for f in _TOKENIZER_FILES)
+
+    if tok_source is None:  # the base's, else the first model's that has one (as ProxyTuner does)
+        tok_source = next((m.source for m in models if has_tokenizer(m.source)), None)
+        if tok_source is None:
+            raise VllmConfigError("no tokenizer: none of the checkpoints has tokenizer files; pass --tokenizer")
+    tok = load_tokenizer(tok_source, trust_remote_code=trust_remote_code,
+                         what=f"the tokenizer ({tok_source})")  # fmt: skip
     widths = [int(m.text_config.vocab_size) for m in models]
     vocab = common_vocab_size(tok, widths)
     others = []
     for m in models:
-        if Path(m.source).is_dir() and not any((Path(m.source) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        if m.source == tok_source or not has_tokenizer(m.source):
             continue  # a checkpoint without tokenizer files: it uses the shared one
-        others.append((f"the {m.role} ({m.source})", AutoTokenizer.from_pretrained(
-            m.source, trust_remote_code=trust_remote_code, **_hub_kwargs(m.source))))  # fmt: skip
+        own = _own_tokenizer(m.source, f"the {m.role}", trust_remote_code)
+        if own is not None:
+            others.append((f"the {m.role} ({m.source})", own))
     check_same_tokens((f"the tokenizer ({tok_source})", tok), others, vocab)
 
     block = {
@@ -208,17 +259,22 @@ def write_model_dir(
         top["max_position_embeddings"] = min(positions)
     config["proxytune"] = block
 
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("model.safetensors", "model.safetensors.index.json"):
-        if (out / stale).exists():
-            os.remove(out / stale)
-    tok.save_pretrained(out)
     try:
-        GenerationConfig.from_pretrained(models[0].source, **_hub_kwargs(models[0].source)).save_pretrained(out)
+        generation = GenerationConfig.from_pretrained(models[0].source, **_hub_kwargs(models[0].source))
     except OSError:
-        pass  # the base has no generation_config.json: vLLM uses its defaults
-    save_file({WEIGHTS_TENSOR: torch.tensor([float(w) for w in weights], dtype=torch.float32)}, str(out / WEIGHTS_FILE))
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation = None  # the base has no generation_config.json: vLLM uses its defaults
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in ("model.safetensors", "model.safetensors.index.json"):
+            if (out / stale).exists():
+                os.remove(out / stale)
+        tok.save_pretrained(out)
+        if generation is not None:
+            generation.save_pretrained(out)
+        save_file({WEIGHTS_TENSOR: torch.tensor(weights, dtype=torch.float32)}, str(out / WEIGHTS_FILE))
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    except OSError as e:
+        raise VllmConfigError(f"--output: cannot write {e.filename or out}: {e.strerror or e}") from None
     return block
 
 
