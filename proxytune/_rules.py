@@ -31,7 +31,7 @@ def check_weight(value: Any, name: str = "weights") -> float:
         raise TypeError(f"{name} must be {WEIGHT_RULE}, got {value!r} ({type(value).__name__})")
     w = float(value)
     if not (math.isfinite(w) and abs(w) <= MAX_WEIGHT):
-        raise ValueError(f"{name} must be {WEIGHT_RULE} (docs/semantics.md), got {value!r}")
+        raise ValueError(f"{name} must be {WEIGHT_RULE}, got {value!r}")
     return w
 
 

@@ -177,3 +177,166 @@ def test_command_adds_the_shipped_tasks_to_the_include_path():
     assert _with_tasks(["x", "--model", "proxytune"]) == ["x", "--model", "proxytune", "--include_path", TASKS_DIR]
     assert _with_tasks(["x", "run", "--include_path", "mine"]) == ["x", "run", "--include_path", "mine"]
     assert _with_tasks(["x", "--help"]) == ["x", "--help"]
+
+
+# --- issue 23: model args and generation kwargs parsed strictly, max_length honoured, one-line launcher errors --
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    from tiny_models import save_tiny, save_trio, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("lm_eval_models")
+    paths = save_trio(root)
+    paths["plain"] = save_tiny(root / "plain", seed=3, tokenizer=tiny_tokenizer(chat_template=False))
+    return paths
+
+
+def bad_model_args(d):
+    trio = f"base={d['base']},expert={d['expert']},anti_expert={d['anti']}"
+    cases = [
+        ("", "base= is required"),
+        (f"base={d['base']},expert={d['expert']}", "1 expert(s) but 0 anti_expert(s)"),
+        ("base=/nowhere/base", "base: no such directory: /nowhere/base"),
+        (f"base={d['base']},expert=/nowhere/e,anti_expert={d['anti']}", "expert 0: no such directory"),
+        (f"{trio},weights=abc", "weights must be a finite number with |w| <= 1e6, got 'abc'"),
+        (f"{trio},weights=nan", "weights must be a finite number with |w| <= 1e6, got nan"),
+        (f"{trio},weights=1e7", "weights must be a finite number with |w| <= 1e6"),
+        (f"{trio},weights=1|2", "weights must be one number for every pair or one per pair (1), got 2"),
+        (f"base={d['base']},weights=0.5", "no (expert, anti-expert) pair to weigh"),
+        (f"{trio},batch_size=auto", "batch_size must be a positive integer (no 'auto'), got 'auto'"),
+        (f"{trio},batch_size=0", "batch_size must be a positive integer"),
+        (f"{trio},colour=red", "unknown colour"),
+        (f"{trio},dtype=float64", "dtype must be one of"),
+        (f"{trio},backend=bogus", "backend"),
+        (f"base={d['base']},expert={d['plain']},anti_expert={d['anti']},expert_template=chat", "chat template"),
+        (f"{trio},max_length=abc", "max_length must be an integer >= 1, got 'abc'"),
+        (f"{trio},max_gen_toks=0", "max_gen_toks must be an integer >= 1, got 0"),
+        (f"{trio},trust_remote_code=no", "trust_remote_code must be true or false"),
+        (f"{trio},trust_remote_code=off", "trust_remote_code must be true or false"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((f"{trio},device=cuda", "CUDA is not available"))
+    return cases
+
+
+@needs_lm_eval
+def test_bad_model_args_are_one_clear_error_without_a_chain(dirs):
+    from proxytune.integrations.lm_eval import ProxyTuneLM, ProxyTuneLMError
+
+    for args, message in bad_model_args(dirs):
+        with pytest.raises(ProxyTuneLMError) as info:
+            model_args, _, batch = args.partition(",batch_size=")  # lm-eval's --batch_size, not a model arg
+            ProxyTuneLM.create_from_arg_string(model_args, {"batch_size": batch or None})
+        e = info.value
+        assert isinstance(e, ValueError) and message in str(e) and str(e).startswith("proxytune model args: "), (args, e)
+        assert e.__cause__ is None and e.__suppress_context__, args  # no chained traceback from the check
+
+
+@needs_lm_eval
+def test_trust_remote_code_is_false_unless_true(dirs, monkeypatch):
+    import proxytune.engine
+    from proxytune.integrations.lm_eval import ProxyTuneLM
+
+    seen = []
+
+    class Spy:
+        def __init__(self, *args, trust_remote_code=None, **kwargs):
+            seen.append(trust_remote_code)
+            raise ValueError("stop here")
+
+    monkeypatch.setattr(proxytune.engine, "ProxyTuner", Spy)
+    for text, value in (("false", False), ("False", False), ("0", False), ("true", True), ("1", True)):
+        with pytest.raises(ValueError, match="stop here"):
+            ProxyTuneLM.create_from_arg_string(f"base={dirs['base']},trust_remote_code={text}")
+        assert seen.pop() is value, text
+
+
+@needs_lm_eval
+def test_generation_kwargs_are_parsed_with_lm_evals_meaning(tiny, tok):
+    from proxytune import ProxyTuner
+    from proxytune.integrations.lm_eval import ProxyTuneLM, ProxyTuneLMError
+
+    base, expert, anti = tiny
+    lm = ProxyTuneLM(tuner=ProxyTuner(base, expert, anti, tokenizer=tok), max_gen_toks=5)
+    bad = [({"do_sample": True, "top_p": 0}, "top_p must be in (0, 1]"),
+           ({"do_sample": True, "top_p": 0.0, "temperature": 0.7}, "top_p must be in (0, 1]"),
+           ({"max_gen_toks": "abc"}, "max_gen_toks must be an integer >= 1, got 'abc'"),
+           ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+           ({"do_sample": "no"}, "do_sample must be true or false"),
+           ({"temperature": "hot"}, "temperature must be a number"),
+           ({"until": 5}, "until must be a string or a list of strings"),
+           ({"top_k": 1.5}, "top_k must be an integer >= 0")]  # fmt: skip
+    for kwargs, message in bad:
+        with pytest.raises(ProxyTuneLMError, match="generation kwargs: ") as info:
+            lm.generate_until(instances("generate_until", [("hello world", kwargs)]))
+        assert message in str(info.value) and info.value.__cause__ is None, (kwargs, info.value)
+    # lm-eval's normalize_gen_kwargs: a temperature above 0 without do_sample samples; do_sample=False is greedy
+    [sampled] = lm.generate_until(instances("generate_until", [("hello world", {"temperature": 0.9, "seed": 4})]))
+    assert sampled == lm.tuner.generate("hello world", temperature=0.9, seed=4, max_new_tokens=5).text
+    [greedy] = lm.generate_until(instances("generate_until", [("hello world", {"temperature": 0.9, "do_sample": False})]))
+    assert greedy == lm.tuner.generate("hello world", temperature=0, max_new_tokens=5).text
+    assert sampled != greedy
+
+
+LONG = ("the quick brown fox jumps over the lazy dog, hello world, this is a tiny tokenizer for tests, proxy tuning "
+        "steers a large model with small ones")  # fmt: skip
+
+
+@needs_lm_eval
+def test_max_length_cuts_contexts_from_the_left_as_lm_evals_hf_model(tiny, tok):
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (in the lm-eval extra)")
+    from lm_eval.models.huggingface import HFLM
+
+    from proxytune import ProxyTuner
+    from proxytune.integrations.lm_eval import ProxyTuneLM
+
+    base, expert, anti = tiny
+    tuner = ProxyTuner(base, expert, anti, tokenizer=tok, weights=0.0)
+    ours = ProxyTuneLM(tuner=tuner, max_length=10, batch_size=2)
+    hf = HFLM(pretrained=base, tokenizer=tok, max_length=10, batch_size=2, device="cpu")
+    requests = [(LONG, " once upon a time"), ("hello world", " this"), (LONG + " ", "there was a model")]
+    got = ours.loglikelihood(instances("loglikelihood", requests))
+    want = hf.loglikelihood(instances("loglikelihood", requests))
+    assert [g[0] for g in got] == pytest.approx([w[0] for w in want], abs=2e-4)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    gen = [(LONG, {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}), ("hello", {"max_gen_toks": 4})]
+    assert ours.generate_until(instances("generate_until", gen)) == hf.generate_until(instances("generate_until", gen))
+    with pytest.raises(ValueError, match="max_gen_toks=10 leaves no room for a context in max_length=10"):
+        ours.generate_until(instances("generate_until", [("hello", {"max_gen_toks": 10})]))
+
+
+@needs_lm_eval
+def test_the_launcher_prints_one_line_and_exits_2(monkeypatch, capsys):
+    import lm_eval.__main__
+
+    from proxytune.integrations import lm_eval as ours
+
+    def run():  # what lm-eval's CLI does with --model proxytune --model_args ...
+        from lm_eval.api.registry import get_model
+
+        get_model("proxytune").create_from_arg_string("base=/nowhere/base,trust_remote_code=no")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", run)
+    monkeypatch.setattr(sys, "argv", ["proxytune-lm-eval", "--model", "proxytune"])
+    with pytest.raises(SystemExit) as info:
+        ours.main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "proxytune-lm-eval: error: proxytune model args: trust_remote_code must be true or false (lm-eval's " \
+                  "convention; also 1 or 0), got 'no'\n"  # fmt: skip
+
+
+@needs_lm_eval
+@pytest.mark.slow
+def test_the_launcher_command_answers_a_bad_model_arg_in_one_line():
+    cmd = [sys.executable, "-m", "proxytune.integrations.lm_eval", "--model", "proxytune", "--model_args",
+           "base=/nowhere/base,weights=abc", "--tasks", "tinyworld_qa", "--device", "cpu", "--limit", "1"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == ("proxytune-lm-eval: error: proxytune model args: weights must be a finite "
+                                           "number with |w| <= 1e6, got 'abc' (str)")  # fmt: skip

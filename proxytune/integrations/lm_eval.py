@@ -16,8 +16,12 @@ So ``lm_eval --model proxytune`` cannot find the model by itself; these do:
 Model args: ``base=``, ``expert=``, ``anti_expert=`` (several pairs: ``expert=E1|E2,anti_expert=A1|A2``),
 ``weights=`` (one for all pairs, or ``1.0|0.5``), ``dtype=`` (float32, bfloat16, float16; default as
 ``ProxyTuner``), ``tokenizer=``, ``expert_template=`` (e.g. ``chat``), ``max_gen_toks=`` (default 256),
-``max_length=``, ``backend=``, ``trust_remote_code=``. ``--device`` and ``--batch_size`` are lm-eval's own
-(``auto`` batch sizes are refused: give a number).
+``max_length=`` (default: the smallest position limit of the models, less the longest template),
+``backend=``, ``trust_remote_code=`` (``true``/``false``, also 1/0; anything else is refused, never read as
+true). ``--device`` and ``--batch_size`` are lm-eval's own (``auto`` batch sizes are refused: give a number).
+Values are parsed strictly, by the rules every proxytune entry point shares (``proxytune/_rules.py``: weights
+finite with ``|w| <= 1e6``, a weight only with a pair to weigh); a bad one is a :class:`ProxyTuneLMError`
+(a ``ValueError``) naming it, which ``proxytune-lm-eval`` prints as one line (exit status 2).
 
 Requests, as lm-eval's ``hf`` model answers them:
 
@@ -25,13 +29,17 @@ Requests, as lm-eval's ``hf`` model answers them:
   whitespace of the context moves to the continuation, and the continuation's ids are
   ``encode(context + continuation)[len(encode(context)):]``; a token merging across the boundary is not
   repaired. An empty context is the prefix token (the tokenizer's BOS, else its EOS), the continuation then
-  encoded alone. Returns (sum of the proxy-tuned log-probabilities, whether greedy decoding gives it).
+  encoded alone. Where context and continuation exceed ``max_length + 1`` tokens the context is cut from the
+  left, as lm-eval's ``hf`` model does (it feeds ``(context + continuation)[-(max_length + 1):][:-1]``).
+  Returns (sum of the proxy-tuned log-probabilities, whether greedy decoding gives it).
 - ``loglikelihood_rolling(text)``: lm-eval's rolling windows of ``max_length`` tokens after the prefix
   token (``max_length``: the smallest position limit of the models, less the longest template).
 - ``generate_until(context, gen_kwargs)``: ``until`` (cut before the first stop string; EOS also stops),
-  ``max_gen_toks`` (or ``max_new_tokens``), ``do_sample`` / ``temperature`` (greedy by default), ``top_p``,
-  ``top_k``, ``min_p``, ``seed``; other keys are refused. A context too long for the models is an error (lm-eval's
-  ``hf`` model would cut it from the left).
+  ``max_gen_toks`` (or ``max_new_tokens``), ``do_sample`` / ``temperature`` with lm-eval's meaning (without
+  ``do_sample`` a temperature above 0 samples; ``do_sample=false`` is greedy; neither: greedy), ``top_p`` (in
+  ``(0, 1]``: 0 is refused, not read as 1), ``top_k``, ``min_p``, ``seed``; other keys are refused. The context
+  keeps its last ``max_length - max_gen_toks`` tokens, as in lm-eval's ``hf`` model (``max_gen_toks >=
+  max_length`` is an error).
 """
 
 from __future__ import annotations
@@ -408,12 +416,18 @@ def _with_tasks(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """``proxytune-lm-eval``: lm-eval's command line with the ``proxytune`` model registered (this module's
-    import) and the shipped tinyworld tasks on ``--include_path`` (unless one is given)."""
+    import) and the shipped tinyworld tasks on ``--include_path`` (unless one is given). A bad model arg or
+    generation kwarg of the ``proxytune`` model (:class:`ProxyTuneLMError`) is one line on stderr and exit
+    status 2; lm-eval's own errors are lm-eval's."""
     from lm_eval.__main__ import cli_evaluate
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.argv = _with_tasks(sys.argv)
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ProxyTuneLMError as e:  # a bad model arg or generation kwarg of ours: one line, as argparse's errors
+        print(f"proxytune-lm-eval: error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
