@@ -147,3 +147,53 @@ def test_bad_arguments():
         ProxyTuningLogitsProcessor("gpt2", m)
     with pytest.raises(ValueError, match="attention_mask must be"):
         ProxyTuningLogitsProcessor(m, m, attention_mask=torch.ones(3))
+
+
+# --- issue 23: padding the processor cannot see, weights past the bound, meta models, position room ---------
+
+
+def test_a_padded_batch_without_mask_or_pad_id_is_refused(trios, tok):
+    base, expert, anti = trios["llama"]
+    enc = left_padded(tok, PROMPTS)  # rows of different lengths: left padding with PAD_ID
+    for kw in (dict(do_sample=False), dict(do_sample=False, num_beams=2)):
+        p = ProxyTuningLogitsProcessor(expert, anti)
+        with pytest.raises(ValueError, match="starts with token 0, a pad id of the small models.*attention_mask="):
+            base.generate(**enc, max_new_tokens=2, logits_processor=LogitsProcessorList([p]), **kw)
+    same = left_padded(tok, [PROMPTS[0], PROMPTS[0]])  # no padding: nothing to see, it runs
+    p = ProxyTuningLogitsProcessor(expert, anti)
+    out = base.generate(**same, do_sample=False, max_new_tokens=2, logits_processor=LogitsProcessorList([p]))
+    assert out.shape == (2, same.input_ids.shape[1] + 2)
+
+
+def test_weights_past_the_bound_are_refused(trios):
+    _, expert, anti = trios["gpt2"]
+    for w in (3e38, -1.5e6, math.inf, True):
+        with pytest.raises((ValueError, TypeError), match=r"weights must be a finite number with \|w\| <= 1e6"):
+            ProxyTuningLogitsProcessor(expert, anti, weights=w)
+
+
+def test_meta_models_are_refused():
+    with torch.device("meta"):
+        m = tiny_model("llama", seed=0)
+    real = tiny_model("llama", seed=1)
+    with pytest.raises(ValueError, match="expert 0 is on the meta device"):
+        ProxyTuningLogitsProcessor(m, real)
+    with pytest.raises(ValueError, match="anti-expert 0 is on the meta device"):
+        ProxyTuningLogitsProcessor(real, m)
+
+
+def test_an_expert_with_fewer_positions_fails_clearly(tok):
+    base = tiny_model("gpt2", seed=0)
+    expert, anti = (tiny_model("gpt2", seed=s) for s in (1, 2))
+    for m in (expert, anti):  # GPT-2 with 8 positions: the first 8 rows of its position table
+        m.transformer.wpe.weight.data = m.transformer.wpe.weight.data[:8].clone()
+        m.transformer.wpe.num_embeddings = m.config.n_positions = 8
+    ids = torch.tensor([[1, 17, 5, 33, 9, 40]])  # 6 positions: the prompt fits, the fourth new token does not
+    p = ProxyTuningLogitsProcessor(expert, anti)
+    with pytest.raises(ValueError, match="input_ids has 9 positions but expert 0 takes at most 8"):
+        base.generate(input_ids=ids, suppress_tokens=[EOS_ID], do_sample=False, max_new_tokens=4,
+                      logits_processor=LogitsProcessorList([p]))  # fmt: skip
+    long = tok(["the quick brown fox jumps over the lazy dog"], return_tensors="pt")  # refused at the prefill
+    with pytest.raises(ValueError, match="positions but expert 0 takes at most 8"):
+        base.generate(**long, do_sample=False, max_new_tokens=1,
+                      logits_processor=LogitsProcessorList([ProxyTuningLogitsProcessor(expert, anti)]))  # fmt: skip

@@ -30,7 +30,12 @@ once; when rows were reordered or duplicated (beam search) the caches are reinde
 new batch, a longer jump) runs the small models over the whole ``input_ids`` again (``prefills`` counts those).
 Padding: the processor never sees ``generate``'s attention mask, so give it ``attention_mask=`` (the prompt's,
 ``[B, L]``; beam search's ``B * num_beams`` rows are matched by repeating it), or ``pad_token_id=`` (leading
-pad tokens of a row are padding), else no row is padded. A processor given a mask refuses rows that do not
+pad tokens of a row are padding). With neither, no row is padded, and a batch that looks left-padded is
+refused (``ValueError``): some rows but not all start with a pad id of the small models' configs (their
+``pad_token_id``, else their EOS, which ``generate`` pads with when there is no pad id).
+Positions: each step checks that ``input_ids`` fits every small model's position limit (a ``ValueError``
+naming the model, where the model itself would fail with an ``IndexError``). Models on the ``meta`` device
+are refused when the processor is built. A processor given a mask refuses rows that do not
 start with that mask's prompt: call :meth:`reset` with the new mask before reusing it for another batch.
 """
 
@@ -62,6 +67,8 @@ def _loaded(module: Any, name: str) -> LoadedModel:
     out = module.get_output_embeddings()
     width = out.weight.shape[0] if out is not None and hasattr(out, "weight") else module.config.get_text_config().vocab_size
     device = next(module.parameters()).device
+    if device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (shapes without weights): load its weights before generating")
     return LoadedModel(name, module.eval(), device, int(width), None, None, getattr(module, "name_or_path", "") or name)
 
 
@@ -108,6 +115,7 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
             raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
         self.pad_token_id = pad_token_id
         self.vocab_size = vocab_size
+        self._limits = [position_limit(m.module) for m in self.models]
         self.prefills = 0  # how many times the small models ran over whole sequences (a new batch, or rows lost)
         self.reset(attention_mask)
 
@@ -145,12 +153,47 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
             return torch.cat([m, torch.ones((rows, length - n), dtype=torch.long)], dim=1)
         if self.pad_token_id is not None:
             return ((ids != self.pad_token_id).cumsum(-1) > 0).long()
+        self._refuse_unseen_padding(ids)
         return torch.ones_like(ids)
+
+    def _refuse_unseen_padding(self, ids: torch.Tensor) -> None:
+        """Without ``attention_mask`` or ``pad_token_id`` the processor cannot tell padding from text: refuse a
+        batch that looks padded (some rows, not all, start with a pad id the small models' configs name, or
+        their EOS where they name no pad id, as ``generate`` then pads with it), rather than run the small
+        models over the padding as if it were text."""
+        if ids.shape[0] < 2:
+            return
+        pads = set()
+        for m in self.models:
+            for cfg in (getattr(m.module, "generation_config", None), m.module.config):
+                pads.update(i for i in _as_list(getattr(cfg, "pad_token_id", None)) if isinstance(i, int))
+        if not pads:
+            for m in self.models:
+                for cfg in (getattr(m.module, "generation_config", None), m.module.config):
+                    pads.update(i for i in _as_list(getattr(cfg, "eos_token_id", None)) if isinstance(i, int))
+        first = ids[:, 0].tolist()
+        padded = [r for r, t in enumerate(first) if t in pads]
+        if padded and len(padded) < len(first):
+            raise ValueError(
+                f"input_ids row {padded[0]} starts with token {first[padded[0]]}, a pad id of the small models, and "
+                "other rows do not: a left-padded batch. Give the processor attention_mask= (the prompt's mask, as "
+                "given to generate) or pad_token_id=, so that it does not read the padding as text"
+            )
+
+    def _check_positions(self, length: int) -> None:
+        """Every small model must have room for ``length`` positions (as ``ProxyTuner`` checks prompts)."""
+        for m, limit in zip(self.models, self._limits):
+            if limit is not None and length > limit:
+                raise ValueError(
+                    f"input_ids has {length} positions but {m.name} takes at most {limit} "
+                    "(max_position_embeddings / n_positions): shorten the prompt or max_new_tokens"
+                )
 
     @torch.inference_mode()
     def _advance(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Each small model's next-token logits after ``input_ids`` (reusing and reindexing its cache)."""
         ids = input_ids.detach().to("cpu", torch.long)
+        self._check_positions(ids.shape[1])
         seen = self._seen
         if seen is not None and ids.shape == seen.shape and torch.equal(ids, seen):
             return self._last  # called again for the same step
