@@ -130,3 +130,83 @@ def test_output_is_required_and_checked(models, tmp_path, capsys):
     rc, err = run(capsys, "--base", models["base"], "--expert", str(tmp_path / "nope"), "--anti-expert", models["a"],
                   "-o", str(tmp_path / "pt"))  # fmt: skip
     assert rc == 2 and "no such directory" in err and "nope" in err
+
+
+# --- issue 23 ------------------------------------------------------------------------------------------------
+
+
+def trio(models, *extra):
+    return ["--base", models["base"], "--expert", models["e"], "--anti-expert", models["a"], *extra]
+
+
+def test_a_proxy_tuned_directory_is_refused_as_an_input_without_vllm(models, tmp_path, capsys):
+    pt = tmp_path / "pt"
+    assert run(capsys, *trio(models, "-o", str(pt)))[0] == 0
+    for flag in ("--base", "--expert"):
+        argv = trio(models, "-o", str(tmp_path / "pt2"))
+        argv[argv.index(flag) + 1] = str(pt)
+        rc, err = run(capsys, *argv)
+        assert rc == 2 and "is itself a proxy-tuned model directory" in err and err.count("\n") == 0, err
+        assert not (tmp_path / "pt2").exists()
+
+
+def test_an_output_that_is_an_input_is_refused(models, tmp_path, capsys):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(models["base"], base)
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    for argv in (["--base", str(base), "--expert", models["e"], "--anti-expert", models["a"], "-o", str(base)],
+                 trio(models, "-o", models["e"]),
+                 ["--base", str(base), "--expert", models["e"], "--anti-expert", models["a"], "-o", str(base / "inside")],
+                 ["--base", str(base / "."), "--expert", models["e"], "--anti-expert", models["a"], "-o", str(base)]):  # fmt: skip
+        rc, err = run(capsys, *argv)
+        assert rc == 2 and err.startswith("proxytune: error: --output: ") and "give another directory" in err, (argv, err)
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before  # the base's own files untouched
+
+
+def test_a_checkpoint_without_weights_is_refused(models, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(models["e"] + "/config.json", bare / "config.json")
+    rc, err = run(capsys, "--base", models["base"], "--expert", str(bare), "--anti-expert", models["a"],
+                  "-o", str(tmp_path / "pt"))  # fmt: skip
+    assert rc == 2 and f"the expert 1 ({bare}) has no weights" in err and err.count("\n") == 0, err
+    assert not (tmp_path / "pt").exists()
+
+
+def test_an_unwritable_output_names_the_flag(models, capsys):
+    for out in ("/proc/proxytune-test", "/sys/proxytune-test/x"):
+        rc, err = run(capsys, *trio(models, "-o", out))
+        assert rc == 2 and err.startswith("proxytune: error: --output: ") and err.count("\n") == 0, err
+
+
+def test_a_base_without_a_tokenizer_uses_the_experts(models, tmp_path, capsys):
+    import shutil
+
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(f"{models['base']}/{f}", base / f)
+    rc, err = run(capsys, "--base", str(base), "--expert", models["e"], "--anti-expert", models["a"],
+                  "-o", str(tmp_path / "pt"))  # fmt: skip
+    assert rc == 0, err
+    assert (tmp_path / "pt" / "tokenizer.json").read_text() == open(models["e"] + "/tokenizer.json").read()
+    for d in ("e", "a"):  # no model has a tokenizer: say so
+        bare = tmp_path / f"bare_{d}"
+        bare.mkdir()
+        for f in ("config.json", "model.safetensors"):
+            shutil.copy(f"{models[d]}/{f}", bare / f)
+    rc, err = run(capsys, "--base", str(base), "--expert", str(tmp_path / "bare_e"), "--anti-expert",
+                  str(tmp_path / "bare_a"), "-o", str(tmp_path / "pt2"))  # fmt: skip
+    assert rc == 2 and "no tokenizer" in err and "--tokenizer" in err, err
+
+
+def test_an_uncached_hub_id_offline_names_its_role(models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc, err = run(capsys, "--base", "nobody-here/no-such-model-xyz", "--expert", models["e"], "--anti-expert",
+                  models["a"], "-o", str(tmp_path / "pt"))  # fmt: skip
+    assert rc == 2 and err.startswith("proxytune: error: the base: cannot load a config from 'nobody-here/no-such-model-xyz'"), err
+    assert "offline" in err and err.count("\n") == 0
