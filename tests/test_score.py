@@ -178,3 +178,18 @@ def test_bad_requests_name_the_argument(tok):
         tuner.score(["a"], [3.5])
     one = tuner.score("hello world", " this")  # one pair in, one Score out
     assert one.token_ids == split_continuation(tok, "hello world", " this")[1]
+
+
+def test_unclear_inputs_get_clear_answers(tok):
+    """Issue 23: a whitespace-only continuation that encodes to nothing, a lone surrogate in a text prompt."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "hello", "world"])}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()  # whitespace has no ids of its own, as in word-level vocabularies
+    wtok = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    with pytest.raises(ValueError, match=r"continuation 0 \('  '\) is whitespace only and gives no token ids"):
+        ProxyTuner(tiny_model("llama", seed=0), tokenizer=wtok).score(["hello world"], ["  "])
+    tuner = ProxyTuner(tiny_model("llama", seed=0), tokenizer=tok)
+    with pytest.raises(ValueError, match="prompt 1 is not valid Unicode text: '\\\\udcff' at character 2"):
+        tuner.score(["fine", "ab\udcffc"], [" x", " y"])
