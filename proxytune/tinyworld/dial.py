@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
-from proxytune.tinyworld.evaluation import MAX_NEW_TOKENS, answer, build_tuners, world_of
+from proxytune.tinyworld import evaluation
+from proxytune.tinyworld.evaluation import MAX_NEW_TOKENS, answer, world_of
 from proxytune.tinyworld.stats import N_RESAMPLES, SEED, bootstrap, gap_samples, interval
-from proxytune.tinyworld.token_shift import format_shift_table, shift_table, token_shifts
+from proxytune.tinyworld.token_shift import answer_value, format_shift_table, shift_table, token_shifts
 from proxytune.tinyworld.world import is_correct, is_well_formed
 
 __all__ = ["SPLITS", "ALPHA_GRID", "split_of_person", "split_questions", "choose_weight", "SINGLES", "PROXY",
@@ -119,6 +120,11 @@ class DialResult:
     def well_formed(self, label: str) -> list[int]:
         return [int(is_well_formed(o, q.attribute)) for o, q in zip(self.outputs[label], self.questions)]
 
+    def value_right(self, label: str) -> list[int]:
+        """Knowledge, format aside: the first line starts with the right value (`` Velmora, they said.`` is
+        right for `` Velmora.``); :func:`token_shift.answer_value`."""
+        return [int(answer_value(o, q.attribute) == q.answer.strip()[:-1]) for o, q in zip(self.outputs[label], self.questions)]
+
     def views(self) -> list[str]:
         """The question sets reported: each half that is present, then all of them when both are."""
         present = [h for h in ("validation", "test") if h in self.halves]
@@ -135,22 +141,24 @@ class DialResult:
         return choose_weight({w: sum(self.correct(proxy_label(w))[i] for i in idx) for w in self.weights})
 
     def summary(self, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> dict:
-        """Per view: ``n`` and, per system, exact match, in-format rate and (proxy rows) gap closed, each with
-        its 95% interval (:mod:`proxytune.tinyworld.stats`, resampling the view's questions)."""
+        """Per view: ``n`` and, per system, exact match, in-format rate, right value (format aside) and (proxy
+        rows) gap closed, each with its 95% interval (:mod:`proxytune.tinyworld.stats`, resampling the view's questions)."""
         out = {}
         for view in self.views():
             idx = self.indices(view)
             per_q = {}
             for label in self.outputs:
-                c, f = self.correct(label), self.well_formed(label)
+                c, f, v = self.correct(label), self.well_formed(label), self.value_right(label)
                 per_q[("em", label)] = [c[i] for i in idx]
                 per_q[("fmt", label)] = [f[i] for i in idx]
+                per_q[("value", label)] = [v[i] for i in idx]
             samples = bootstrap(per_q, n_resamples, seed)
             rows = {}
             for label in self.outputs:
-                em, fmt = per_q[("em", label)], per_q[("fmt", label)]
+                em, fmt, value = per_q[("em", label)], per_q[("fmt", label)], per_q[("value", label)]
                 row = {"exact_match": sum(em) / len(em), "exact_match_ci": interval(samples[("em", label)]),
-                       "in_format": sum(fmt) / len(fmt), "in_format_ci": interval(samples[("fmt", label)])}  # fmt: skip
+                       "in_format": sum(fmt) / len(fmt), "in_format_ci": interval(samples[("fmt", label)]),
+                       "value_right": sum(value) / len(value), "value_right_ci": interval(samples[("value", label)])}  # fmt: skip
                 if label.startswith(PROXY) and "large base" in self.outputs and "large tuned" in self.outputs:
                     lb, lt = (sum(per_q[("em", k)]) / len(idx) for k in ("large base", "large tuned"))
                     row["gap_closed"] = (row["exact_match"] - lb) / (lt - lb) if lt > lb else None
@@ -180,7 +188,7 @@ def run_dial(models_dir=None, weights: Sequence[float] = ALPHA_GRID, split: str 
     rank = {e: k for k, e in enumerate(world.eval_ids)}
     halves = [split_of_person(rank[q.entity]) for q in questions]
     n = len(questions)
-    tuners = tuners if tuners is not None else build_tuners(models_dir)
+    tuners = tuners if tuners is not None else evaluation.build_tuners(models_dir)
     expected_tokens = 2 * n * (2 if token_weights is None else len(token_weights))
     bar = progress_bar(n * (len(SINGLES) + len(weights)) + expected_tokens, progress)
     prompts = [q.prompt for q in questions]
@@ -240,15 +248,16 @@ def _with_ci(x, ci) -> str:
 def format_dial(result: DialResult, summary: dict, shifts: dict) -> str:
     """The tables a person reads: per view every system with 95% intervals, the chosen weight, the test half
     at weight 1 and at the chosen weight, and the token-level tables."""
-    lines = [f"exact match, in format and gap closed, each with its 95% interval (bootstrap over questions, "
-             f"{N_RESAMPLES:,} resamples, seed {SEED})"]  # fmt: skip
+    lines = [f"exact match, in format, right value (format aside: the first line starts with the right value) and "
+             f"gap closed, each with its 95% interval (bootstrap over questions, {N_RESAMPLES:,} resamples, seed {SEED})"]  # fmt: skip
     for view, block in summary.items():
         lines += ["", f"{view} ({block['n_questions']} questions)",
-                  f"{'system':<32} {'exact match':>22} {'in format':>24} {'gap closed':>26}"]  # fmt: skip
+                  f"{'system':<31} {'exact match':>20} {'in format':>22} {'right value':>20} {'gap closed':>20}"]  # fmt: skip
         for label, row in block["systems"].items():
             gap = _with_ci(row["gap_closed"], row["gap_closed_ci"]) if "gap_closed" in row else ""
-            lines.append(f"{label:<32} {_with_ci(row['exact_match'], row['exact_match_ci']):>22} "
-                         f"{_with_ci(row['in_format'], row['in_format_ci']):>24} {gap:>26}")  # fmt: skip
+            lines.append(f"{label:<31} {_with_ci(row['exact_match'], row['exact_match_ci']):>20} "
+                         f"{_with_ci(row['in_format'], row['in_format_ci']):>22} "
+                         f"{_with_ci(row['value_right'], row['value_right_ci']):>20} {gap:>20}".rstrip())  # fmt: skip
     chosen = result.chosen_weight()
     if chosen is not None:
         lines += ["", f"chosen weight: {chosen:g} (most validation exact matches; ties to the weight nearer 1)"]
@@ -295,11 +304,12 @@ def save_dial(result: DialResult, summary: dict, shifts: dict, directory, comman
         "questions": [{"entity": q.entity, "attribute": q.attribute, "prompt": q.prompt, "answer": q.answer, "half": h}
                       for q, h in zip(result.questions, result.halves)],
         "outputs": result.outputs, "correct": {label: result.correct(label) for label in result.outputs},
-        "token_records": {f"{w:g}": s["records"] for w, s in shifts.items()},
+        "token_records": {f"{w:g}": {k: [round(r[k], 6) if k.startswith("p_") else r[k] for r in s["records"]]
+                                     for k in ("question", "position", "id", "role", "p_base", "p_proxy")}
+                          for w, s in shifts.items()},  # one list per field (ids decode with the family's tokenizer)
     }  # fmt: skip
     with open(json_path, "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
+        f.write(_dumps(record, compact=("correct", "token_records")) + "\n")
     with open(txt_path, "w") as f:
         f.write(f"$ {command}\n{format_dial(result, summary, shifts)}\n")
     paths = [json_path, txt_path]
@@ -318,8 +328,20 @@ def save_dial(result: DialResult, summary: dict, shifts: dict, directory, comman
     return paths
 
 
+def _dumps(record: dict, compact: Sequence[str] = ()) -> str:
+    """JSON with one key per line (indent 1), the values under ``compact`` keys each on one line per entry."""
+    parts = []
+    for key, value in record.items():
+        if key in compact and isinstance(value, dict):
+            inner = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in value.items())
+            parts.append(f" {json.dumps(key)}: {{\n{inner}\n }}")
+        else:
+            parts.append(f" {json.dumps(key)}: " + json.dumps(value, indent=1).replace("\n", "\n "))
+    return "{\n" + ",\n".join(parts) + "\n}"
+
+
 def _plot_dial(plt, result: DialResult, summary: dict, path: str) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharex=True)
     ws = result.weights
     order = sorted(range(len(ws)), key=ws.__getitem__)
     ref_view = "all" if "all" in summary else next(iter(summary))
@@ -348,9 +370,10 @@ def _plot_dial(plt, result: DialResult, summary: dict, path: str) -> None:
         ax.set_ylabel(f"{name} (%)")
         ax.set_ylim(-2, 102)
         ax.set_title(f"{name} against the weight (95% bands)", fontsize=10)
-    axes[0].legend(fontsize=7, loc="center right")
-    fig.suptitle(f"Tiny world: proxy-tuned large = large base + alpha (small tuned - small base)", fontsize=10)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.suptitle("Tiny world: proxy-tuned large = large base + alpha (small tuned - small base)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

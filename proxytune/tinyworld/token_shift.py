@@ -18,7 +18,7 @@ from typing import Sequence
 
 from proxytune.tinyworld.world import VALUES
 
-__all__ = ["ROLES", "token_roles", "token_shifts", "shift_table", "format_shift_table"]
+__all__ = ["ROLES", "answer_value", "token_roles", "token_shifts", "shift_table", "format_shift_table"]
 
 ROLES = ("value", "value: first token", "value: later tokens", "period", "newline", "other")
 
@@ -34,6 +34,13 @@ def _value_span(text: str, attribute: str):
         if rest.startswith(v) and not rest[len(v):len(v) + 1].isalnum() and (best is None or len(v) > len(best)):
             best = v
     return None if best is None else (start, start + len(best))
+
+
+def answer_value(text: str, attribute: str):
+    """The value the first line of ``text`` starts with (see :func:`_value_span`), or None: what an answer
+    says, format aside (the base's `` Velmora, they said.`` says Velmora)."""
+    span = _value_span(text, attribute)
+    return None if span is None else text.split("\n", 1)[0][span[0]:span[1]]
 
 
 def token_roles(pieces: Sequence[str], attribute: str) -> list[str]:
