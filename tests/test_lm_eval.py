@@ -248,6 +248,10 @@ def test_trust_remote_code_is_false_unless_true(dirs, monkeypatch):
             raise ValueError("stop here")
 
     monkeypatch.setattr(proxytune.engine, "ProxyTuner", Spy)
+    for text in ("no", "off", "NO", "yes", "2", "enabled"):  # bool("no") was True: remote code enabled
+        with pytest.raises(ValueError, match="trust_remote_code must be true or false"):
+            ProxyTuneLM.create_from_arg_string(f"base={dirs['base']},trust_remote_code={text}")
+        assert not seen, text
     for text, value in (("false", False), ("False", False), ("0", False), ("true", True), ("1", True)):
         with pytest.raises(ValueError, match="stop here"):
             ProxyTuneLM.create_from_arg_string(f"base={dirs['base']},trust_remote_code={text}")
