@@ -27,6 +27,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from proxytune._rules import check_weight
 from proxytune.integrations.vllm.config import WEIGHTS_FILE, WEIGHTS_TENSOR, VllmConfigError, read_block
 
 __all__ = ["ProxyTunedForCausalLM"]
@@ -71,7 +72,8 @@ class ProxyTunedForCausalLM(nn.Module):
             self.add_module(name, init_vllm_registered_model(vllm_config, prefix=maybe_prefix(prefix, name), hf_config=cfg))
             self._names.append(name)
             self._hidden.append(int(cfg.get_text_config().hidden_size))
-        self.pair_weights = [float(p["weight"]) for p in pairs]
+        # the one weight rule (proxytune._rules): a hand-edited config.json fails here, not at every forward
+        self.pair_weights = [check_weight(p["weight"], f"config.json: proxytune pairs[{i}].weight") for i, p in enumerate(pairs)]
         self.secondary_weights = [
             DefaultModelLoader.Source(source, revision=None, prefix=f"{name}.") for name, source in sources
         ]
