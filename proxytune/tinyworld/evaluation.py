@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -54,6 +55,29 @@ def build_tuners(models_dir=None, labels: Optional[Sequence[str]] = None) -> dic
         pairs = ([loaded[expert]], [loaded[anti]]) if expert else ((), ())
         tuners[label] = ProxyTuner(loaded[base], *pairs, tokenizer=tokenizer_dir, device="cpu")
     return tuners
+
+
+def progress_bar(total: int, progress: Optional[bool], desc: str = "proxytune eval"):
+    """A tqdm bar on stderr (``progress`` None: only when stderr is a terminal); a stand-in that counts
+    silently when tqdm is missing or the bar is off."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # transformers brings tqdm; without it, no bar
+        tqdm = None
+    if tqdm is not None and progress is not False:
+        return tqdm(total=total, desc=desc, unit="answer", disable=None if progress is None else False,
+                    file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+
+    class Silent:
+        n = 0
+
+        def update(self, k: int = 1):
+            self.n += k
+
+        def close(self):
+            pass
+
+    return Silent()
 
 
 def answer(tuner, prompts: Sequence[str], batch_size: int = 256) -> list[str]:
@@ -117,7 +141,7 @@ def evaluate(models_dir=None, limit: Optional[int] = None, tuners: Optional[dict
              batch_size: int = 256, split: str = "all", progress: Optional[bool] = False) -> EvalResult:  # fmt: skip
     """Answer the first ``limit`` held-out questions of ``split`` (``tinyworld.dial``'s halves; all by default)
     with every system. ``progress``: a bar over every answer on stderr (None: when stderr is a terminal)."""
-    from proxytune.tinyworld.dial import progress_bar, split_questions
+    from proxytune.tinyworld.protocol import split_questions
 
     world = world_of(models_dir)
     questions = split_questions(world, world.eval_questions(), split)[:limit]
