@@ -38,9 +38,11 @@ def check_weight(value: Any, name: str = "weights") -> float:
 def check_weights(weights: Any, n_pairs: int, name: str = "weights") -> list[float]:
     """The weight of each of ``n_pairs`` (expert, anti-expert) pairs: one number for every pair, or a list or
     tuple of one (for every pair) or ``n_pairs`` numbers, each by :func:`check_weight`. Weights given where
-    there is no pair to weigh (``n_pairs == 0``) are an error, never dropped silently."""
+    there is no pair to weigh (``n_pairs == 0``) are an error, never dropped silently (an empty list is none)."""
     if isinstance(weights, (list, tuple)):
-        if n_pairs and len(weights) not in (1, n_pairs):
+        if not weights and not n_pairs:
+            return []  # one weight per pair, for no pairs: nothing given
+        if len(weights) not in (1, n_pairs):
             raise ValueError(
                 f"{name} must be one number for every pair or one per pair ({n_pairs}), got {len(weights)}: {weights!r}"
             )
