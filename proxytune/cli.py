@@ -714,21 +714,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     family = _nonempty("a directory")
     demo = sub.add_parser("demo", help="proxy-tuning a shipped tiny model family: answers side by side, accuracy table")
-    demo.add_argument("--models", default=None, type=family, help="the family's directory (default: the shipped one)")
+    demo.add_argument("--models", default=None, type=family, action=_Once, help="the family's directory (default: the shipped one)")
     demo.add_argument("--examples", type=_POSITIVE, default=4, help="held-out questions shown side by side")
     demo.add_argument("--limit", type=_POSITIVE, default=None, help="held-out questions in the table (default: all)")
     demo.set_defaults(run=_demo)
     ev = sub.add_parser("eval", help="held-out exact match of the tiny family and the proxy-tuned large model")
-    ev.add_argument("--models", default=None, type=family, help="the family's directory (default: the shipped one)")
+    ev.add_argument("--models", default=None, type=family, action=_Once, help="the family's directory (default: the shipped one)")
     ev.add_argument("--limit", type=_POSITIVE, default=None, help="only the first N held-out questions")
     ev.add_argument("--batch-size", type=_POSITIVE, default=256)
     ev.add_argument("--threads", type=_integer(1, 1024), default=None, help="torch CPU threads (default: torch's)")
-    ev.add_argument("--save", default=None, metavar="DIR", type=family,
+    ev.add_argument("--save", default=None, metavar="DIR", type=family, action=_Once,
                     help="write tinyworld_eval.{json,txt,png} into DIR (checked before evaluating)")  # fmt: skip
     from proxytune.tinyworld.dial import SPLITS, parse_weights
 
     ev.add_argument("--alpha", default=None, metavar="A[,A...]", type=_parsed("list", parse_weights, "one or "
-                    "more distinct finite numbers separated by commas", bool), help="the proxy's weights: each is reported, one is "
+                    "more distinct numbers separated by commas, each finite with |w| <= 1e6", bool), help="the proxy's weights: each is reported, one is "
                     "chosen on the validation half; --save writes tinyworld_dial.{json,txt,png} and _tokens.png")  # fmt: skip
     ev.add_argument("--split", default="all", choices=SPLITS,
                     help="held-out questions: the validation half, the test half, or all (default)")  # fmt: skip

@@ -223,7 +223,10 @@ def test_progress_bar_counts_every_answer(capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--alpha", "x"], "--alpha must be one or more distinct finite numbers separated by commas, got 'x'"),
+        (["--alpha", "x"], "--alpha must be one or more distinct numbers separated by commas, each finite with |w| <= 1e6, got 'x'"),
+        (["--alpha", "1,2e6"], "--alpha must be"),  # the one weight rule (proxytune._rules)
+        (["--models", "a", "--models", "b"], "--models: given twice"),
+        (["--save", "a", "--save", "b"], "--save: given twice"),
         (["--alpha", "1,,2"], "--alpha must be"),
         (["--alpha", "1,1"], "--alpha must be"),
         (["--alpha", "nan"], "--alpha must be"),

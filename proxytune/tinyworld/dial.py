@@ -7,12 +7,12 @@ they live in :mod:`proxytune.tinyworld.protocol`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from proxytune._rules import check_weight
 from proxytune.tinyworld import evaluation
 from proxytune.tinyworld.evaluation import MAX_NEW_TOKENS, answer, progress_bar, world_of
 from proxytune.tinyworld.protocol import ALPHA_GRID, SPLITS, choose_weight, split_of_person, split_questions
@@ -335,13 +335,13 @@ def _plot_tokens(plt, shifts: dict, path: str) -> None:
 
 
 def parse_weights(text: str) -> list[float]:
-    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``: finite numbers within float32's range, distinct, at least one;
-    anything else is a ``ValueError``."""
+    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``: distinct pair weights, each by the one weight rule
+    (:func:`proxytune._rules.check_weight`), at least one; anything else is a ``ValueError``."""
     weights = []
     for item in text.split(","):
-        w = float(item)  # "" and "x" raise ValueError
-        if not math.isfinite(w) or abs(w) > 3.4e38 or w in weights:
-            raise ValueError(f"bad weight {item!r}")
+        w = check_weight(float(item), "--alpha")  # "" and "x" raise ValueError in float()
+        if w in weights:
+            raise ValueError(f"weight {item!r} given twice")
         weights.append(w)
     return weights
 
