@@ -136,6 +136,7 @@ struct RowParams {
   float t, p, min_p;
   int64_t k;
   Noise nz;
+  bool logprobs;  // the caller reads the log-probability (else only the fully-masked marker is written)
 };
 
 // A row whose kept set some filter bounds (else the draw runs over every finite token).
@@ -144,6 +145,12 @@ inline bool has_filter(const RowParams& rp, int64_t V) {
 }
 // A row whose filter stage reads the ladder: top-p without top-k.
 inline bool has_ladder(const RowParams& rp, int64_t V) { return !(rp.p >= 1.0f) && !(rp.k > 0 && rp.k < V); }
+// A row that needs S (the sum of exp z over every finite token): top-p's target, or the log-probability.
+inline bool needs_sum(const RowParams& rp) { return rp.logprobs || !(rp.p >= 1.0f); }
+
+// The op's host-side batch flags (bits of its `filters` argument): a filter whose bit is clear is off in
+// every row, whatever its parameter says (the caller's promise; `proxytune.sample(filters_used=...)`).
+constexpr int64_t kTopKBit = 1, kTopPBit = 2, kMinPBit = 4, kAllFilters = 7;
 
 struct Scratch {  // per-thread buffers of the filter stage, reused across rows and calls
   std::vector<Cand> C, D, kept, tmp;

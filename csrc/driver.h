@@ -104,13 +104,15 @@ bool finish_filtered(const float* s, const float* bm, int64_t V, float m, const 
       first_pos = int64_t(sc.kept.size()) - 1;
     }
     const int64_t tok = draw_list(sc.kept, first_pos, rp.nz);
+    *token = tok;
+    *logprob = 0.0f;
+    if (!rp.logprobs) return true;
     double sum = 0.0;
     float ztok = 0.0f;
     for (const Cand& c : sc.kept) {
       sum += exp_approx(c.z);
       if (c.idx == tok) ztok = c.z;
     }
-    *token = tok;
     *logprob = ztok - float(std::log(sum));
     return true;
   }
@@ -147,7 +149,7 @@ ThreadBuffers& thread_buffers() {
 
 // The tail of every row, whichever path computed its s, S and ladder. A row with no finite s -> token 0 and
 // a NaN log-probability; a greedy row -> its first maximum, log-probability 0. Returns false for a row to
-// sample.
+// sample. (Without log-probabilities a sampled row writes 0 too: the NaN still marks a fully masked row.)
 inline bool finish_unsampled(const RowState& R, int64_t* token, float* logprob) {
   if (!(R.m > kNegInf)) {
     *token = 0;
@@ -171,7 +173,7 @@ void finish_sampled(const float* s, const float* bm, int64_t V, const RowState& 
   const Best best = draw_all();
   const int64_t tok = best.idx >= 0 ? best.idx : R.first;  // the first maximum always has a key
   *token = tok;
-  *logprob = z_of(s[tok], R.m, R.rp.t) - float(std::log(R.S));
+  *logprob = R.rp.logprobs ? z_of(s[tok], R.m, R.rp.t) - float(std::log(R.S)) : 0.0f;
 }
 
 int dtype_code(const at::Tensor& x, const char* name) {
@@ -244,7 +246,8 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
                                               at::TensorList anti_experts, const at::Tensor& weights,
                                               const at::Tensor& temperature, const at::Tensor& top_k,
                                               const at::Tensor& top_p, const at::Tensor& min_p,
-                                              const at::Tensor& seed, const at::Tensor& step, int64_t vocab_size) {
+                                              const at::Tensor& seed, const at::Tensor& step, int64_t vocab_size,
+                                              int64_t filters, bool want_logprobs) {
   Prepared pr = prepare(base, experts, anti_experts, weights, vocab_size);
   const Inputs& in = pr.in;
   const int64_t B = in.batch, V = in.vocab, nsub = (V + kSub - 1) / kSub, Vp = nsub * kSub;
@@ -267,6 +270,10 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
     rp.p = P.data_ptr<float>()[r];
     rp.min_p = MP.data_ptr<float>()[r];
     rp.k = K.data_ptr<int64_t>()[r];
+    if (!(filters & kTopKBit)) rp.k = 0;  // compiled out on the host's word: off in every row
+    if (!(filters & kTopPBit)) rp.p = 1.0f;
+    if (!(filters & kMinPBit)) rp.min_p = 0.0f;
+    rp.logprobs = want_logprobs;
     const uint64_t sd = uint64_t(SD.data_ptr<int64_t>()[r]), st = uint64_t(ST.data_ptr<int64_t>()[r]);
     rp.nz = Noise{uint32_t(sd), uint32_t(sd >> 32), uint32_t(st), uint32_t(st >> 32)};
     rows[r].greedy = !(rp.t > 0.0f);
@@ -288,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
         const RowParams& rp = R.rp;
         combine_chunk(in, r, 0, V, s, bm, &R.m, &R.first);
         if (finish_unsampled(R, &tok_out[r], &lp_out[r])) continue;
-        scale_chunk(s, bm, 0, V, R.m, rp.t, has_ladder(rp, V), &R.S, R.ladder);
+        if (needs_sum(rp)) scale_chunk(s, bm, 0, V, R.m, rp.t, has_ladder(rp, V), &R.S, R.ladder);
         finish_sampled(s, bm, V, R, buf.filter, [&]() { return draw_chunk(s, bm, 0, V, R.first, R.m, rp.t, rp.nz); },
                        &tok_out[r], &lp_out[r]);
       }
@@ -346,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base, at::Tensor
       if (R.done || lo >= hi || !(cmax[it] > kNegInf)) continue;
       const float* s = s_all + r * Vp;
       const float* bm = bm_all + r * nsub;
-      scale_chunk(s, bm, lo, hi, R.m, R.rp.t, has_ladder(R.rp, V), &cS[it], &cL[it * kLadder]);
+      if (needs_sum(R.rp)) scale_chunk(s, bm, lo, hi, R.m, R.rp.t, has_ladder(R.rp, V), &cS[it], &cL[it * kLadder]);
       if (!has_filter(R.rp, V)) cbest[it] = draw_chunk(s, bm, lo, hi, R.first, R.m, R.rp.t, R.rp.nz);
     }
   });

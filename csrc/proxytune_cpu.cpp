@@ -45,7 +45,8 @@
 TORCH_LIBRARY(proxytune, m) {
   m.def(
       "sample(Tensor base, Tensor[] experts, Tensor[] anti_experts, Tensor weights, Tensor temperature, "
-      "Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed, Tensor step, int vocab_size) -> (Tensor, Tensor)");
+      "Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed, Tensor step, int vocab_size, int filters=7, "
+      "bool logprobs=True) -> (Tensor, Tensor)");
   m.def("combine(Tensor base, Tensor[] experts, Tensor[] anti_experts, Tensor weights, int vocab_size) -> Tensor");
 }
 
@@ -57,13 +58,17 @@ TORCH_LIBRARY_IMPL(proxytune, CPU, m) {
 // Shapes and dtypes only, on the meta device: what FakeTensor runs when torch.compile (or torch.export)
 // traces through the ops, so a graph that calls them compiles without running them. The outputs are those
 // of the CPU kernels: tokens int64 [B] and log-probabilities fp32 [B]; combine fp32 [B, vocab_size].
+// `filters` (bits: 1 top-k, 2 top-p, 4 min-p) are the filters some row may use: a clear bit turns that filter
+// off in every row. `logprobs=false` computes no log-probability: the second output is then NaN for a row
+// with no finite combined logit and 0 for every other row.
 namespace proxytune_cpu {
 namespace {
 std::tuple<at::Tensor, at::Tensor> sample_meta(const at::Tensor& base, at::TensorList experts,
                                                at::TensorList anti_experts, const at::Tensor& weights,
                                                const at::Tensor& temperature, const at::Tensor& top_k,
                                                const at::Tensor& top_p, const at::Tensor& min_p,
-                                               const at::Tensor& seed, const at::Tensor& step, int64_t vocab_size) {
+                                               const at::Tensor& seed, const at::Tensor& step, int64_t vocab_size,
+                                               int64_t filters, bool logprobs) {
   TORCH_CHECK(base.dim() == 2, "base must be [B, V]");
   TORCH_CHECK(experts.size() == anti_experts.size(), "experts and anti_experts must pair up");
   TORCH_CHECK(vocab_size >= 1, "vocab_size must be >= 1");
@@ -94,11 +99,16 @@ PYBIND11_MODULE(_C, m) {
       "sample",
       [](const at::Tensor& base, const std::vector<at::Tensor>& experts, const std::vector<at::Tensor>& anti_experts,
          const at::Tensor& weights, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
-         const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& step, int64_t vocab_size) {
+         const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& step, int64_t vocab_size, int64_t filters,
+         bool logprobs) {
         pybind11::gil_scoped_release no_gil;
         return proxytune_cpu::sample_cpu(base, experts, anti_experts, weights, temperature, top_k, top_p, min_p, seed,
-                                         step, vocab_size);
-      });
+                                         step, vocab_size, filters, logprobs);
+      },
+      pybind11::arg("base"), pybind11::arg("experts"), pybind11::arg("anti_experts"), pybind11::arg("weights"),
+      pybind11::arg("temperature"), pybind11::arg("top_k"), pybind11::arg("top_p"), pybind11::arg("min_p"),
+      pybind11::arg("seed"), pybind11::arg("step"), pybind11::arg("vocab_size"),
+      pybind11::arg("filters") = proxytune_cpu::kAllFilters, pybind11::arg("logprobs") = true);
   m.def("target", []() { return std::string(proxytune_cpu::hot().target); },
         "what the vector code running here was compiled for (the installed build picks it at load time)");
   m.def("combine", [](const at::Tensor& base, const std::vector<at::Tensor>& experts,

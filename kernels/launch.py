@@ -9,7 +9,8 @@ warps and about two waves of programs over the SMs; :mod:`proxytune.kernels.aot`
 launch for a chosen target without a GPU and reports registers and spills.
 
 Scratch (per-program partials, the candidate list, two counters) belongs to one stream: launches on one
-stream run in order, so they can share it; another stream gets its own. A launch captured into a CUDA graph
+stream run in order, so they can share it; another stream gets its own. Each stream keeps one pair of flat
+buffers grown to the largest launch seen (not one per batch size). A launch captured into a CUDA graph
 gets scratch of its own, kept alive by the graph's output tensors (keep those while the graph lives, as CUDA
 graphs require). The counters are zeroed at every launch (a memset on the same stream, captured with the
 kernel), so an interrupted launch cannot leave a later one a wrong count.
@@ -17,6 +18,7 @@ kernel), so an interrupted launch cannot leave a later one a wrong count.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -54,32 +56,63 @@ class Scratch(NamedTuple):
     cand_i: torch.Tensor  # int32 [B, CAP]: candidate token ids
     counters: torch.Tensor  # int32 [B, 2]: candidate count, arrivals
 
+    @staticmethod
+    def sizes(batch: int, split: int, cap: int) -> tuple[int, int]:
+        """``(fp32 elements, int32 elements)`` one launch's scratch takes."""
+        return batch * (split * 3 + cap), batch * (split + cap + 2)
+
+    @classmethod
+    def carve(cls, f32: torch.Tensor, i32: torch.Tensor, batch: int, split: int, cap: int) -> "Scratch":
+        """Views into flat fp32 / int32 buffers of at least :meth:`sizes` elements (contiguous, as the kernel
+        indexes them)."""
+        n_part, n_cand = batch * split * 3, batch * cap
+        part_f, cand_s = f32[:n_part].view(batch, split, 3), f32[n_part : n_part + n_cand].view(batch, cap)
+        n_pi = batch * split
+        part_i, cand_i = i32[:n_pi].view(batch, split), i32[n_pi : n_pi + n_cand].view(batch, cap)
+        counters = i32[n_pi + n_cand : n_pi + n_cand + 2 * batch].view(batch, 2)
+        return cls(part_f, part_i, cand_s, cand_i, counters)
+
     @classmethod
     def allocate(cls, device: torch.device, batch: int, split: int, cap: int) -> "Scratch":
-        f32, i32 = torch.float32, torch.int32
-        return cls(
-            torch.empty(batch, split, 3, dtype=f32, device=device), torch.empty(batch, split, dtype=i32, device=device),
-            torch.empty(batch, cap, dtype=f32, device=device), torch.empty(batch, cap, dtype=i32, device=device),
-            torch.zeros(batch, 2, dtype=i32, device=device),
-        )  # fmt: skip
+        n_f, n_i = cls.sizes(batch, split, cap)
+        f32 = torch.empty(n_f, dtype=torch.float32, device=device)
+        scratch = cls.carve(f32, torch.empty(n_i, dtype=torch.int32, device=device), batch, split, cap)
+        scratch.counters.zero_()
+        return scratch
 
 
-_scratch: dict[tuple, Scratch] = {}
+class _Arena(NamedTuple):
+    """One stream's flat scratch buffers: they grow to the largest launch seen and are never duplicated
+    per batch size (eager decoding shrinks the batch row by row)."""
+
+    f32: torch.Tensor
+    i32: torch.Tensor
+
+
+_scratch: dict[tuple, _Arena] = {}  # (device, stream) -> its arena
 
 
 def _scratch_for(device: torch.device, batch: int, split: int, cap: int) -> tuple[Scratch, bool]:
-    """``(scratch, owned)``: the current stream's cached scratch, or, inside a CUDA-graph capture, a new one
-    that only this launch uses (``owned``: the caller ties its lifetime to the launch's outputs)."""
+    """``(scratch, owned)``: views into the current stream's arena (grown when this launch needs more), or,
+    inside a CUDA-graph capture, a new scratch that only this launch uses (``owned``: the caller ties its
+    lifetime to the launch's outputs). Launches on one stream run in order, so they can share its arena;
+    a replaced arena's memory returns to the caching allocator after the launches queued on it."""
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return Scratch.allocate(device, batch, split, cap), True
         stream = torch.cuda.current_stream(device).cuda_stream
     else:
         stream = 0  # the interpreter runs launches one after another
-    key = (device, stream, batch, split, cap)
-    if key not in _scratch:
-        _scratch[key] = Scratch.allocate(device, batch, split, cap)
-    return _scratch[key], False
+    n_f, n_i = Scratch.sizes(batch, split, cap)
+    arena = _scratch.get((device, stream))
+    if arena is None or arena.f32.numel() < n_f or arena.i32.numel() < n_i:
+        old_f, old_i = (arena.f32.numel(), arena.i32.numel()) if arena is not None else (0, 0)
+        arena = _Arena(
+            torch.empty(max(n_f, old_f), dtype=torch.float32, device=device),
+            torch.empty(max(n_i, old_i), dtype=torch.int32, device=device),
+        )
+        _scratch[device, stream] = arena
+    return Scratch.carve(arena.f32, arena.i32, batch, split, cap), False
 
 
 def sm_count(device: torch.device) -> int:
@@ -123,7 +156,7 @@ def launch_settings(
     return LaunchSettings(block, cap, split, slice_width, num_warps)
 
 
-def _row_major(name: str, x: torch.Tensor) -> torch.Tensor:
+def _row_major(x: torch.Tensor) -> torch.Tensor:
     if x.stride(1) != 1:  # the kernel reads contiguous rows; any row stride is fine
         x = x.contiguous()
     return x
@@ -148,7 +181,8 @@ def proxy_sample(
         exercise row splitting and the fallback.
     has_top_k, has_top_p, has_min_p : False compiles that filter out (the caller promises it is off in
         every row); True handles per-row on/off at run time.
-    write_logprobs : False skips the log-probability store (the returned tensor is then uninitialised).
+    write_logprobs : False computes no log-probability: the returned tensor is then only the fully-masked
+        marker (NaN for a row with no finite logit, else 0).
 
     Returns
     -------
@@ -186,7 +220,7 @@ def proxy_sample(
         base, experts, anti_experts, weights, temperature, top_k, top_p, min_p, seed, step, vocab_size,
         tokens, logprobs, scratch, settings, filters=(has_top_k, has_top_p, has_min_p), write_logprobs=write_logprobs,
     )  # fmt: skip
-    with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         scratch.counters.zero_()
         proxy_sample_kernel[grid](*args, **constants)
     if owned:  # captured: the graph replays into this scratch for as long as its outputs live
@@ -213,9 +247,9 @@ def kernel_arguments(
             s = s + weights[i][:, None] * (experts[i][:, :vocab_size].float() - anti_experts[i][:, :vocab_size].float())
         base, experts, anti_experts, weights = s, experts[extra:], anti_experts[extra:], weights[extra:]
         n_pairs = MAX_PAIRS
-    base = _row_major("base", base)
-    experts = [_row_major("expert", x) for x in experts]
-    anti_experts = [_row_major("anti_expert", x) for x in anti_experts]
+    base = _row_major(base)
+    experts = [_row_major(x) for x in experts]
+    anti_experts = [_row_major(x) for x in anti_experts]
     pairs = []
     for i in range(MAX_PAIRS):
         if i < n_pairs:
@@ -249,10 +283,3 @@ def _interpreting() -> bool:
     imported from the backend glue above: the kernel layer imports nothing from proxytune."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

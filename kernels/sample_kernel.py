@@ -327,9 +327,10 @@ def proxy_sample_kernel(
                 draw = tl.where(keep, zc + g, NEG_INF)
                 best = tl.max(draw, axis=0)
                 token = tl.min(tl.where(keep & (draw == best), ci, BIG_INDEX), axis=0)
-                z_token = tl.max(tl.where(ci == token, zc, NEG_INF), axis=0)
-                z_keep = tl.where(simple, z_total, tl.sum(tl.where(keep, ez, 0.0), axis=0))
-                logprob = z_token - tl.log(z_keep)
+                if WRITE_LOGPROBS:
+                    z_token = tl.max(tl.where(ci == token, zc, NEG_INF), axis=0)
+                    z_keep = tl.where(simple, z_total, tl.sum(tl.where(keep, ez, 0.0), axis=0))
+                    logprob = z_token - tl.log(z_keep)
             else:
                 # ---- exact fallback: NP-way search over order keys, one pass over the row per step ----------
                 key_lo_init = _order_key(tl.full((), NEG_INF, tl.float32))
@@ -388,3 +389,5 @@ def proxy_sample_kernel(
         tl.store(token_ptr + row64, token.to(tl.int64))
         if WRITE_LOGPROBS:
             tl.store(logprob_ptr + row64, logprob)
+        else:  # no log-probability (the compiler drops its sums): only the fully-masked marker
+            tl.store(logprob_ptr + row64, tl.where(m > NEG_INF, 0.0, float("nan")))

@@ -16,7 +16,8 @@ import torch
 
 from proxytune._rules import MAX_WEIGHT, check_weight
 
-__all__ = ["SampleArgs", "Scalar", "PerRow", "normalize", "check_filter_scalars", "fresh_seed"]
+__all__ = ["SampleArgs", "Scalar", "PerRow", "normalize", "check_filter_scalars", "check_filters_used", "fresh_seed",
+           "FILTER_NAMES"]
 
 Scalar = Union[int, float]
 PerRow = Union[int, float, torch.Tensor]
@@ -49,14 +50,31 @@ class SampleArgs(NamedTuple):
     seed: torch.Tensor  # [B] int64
     step: torch.Tensor  # [B] int64
     vocab_size: int
-    # (top-k, top-p, min-p): whether the filter may be on in some row. False only where a Python scalar turns
-    # it off for every row (or a scalar temperature makes every row greedy), known without a host sync; a
-    # backend may then skip that filter's work (the Triton kernel compiles it out).
+    # (top-k, top-p, min-p): whether the filter may be on in some row, known on the host without a sync. False
+    # where a Python scalar turns it off for every row (or a scalar temperature makes every row greedy), or
+    # where the caller's ``filters_used`` leaves it out; a filter that is False here is off in every row, in
+    # every backend (the Triton kernel compiles it out, the C++ op and the reference ignore its parameter).
     filters_on: tuple[bool, bool, bool] = (True, True, True)
+    # Whether the caller reads the log-probabilities. False: no backend computes them; the second output of
+    # a backend's sample is then only the fully-masked marker (NaN for such a row, else 0).
+    logprobs: bool = True
 
-    @property
-    def batch_size(self) -> int:
-        return self.base.shape[0]
+    def filter_bits(self) -> int:
+        """:attr:`filters_on` as the C++ op's ``filters`` bits (1 top-k, 2 top-p, 4 min-p)."""
+        k_on, p_on, m_on = self.filters_on
+        return k_on | p_on << 1 | m_on << 2
+
+    def without_unused_filters(self) -> "SampleArgs":
+        """These arguments with each filter that :attr:`filters_on` rules out set to its off value in every row
+        (what a backend that cannot compile a filter out computes with)."""
+        if all(self.filters_on):
+            return self
+        k_on, p_on, m_on = self.filters_on
+        return self._replace(
+            top_k=self.top_k if k_on else torch.zeros_like(self.top_k),
+            top_p=self.top_p if p_on else torch.ones_like(self.top_p),
+            min_p=self.min_p if m_on else torch.zeros_like(self.min_p),
+        )
 
     def op_arguments(self) -> tuple:
         """``(base, experts, anti_experts, weights, temperature, top_k, top_p, min_p, seed, step, vocab_size)``:
@@ -178,6 +196,41 @@ def _filters_on(temperature: object, top_k: object, top_p: object, min_p: object
     return (k_on, p_on, m_on)
 
 
+FILTER_NAMES = ("top_k", "top_p", "min_p")  # the order of SampleArgs.filters_on
+
+
+def check_filters_used(filters_used: object) -> frozenset | None:
+    """``filters_used`` as a frozenset of :data:`FILTER_NAMES` (None stays None: infer from the scalars)."""
+    if filters_used is None:
+        return None
+    if isinstance(filters_used, str) or not isinstance(filters_used, (set, frozenset, list, tuple)):
+        raise TypeError(f"filters_used must be None or a set of {FILTER_NAMES}, got {type(filters_used).__name__}")
+    unknown = sorted(set(filters_used) - set(FILTER_NAMES), key=str)
+    if unknown:
+        raise ValueError(f"filters_used may hold only {FILTER_NAMES}; got {unknown}")
+    return frozenset(filters_used)
+
+
+def _check_filters_used(args: SampleArgs, inferred: tuple[bool, bool, bool], used: frozenset) -> None:
+    """Under ``validate=True``: no sampled row (temperature > 0) uses a filter outside ``used`` (host sync)."""
+    sampled = args.temperature > 0
+    rules = {
+        "top_k": (args.top_k > 0) & (args.top_k < args.vocab_size),
+        "top_p": ~(args.top_p >= 1),
+        "min_p": ~(args.min_p <= 0),
+    }
+    for name, could in zip(FILTER_NAMES, inferred):
+        if not could or name in used:
+            continue
+        bad = rules[name] & sampled
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"row {row} uses {name}={getattr(args, name)[row].item():.6g} but filters_used={sorted(used)} leaves "
+                f"{name} out; add it to filters_used (or pass filters_used=None)"
+            )
+
+
 def fresh_seed() -> int:
     """A new 64-bit seed from torch's default CPU generator (``torch.manual_seed`` makes it repeatable; no
     device sync): what ``seed=None`` means for the op and for an engine request."""
@@ -287,13 +340,18 @@ def normalize(
     step: object,
     vocab_size: object,
     validate: bool,
+    filters_used: object = None,
+    logprobs: bool = True,
 ) -> SampleArgs:
     """Check the public ops' arguments and normalise them into :class:`SampleArgs`.
 
     ``seed=None`` draws a fresh seed from torch's default CPU generator (no device sync). With
     ``validate=True`` value checks on tensors sync with the device; with ``validate=False`` only the free
-    checks (types, shapes, devices, Python scalar ranges) run.
+    checks (types, shapes, devices, Python scalar ranges) run. ``filters_used`` (None or a set of
+    :data:`FILTER_NAMES`) narrows :attr:`SampleArgs.filters_on`; with ``validate=True`` a row that uses a
+    filter outside it raises ``ValueError``, without it the promise is trusted (that filter is off).
     """
+    used = check_filters_used(filters_used)
     base = _check_logits("base", base, None)
     device = base.device
     batch, min_width = base.shape
@@ -325,13 +383,19 @@ def normalize(
     else:
         filters = _filter_tensors(weights, temperature, top_k, top_p, min_p, len(experts), batch, device)
         plain = False
+    inferred = _filters_on(temperature, top_k, top_p, min_p, int(vocab_size))
     args = SampleArgs(
         base, experts, antis, *filters,
         seed=_per_row("seed", seed, batch, device, torch.int64, True),
         step=_per_row("step", step, batch, device, torch.int64, True),
         vocab_size=int(vocab_size),
-        filters_on=_filters_on(temperature, top_k, top_p, min_p, int(vocab_size)),
+        filters_on=inferred,
+        logprobs=bool(logprobs),
     )
     if validate:
         _check_tensor_values(args, params=not plain)
+    if used is not None:
+        if validate:
+            _check_filters_used(args, inferred, used)
+        args = args._replace(filters_on=tuple(on and name in used for name, on in zip(FILTER_NAMES, inferred)))
     return args

@@ -78,8 +78,9 @@ def _loaded():
 
 
 def sample_cpu(args: SampleArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(token_ids int64 [B], logprobs fp32 [B])`` computed by the C++ op."""
-    return (_ext or _loaded()).sample(*args.op_arguments())
+    """``(token_ids int64 [B], logprobs fp32 [B])`` computed by the C++ op; the host's batch flags go with
+    them (``filters`` bits from :attr:`SampleArgs.filters_on`, ``logprobs``), so it skips the unused work."""
+    return (_ext or _loaded()).sample(*args.op_arguments(), args.filter_bits(), args.logprobs)
 
 
 def combine_cpu(args: SampleArgs) -> torch.Tensor:

@@ -15,7 +15,7 @@ __all__ = ["BACKEND"]
 
 
 def _sample(args: SampleArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    return sample_reference(*args.op_arguments())
+    return sample_reference(*args.without_unused_filters().op_arguments(), logprobs=args.logprobs)
 
 
 def _combine(args: SampleArgs) -> torch.Tensor:

@@ -39,7 +39,8 @@ def _sample(args: SampleArgs) -> tuple[torch.Tensor, torch.Tensor]:
     from proxytune.kernels.launch import proxy_sample
 
     has_top_k, has_top_p, has_min_p = args.filters_on  # filters off in every row are compiled out
-    return proxy_sample(*args.op_arguments(), has_top_k=has_top_k, has_top_p=has_top_p, has_min_p=has_min_p)
+    return proxy_sample(*args.op_arguments(), has_top_k=has_top_k, has_top_p=has_top_p, has_min_p=has_min_p,
+                        write_logprobs=args.logprobs)  # fmt: skip
 
 
 def _combine(args: SampleArgs) -> torch.Tensor:

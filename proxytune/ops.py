@@ -31,6 +31,7 @@ def sample(
     return_logprobs: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    filters_used: Optional[frozenset] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Draw one token per row from the proxy-tuned distribution.
 
@@ -64,7 +65,7 @@ def sample(
         The common vocabulary ``V``; defaults to the narrowest width. Columns past ``V`` are ignored.
     return_logprobs : bool
         Also return the log-probability of each drawn token under the final filtered, renormalised
-        distribution (0 for greedy rows).
+        distribution (0 for greedy rows). Without it no backend computes log-probabilities.
     backend : {"auto", "reference", "cpu", "triton"}
         ``auto`` picks the fastest verified backend for the logits' device: ``cpu`` (the C++ extension) on
         CPU, ``triton`` (the fused kernel) on CUDA once a GPU run has verified it (``proxytune/_verified.py``;
@@ -76,6 +77,13 @@ def sample(
         device (they cost one max reduction per logits tensor, plus a look at the result for a fully masked
         row); pass False inside CUDA graphs. Without them invalid entries are treated as masked and the
         result is still a token id in ``[0, V)``.
+    filters_used : frozenset of {"top_k", "top_p", "min_p"}, optional
+        The caller's host-side promise of the filters that some row uses (an engine knows it from its
+        requests when the batch forms; no device sync). A filter left out is off in every row: the Triton
+        kernel compiles it out even when its parameter is a ``[B]`` tensor, and the C++ op skips it. With
+        ``validate=True`` a sampled row (temperature > 0) whose parameter turns on a filter left out raises
+        ``ValueError``; with ``validate=False`` the promise is trusted and that filter's parameter is ignored
+        (the result is still a valid token id). None (default): inferred from Python scalars alone.
 
     Returns
     -------
@@ -84,10 +92,12 @@ def sample(
     """
     args = normalize(
         base, experts, anti_experts, weights=weights, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, seed=seed, step=step, vocab_size=vocab_size, validate=validate,
+        min_p=min_p, seed=seed, step=step, vocab_size=vocab_size, validate=validate, filters_used=filters_used,
+        logprobs=bool(return_logprobs),
     )  # fmt: skip
     tokens, logprobs = backends.resolve(backend, args.base.device).sample(args)
-    if validate:  # every backend returns logprob NaN exactly for a row with no finite combined logit
+    if validate:  # every backend returns logprob NaN exactly for a row with no finite combined logit (also
+        # without return_logprobs: then that marker is all it computes)
         _check_not_fully_masked(logprobs)
     return (tokens, logprobs) if return_logprobs else tokens
 

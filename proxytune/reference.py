@@ -15,7 +15,7 @@ import torch
 
 from proxytune.noise import gumbel
 
-__all__ = ["combine_reference", "keep_mask_reference", "sample_reference"]
+__all__ = ["combine_reference", "keep_mask_reference", "filtered_logprobs_reference", "sample_reference"]
 
 
 def combine_reference(
@@ -79,6 +79,37 @@ def keep_mask_reference(
     return z, keep
 
 
+def filtered_logprobs_reference(
+    s: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+    *, filtered: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """The log-probabilities of the op's final distribution over combined logits ``s`` ``[N, V]``: the
+    distribution :func:`sample_reference` draws from (its log-probability of the drawn token is this one's at
+    that token), whole, for speculative verification (``proxytune.speculative``).
+
+    Returns ``[N, V]`` in the dtype of ``s``: ``z_j - log sum_{i in K*} exp(z_i)`` on the kept set ``K*`` of
+    :func:`keep_mask_reference`, -inf elsewhere; a greedy row (``T <= 0``) is the point mass on its first maximal
+    ``s`` (0 there, -inf elsewhere); a fully masked row is all -inf. ``filtered=False`` is the caller's promise,
+    known on the host, that no sampled row turns a filter on: the sort-based filters are skipped (the kept set
+    is then every finite ``z``, as :func:`keep_mask_reference` gives it for such rows). No host sync.
+    """
+    s = torch.where(torch.isfinite(s), s, float("-inf"))
+    greedy = ~(temperature > 0)
+    if filtered:
+        z, keep = keep_mask_reference(s, temperature, top_k, top_p, min_p)
+    else:
+        m = s.amax(dim=1, keepdim=True)
+        t = torch.where(temperature > 0, temperature, 1.0).to(s.dtype)[:, None]
+        z = torch.where(torch.isfinite(s), (s - m) / t, float("-inf"))  # keep_mask_reference's z
+        keep = torch.isfinite(z)
+    kz = torch.where(keep, z, float("-inf"))
+    lse = torch.logsumexp(kz, dim=1, keepdim=True)
+    out = torch.where(keep, kz - torch.where(torch.isfinite(lse), lse, 0.0), float("-inf"))
+    first_max = torch.arange(s.shape[1], device=s.device) == s.argmax(dim=1, keepdim=True)
+    point = torch.where(first_max & torch.isfinite(s), 0.0, float("-inf")).to(s.dtype)
+    return torch.where(greedy[:, None], point, out)
+
+
 def sample_reference(
     base: torch.Tensor,
     experts: Sequence[torch.Tensor],
@@ -92,12 +123,14 @@ def sample_reference(
     step: torch.Tensor,
     vocab_size: int,
     compute_dtype: torch.dtype = torch.float32,
+    logprobs: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine, filter and draw by Gumbel-max with counter-based noise.
 
     Returns ``(token_ids, logprobs)``: int64 ``[B]`` in ``[0, vocab_size)`` and fp32 ``[B]``, the
     log-probability of each token under the filtered, renormalised distribution (0 for greedy rows,
-    NaN for a fully masked row, which returns token 0).
+    NaN for a fully masked row, which returns token 0). With ``logprobs=False`` none is computed: the
+    second output is NaN for a fully masked row and 0 for every other.
     """
     s = combine_reference(base, experts, anti_experts, weights, vocab_size, compute_dtype)
     z, keep = keep_mask_reference(s, temperature, top_k, top_p, min_p)
@@ -109,6 +142,8 @@ def sample_reference(
     greedy = ~(temperature > 0)
     tokens = torch.where(greedy, s.argmax(dim=1), key.argmax(dim=1))  # argmax: first index on ties
 
+    if not logprobs:
+        return tokens, torch.where(keep.any(dim=1), 0.0, float("nan")).to(torch.float32)
     kept_z = torch.where(keep, z, float("-inf"))
     logprobs = kept_z.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(kept_z, dim=1)
     logprobs = torch.where(greedy, 0.0, logprobs)

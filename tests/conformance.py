@@ -149,3 +149,37 @@ def assert_matches_reference(backend: str, base, experts=(), antis=(), *, seeds=
             assert _a_cut_flip(base, experts, antis, params, row, tokens[row].item(), lp[row].item(), ref_lp[row].item(), atol), (
                 f"seed {seed} row {row}: {backend} logprob {lp[row].item()} vs reference {ref_lp[row].item()}"
             )
+
+
+# The host-known batch flags of proxytune.sample: (per-row tensor parameters of a 3-row batch, the filters_used
+# promise that covers them, the filters some row uses). Row 1 of each is greedy: a greedy row uses no filter.
+FLAG_CASES = [
+    (dict(temperature=[0.8, 0.0, 1.1], top_p=[0.9, 0.5, 1.0]), {"top_p"}),
+    (dict(temperature=[1.0, 0.0, 0.7], top_k=[40, 5, 0]), {"top_k"}),
+    (dict(temperature=[1.2, 0.0, 1.0], min_p=[0.05, 0.5, 0.0]), {"min_p"}),
+    (dict(temperature=[0.9, 0.0, 1.0], top_k=[30, 0, 0], top_p=[0.8, 1.0, 0.95]), {"top_k", "top_p"}),
+    (dict(temperature=[1.0, 0.0, 1.3]), set()),
+]
+
+
+def flag_params(params: dict, batch: int, device) -> dict:
+    """A :data:`FLAG_CASES` row as ``[B]`` tensors (rows repeated to ``batch``) with the op's other defaults."""
+    full = dict(temperature=[1.0] * 3, top_k=[0] * 3, top_p=[1.0] * 3, min_p=[0.0] * 3)
+    full.update(params)
+    return {
+        k: torch.tensor([v[i % 3] for i in range(batch)], dtype=torch.int64 if k == "top_k" else torch.float32, device=device)
+        for k, v in full.items()
+    }
+
+
+def assert_flags_conform(backend: str, base, experts, antis, params: dict, used: set, seed: int = 5) -> None:
+    """The batch flags change no token of ``backend``: ``filters_used`` that covers the rows, and
+    ``return_logprobs=False``, draw what the backend draws without them (and what the reference draws)."""
+    kw = dict(seed=seed, step=3, **flag_params(params, base.shape[0], base.device))
+    ref_tokens, ref_lp = proxytune.sample(base, experts, antis, backend="reference", return_logprobs=True, **kw)
+    tokens, lp = proxytune.sample(base, experts, antis, backend=backend, return_logprobs=True, filters_used=frozenset(used), **kw)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(lp, ref_lp, atol=2e-5, rtol=1e-5)
+    for filters_used in (None, frozenset(used)):
+        plain = proxytune.sample(base, experts, antis, backend=backend, filters_used=filters_used, **kw)
+        assert torch.equal(plain, ref_tokens)

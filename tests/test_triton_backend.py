@@ -195,9 +195,23 @@ def test_an_interrupted_launch_does_not_poison_the_next():
     base, experts, antis = _inputs(3, 400, seed=13)
     args = _normalized(base, experts, antis, top_k=25, top_p=0.9)
     first = _check(args, block=32, split=5, cap=128)
-    for scratch in launch._scratch.values():
-        scratch.counters.fill_(7)
+    for arena in launch._scratch.values():
+        arena.i32.fill_(7)  # the counters live in the int32 buffer
     assert _check(args, block=32, split=5, cap=128)[0].tolist() == first[0].tolist()
+
+
+def test_scratch_is_one_arena_per_stream_whatever_the_batch_size():
+    # Eager decoding shrinks the batch row by row: the scratch cache must not keep one buffer pair per size.
+    from proxytune.kernels import launch
+
+    base, experts, antis = _inputs(5, 300, seed=17)
+    launch._scratch.clear()
+    for b in (5, 4, 3, 2, 1, 5):
+        args = _normalized(base[:b], [x[:b] for x in experts], [x[:b] for x in antis], top_k=25, top_p=0.9)
+        _check(args, block=64, split=3, cap=128)
+    assert len(launch._scratch) == 1
+    (arena,) = launch._scratch.values()
+    assert (arena.f32.numel(), arena.i32.numel()) == launch.Scratch.sizes(5, 3, 128)
 
 
 # (top_k, top_p, min_p, temperature) as Python scalars -> the filters the backend leaves compiled in
@@ -238,6 +252,23 @@ def test_filter_tensors_stay_compiled_in():
     assert args.filters_on == (True, True, False)  # a tensor may turn a filter on in any row; min_p=0.0 is off
 
 
+def test_host_flags_compile_filters_out_of_tensor_parameters(monkeypatch):
+    # filters_used (the engine's word, from its requests) compiles unused filters out even when every
+    # parameter is a [B] tensor, and return_logprobs=False reaches the kernel as WRITE_LOGPROBS=False.
+    from proxytune.kernels import launch
+
+    seen = []
+    real = launch.proxy_sample
+    monkeypatch.setattr(launch, "proxy_sample", lambda *a, **k: seen.append(k) or real(*a, **k))
+    base, experts, antis = _inputs(3, 200, seed=5)
+    kw = dict(temperature=torch.full((3,), 0.9, device=DEVICE), top_k=torch.zeros(3, dtype=torch.int64, device=DEVICE),
+              top_p=torch.tensor([0.9, 1.0, 0.8], device=DEVICE), min_p=torch.zeros(3, device=DEVICE), seed=3)  # fmt: skip
+    tokens = sample(base, experts, antis, backend="triton", filters_used=frozenset({"top_p"}), **kw)
+    assert (seen[0]["has_top_k"], seen[0]["has_top_p"], seen[0]["has_min_p"], seen[0]["write_logprobs"]) == (
+        False, True, False, False)  # fmt: skip
+    assert tokens.tolist() == sample(base, experts, antis, backend="reference", **kw).tolist()
+
+
 @pytest.mark.parametrize("flag", ["has_top_k", "has_top_p", "has_min_p", "write_logprobs"])
 def test_each_constexpr_switch_runs_in_the_interpreter(flag):
     # With the filter off in every row, compiling it out changes nothing; without logprobs, the tokens stay.
@@ -254,6 +285,8 @@ def test_each_constexpr_switch_runs_in_the_interpreter(flag):
     assert tokens.tolist() == expected[0].tolist()
     if flag != "write_logprobs":
         assert logprobs.tolist() == expected[1].tolist()
+    else:  # only the fully-masked marker: 0 for every live row
+        assert logprobs.tolist() == [0.0] * 3
 
 
 def test_auto_picks_the_triton_kernel_only_once_verified_on_a_gpu():
