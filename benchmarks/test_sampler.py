@@ -2,7 +2,9 @@
 
 Cases: B in {1, 8, 32} x V in {32000 (Llama-2), 128256 (Llama-3), 152064 (Qwen2)} x {fp32, bf16}, one expert
 pair, temperature 0.7, top-p 0.9, on realistic peaked logits (:func:`proxytune.testing.proxy_inputs`); plus
-top-p 1.0 (no nucleus) at V = 128256 in fp32 and bf16. CPU always; CUDA too when a GPU is present.
+top-p 1.0 (no nucleus) at V = 128256 in fp32 and bf16. CPU always; CUDA too when a GPU is present. And the C++
+op's batch flag: with and without log-probabilities (``cpu+lp`` / ``cpu-lp``), B in {1, 8}, V = 128256, fp32,
+top-p 0.9 and 1.0, the variants alternated call by call (``-k logprobs``).
 
 Backends: ``naive`` and every registered backend that ``auto`` may pick for the device (so the C++ and
 Triton backends appear once they are registered; the Triton interpreter on the CPU is not timed) plus
@@ -134,4 +136,42 @@ def test_sample(benchmark, bench_run, device_type, dtype, batch, vocab, top_p, b
             median_s=stats.median, min_s=stats.min, mean_s=stats.mean, stddev_s=stats.stddev, rounds=stats.rounds,
             floor_bytes=3 * batch * vocab * base.element_size(),
             times_s=list(stats.data),
+        ))  # fmt: skip
+
+
+# ---- the host-known batch flags of the C++ op (issue 22): log-probabilities computed or not -----------------
+FLAG_VOCAB, FLAG_BATCHES, FLAG_ROUNDS = 128256, (1, 8), int(os.environ.get("PROXYTUNE_BENCH_FLAG_ROUNDS", "60"))
+# variant -> (return_logprobs, filters_used): what the engine passes when no request asks for log-probabilities
+FLAG_VARIANTS = {"cpu+lp": (True, None), "cpu-lp": (False, None)}
+
+
+@pytest.mark.parametrize("top_p", [0.9, 1.0], ids=lambda p: f"p{p:g}")
+@pytest.mark.parametrize("batch", FLAG_BATCHES, ids=lambda b: f"B{b}")
+def test_cpu_op_with_and_without_logprobs(bench_run, batch, top_p):
+    # The variants alternate call by call (one round = one call of each), so a machine whose load changes
+    # during the run slows them alike; the medians are compared. top_p=0.9 needs the row's exp-sum anyway
+    # (the nucleus), so only the kept set's sum is saved; top_p=1.0 (no filter) saves the whole exp-sum pass.
+    if _registered("cpu").why_unavailable() is not None:
+        pytest.skip(f"backend 'cpu' unavailable: {_registered('cpu').why_unavailable()}")
+    base, experts, antis = _inputs("cpu", "fp32", batch, FLAG_VOCAB)
+    bench_run.copy_bandwidth(base.device)
+    params = dict(weights=WEIGHT, temperature=TEMPERATURE, top_p=top_p, seed=SEED, step=0, backend="cpu", validate=False)
+    times: dict[str, list[float]] = {name: [] for name in FLAG_VARIANTS}
+    outputs = {}
+    for round_ in range(FLAG_ROUNDS + 2):  # two warm-up rounds
+        for name, (logprobs, used) in FLAG_VARIANTS.items():
+            start = time.perf_counter()
+            out = proxytune.sample(base, experts, antis, return_logprobs=logprobs, filters_used=used, **params)
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+            outputs[name] = out[0] if logprobs else out
+    assert torch.equal(outputs["cpu+lp"], outputs["cpu-lp"])  # the flag changes no token
+    for name, ts in times.items():
+        ts_sorted = sorted(ts)
+        median = ts_sorted[len(ts) // 2]
+        mean = sum(ts) / len(ts)
+        bench_run.records.append(Record(
+            device="cpu", dtype="fp32", batch=batch, vocab=FLAG_VOCAB, top_p=top_p, backend=name, median_s=median,
+            min_s=ts_sorted[0], mean_s=mean, stddev_s=(sum((t - mean) ** 2 for t in ts) / len(ts)) ** 0.5,
+            rounds=len(ts), floor_bytes=3 * batch * FLAG_VOCAB * base.element_size(), times_s=ts,
         ))  # fmt: skip
