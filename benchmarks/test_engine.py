@@ -41,7 +41,7 @@ import pytest
 import torch
 
 from naive import naive_sample
-from proxytune.engine.decode import cache_argument
+from proxytune.engine.runner import cache_argument
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

@@ -143,7 +143,7 @@ def _sync():
 
 def _cost_model(base, prompts, tok) -> dict:
     """t(base forward of k + 1 tokens) / t(1 token) after a prefill of ``prompts`` (medians of 5)."""
-    from proxytune.engine.decode import ModelRunner
+    from proxytune.engine.runner import ModelRunner
     from proxytune.engine.loading import ModelSpec, load_model
     from proxytune.engine.prompts import left_pad
 

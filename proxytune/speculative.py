@@ -18,7 +18,9 @@ Randomness is counter-based, as the op's: for the token at generated index ``t``
 So a row's tokens depend only on its seed, its prompt and its own acceptance history (which sets its
 draft length), never on the rows beside it.
 
-Host syncs: :func:`filtered_logprobs` checks whether any row needs the sort-based filters (one sync).
+The target ``p`` is :func:`~proxytune.reference.filtered_logprobs_reference` (here ``filtered_logprobs``): the
+reference's own definition of the op's final distribution, so the verifier and the op cannot disagree. It
+syncs nothing; the caller says on the host whether any row filters (``filtered=False`` skips the sorts).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 from proxytune.noise import uniform
 from proxytune.ops import sample as proxy_sample
-from proxytune.reference import keep_mask_reference
+from proxytune.reference import filtered_logprobs_reference
 
 __all__ = ["DRAFT_STREAM", "ACCEPT_STREAM", "RESIDUAL_STREAM", "filtered_logprobs", "draft_tokens", "accept_drafts",
            "accept_greedy", "accepted_counts", "residual_logits"]  # fmt: skip
@@ -37,40 +39,7 @@ __all__ = ["DRAFT_STREAM", "ACCEPT_STREAM", "RESIDUAL_STREAM", "filtered_logprob
 DRAFT_STREAM, ACCEPT_STREAM, RESIDUAL_STREAM = 1, 2, 3  # noise streams (stream 0: the op's own draws)
 
 
-def filtered_logprobs(
-    s: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
-) -> torch.Tensor:
-    """The log-probabilities of the op's final distribution (``docs/semantics.md``) over combined logits.
-
-    Parameters
-    ----------
-    s : Tensor [N, V], fp32 (or fp64): combined logits, non-finite entries masked
-    temperature, top_k, top_p, min_p : Tensor [N]: the op's parameters per row
-
-    Returns
-    -------
-    Tensor [N, V], the dtype of ``s``: ``z_j - log sum_{i in K*} exp(z_i)`` on the kept set ``K*``
-    (:func:`~proxytune.reference.keep_mask_reference`), -inf elsewhere; a greedy row (``T <= 0``) is the point
-    mass on its first maximal ``s`` (0 there, -inf elsewhere); a fully masked row is all -inf. The sort-based
-    filters run only for the rows that use top-k, top-p or min-p (one host sync to find them).
-    """
-    s = torch.where(torch.isfinite(s), s, float("-inf"))
-    greedy = ~(temperature > 0)
-    m = s.amax(dim=1, keepdim=True)
-    t = torch.where(temperature > 0, temperature, 1.0).to(s.dtype)[:, None]
-    z = torch.where(torch.isfinite(s), (s - m) / t, float("-inf"))  # the formula of keep_mask_reference
-    keep = torch.isfinite(z)
-    filtered = ((top_k > 0) | (top_p < 1) | (min_p > 0)) & ~greedy
-    rows = filtered.nonzero()[:, 0]
-    if rows.numel():
-        _, kept = keep_mask_reference(s[rows], temperature[rows], top_k[rows], top_p[rows], min_p[rows])
-        keep[rows] = kept
-    kz = torch.where(keep, z, float("-inf"))
-    lse = torch.logsumexp(kz, dim=1, keepdim=True)
-    out = torch.where(keep, kz - torch.where(torch.isfinite(lse), lse, 0.0), float("-inf"))
-    first_max = torch.arange(s.shape[1], device=s.device) == s.argmax(dim=1, keepdim=True)
-    point = torch.where(first_max & torch.isfinite(s), 0.0, float("-inf")).to(s.dtype)
-    return torch.where(greedy[:, None], point, out)
+filtered_logprobs = filtered_logprobs_reference  # the op's final distribution, defined once (proxytune.reference)
 
 
 def draft_tokens(

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from proxytune import ProxyTuner, SamplingParams
-from proxytune.engine.decode import ModelRunner, SamplerState
+from proxytune.engine.runner import ModelRunner
+from proxytune.engine.sampler_state import SamplerState
 from proxytune.engine.prompts import left_pad
 from tiny_models import EOS_ID, KINDS, PROMPTS, tiny_trio
 
@@ -31,7 +32,7 @@ class Loaded:
 
 def loaded_decoder(trio, tok, capacity, prompts):
     """A ``StaticDecoder`` loaded with a prefilled batch, its first token drawn greedily from the base."""
-    from proxytune.engine.static_step import StaticDecoder
+    from proxytune.engine.static_decoder import StaticDecoder
 
     dev = torch.device("cuda")
     ids = [tok(p)["input_ids"] for p in prompts]
@@ -128,12 +129,12 @@ def test_several_buckets_and_per_row_stops(models, tok):
     prompts = (PROMPTS * 2)[:7]
     want, got = eager.generate(prompts, params), graph.generate(prompts, params)
     assert [(g.token_ids, g.finish_reason, g.text) for g in got] == [(g.token_ids, g.finish_reason, g.text) for g in want]
-    buckets = sorted({b for b, _ in graph._graphs.graphs})
+    buckets = sorted({b for b, _ in graph.decoder_stats().graphs})
     assert len(buckets) >= 3 and buckets[-1] == 8, buckets
     # a second batch reuses the decoder and its graphs
-    decoder = graph._decoder
+    before = graph.decoder_stats()
     again = graph.generate(prompts[:3], params[:3])
-    assert graph._decoder is decoder
+    assert graph.decoder_stats().capacity == before.capacity and set(before.graphs) <= set(graph.decoder_stats().graphs)
     assert [g.token_ids for g in again] == [g.token_ids for g in eager.generate(prompts[:3], params[:3])]
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from proxytune import ProxyTuner
-from proxytune.engine import static_step
+from proxytune.engine import static_decoder
 from tiny_models import PROMPTS, tiny_config
 
 MODES = ("eager", "static")
@@ -69,17 +69,17 @@ def test_static_caches_are_bounded_and_grow_as_needed(short, tok, monkeypatch):
     eager = ProxyTuner(base, expert, anti, tokenizer=tok, decode="eager")
     kw = dict(temperature=0.9, seed=3)
     gens = static.generate(PROMPTS, max_new_tokens=10**8, **kw)  # was a 10**8-position allocation
-    assert static._decoder.max_len <= 24 + static_step.SPARE_STEPS + 32  # bounded by the model (rounded up)
+    assert static.decoder_stats().max_len <= 24 + static_decoder.SPARE_STEPS + 32  # bounded by the model (rounded up)
     assert [g.token_ids for g in gens] == [g.token_ids for g in eager.generate(PROMPTS, max_new_tokens=10**8, **kw)]
 
     base, expert, anti = tiny_trio("llama")  # 512 positions
-    monkeypatch.setattr(static_step, "STATIC_INITIAL_STEPS", 8)
+    monkeypatch.setattr(static_decoder, "STATIC_INITIAL_STEPS", 8)
     grown = ProxyTuner(base, expert, anti, tokenizer=tok, decode="static", poll_every=4, eos_token_ids=[])
     kw = dict(temperature=0.0, max_new_tokens=70)
     want = ProxyTuner(base, expert, anti, tokenizer=tok, decode="eager", eos_token_ids=[]).generate(PROMPTS, **kw)
     got = grown.generate(PROMPTS, **kw)
     assert [g.token_ids for g in got] == [g.token_ids for g in want]
-    assert grown._decoder.max_len >= max(len(tok(p)["input_ids"]) for p in PROMPTS) + 70  # it grew from ~8 + 16
+    assert grown.decoder_stats().max_len >= max(len(tok(p)["input_ids"]) for p in PROMPTS) + 70  # it grew from ~8 + 16
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -113,4 +113,4 @@ def test_a_paused_stream_and_other_requests_keep_their_own_state(mode, tok):
     assert [[e.token_id for e in got_a if e.index == i] for i in (0, 1)] == [g.token_ids for g in want_a]
     assert [[e.token_id for e in got_b if e.index == i] for i in (0, 1)] == [g.token_ids for g in want_b]
     # the kept decoder is free again for the next request
-    assert not tuner._decoder_in_use
+    assert mode == "eager" or not tuner.decoder_stats().in_use

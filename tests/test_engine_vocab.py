@@ -81,7 +81,7 @@ def test_chat_template_for_the_expert_splices_token_ids(trio, tok):
     assert all(len(set(map(tuple, step))) == 1 for step in steps)
     # the template changes the expert's logits, hence the output, and a prefix template works too
     wrapped = ProxyTuner(base, ModelSpec(expert, template="Q: {prompt}\nA:"), anti, tokenizer=tok)
-    assert wrapped._template_ids[1] == (tok("Q: ", add_special_tokens=False).input_ids, tok("\nA:", add_special_tokens=False).input_ids)
+    assert wrapped.ensemble.template_ids[1] == (tok("Q: ", add_special_tokens=False).input_ids, tok("\nA:", add_special_tokens=False).input_ids)
     assert PromptTemplate.parse("chat") == PromptTemplate(chat=True) and PromptTemplate.parse(None) is None
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from proxytune import ProxyTuner, SamplingParams
-from proxytune.engine.decode import ModelRunner
+from proxytune.engine.runner import ModelRunner
 from proxytune.engine.loading import ModelSpec, load_model
 from proxytune.engine.prompts import left_pad
 from proxytune.noise import philox4x32_10, stream_seed, uniform
@@ -221,6 +221,18 @@ def test_the_option_is_checked(models, tok):
         tuner.generate("hi", speculative_tokens=-3)
     with pytest.raises(ValueError, match="needs an"):
         ProxyTuner(base, tokenizer=tok).generate("hi", speculative_tokens=1)
+
+
+def test_a_static_tuner_refuses_speculation_per_call_too(models, tok):
+    """The constructor's rule (speculation runs in the eager decoder) holds for a call's override: a static
+    tuner asked to speculate refuses, in generate and in stream, rather than running eager speculation."""
+    base, expert, anti = models["llama"]
+    static = ProxyTuner(base, expert, anti, tokenizer=tok, decode="static")
+    with pytest.raises(ValueError, match="runs in the eager decoder; decode='static' cannot speculate"):
+        static.generate("hi", speculative_tokens=4, max_new_tokens=3)
+    with pytest.raises(ValueError, match="runs in the eager decoder"):
+        next(iter(static.stream(["hi"], speculative_tokens=2, max_new_tokens=3)))
+    assert static.generate("hi", speculative_tokens=0, max_new_tokens=3, temperature=0).finish_reason == "length"
 
 
 def test_cli_flag(tmp_path, capsys):

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from proxytune import ProxyTuner, SamplingParams
-from proxytune.engine.decode import ModelRunner, SamplerState
+from proxytune.engine.runner import ModelRunner
+from proxytune.engine.sampler_state import SamplerState
 from proxytune.engine.prompts import left_pad
-from proxytune.engine.static_step import StaticDecoder, bucket_for, static_support
+from proxytune.engine.static_decoder import StaticDecoder, bucket_for, static_support
 from tiny_models import EOS_ID, KINDS, PROMPTS, tiny_trio
 
 N_NEW = 10
@@ -53,11 +54,11 @@ def test_static_step_gives_the_eager_tokens(kind, models, tok):
     # 3 rows (bucket 4, one padded row), another seed, and the decoder kept from the first batch
     kw = dict(temperature=1.0, max_new_tokens=N_NEW + 4, seed=5)
     assert_same(eager.generate(PROMPTS[:3], **kw), static.generate(PROMPTS[:3], **kw))
-    assert static._decoder.capacity == 8  # reused: 3 rows fit the first decoder
+    assert static.decoder_stats().capacity == 8  # reused: 3 rows fit the first decoder
     static.release_decode_buffers()
-    assert static._decoder is None
+    assert static.decoder_stats() is None
     assert_same(eager.generate(PROMPTS[:1], **kw), static.generate(PROMPTS[:1], **kw))
-    assert static._decoder.capacity == 1
+    assert static.decoder_stats().capacity == 1 and not static.decoder_stats().in_use
 
 
 @pytest.mark.parametrize("poll_every", [1, 4])
@@ -205,8 +206,8 @@ def test_graph_bookkeeping_with_fake_cuda(models, tok, monkeypatch):
     import contextlib
     import types
 
-    import proxytune.engine.graph_step as gs
-    import proxytune.engine.static_step as ss
+    import proxytune.engine.decode_graphs as gs
+    import proxytune.engine.static_decoder as ss
 
     capturing, decoders = [], []
 
@@ -260,9 +261,10 @@ def test_graph_bookkeeping_with_fake_cuda(models, tok, monkeypatch):
     prompts = (PROMPTS * 2)[:6]
     got = graph.generate(prompts, params, return_logprobs=True)
     assert_same(eager.generate(prompts, params, return_logprobs=True), got)
-    graphs = graph._graphs
-    assert len(graphs.graphs) >= 2 and all(lp for _, lp in graphs.graphs), graphs.graphs  # compaction: several buckets
-    assert set(graphs.chosen.values()) <= {"streams", "sequential"} and all(len(t) == 2 for t in graphs.timings.values())
+    stats = graph.decoder_stats()
+    assert len(stats.graphs) >= 2 and all(lp for _, lp in stats.graphs), stats.graphs  # compaction: several buckets
+    assert set(stats.graph_variants.values()) <= {"streams", "sequential"}
+    assert all(len(t) == 2 for t in stats.graph_timings.values())
 
 
 def test_dynamic_rope_is_refused_with_a_reason(models, tok):

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from proxytune.engine.static_step import SPARE_STEPS, StaticDecoder
+from proxytune.engine.static_decoder import SPARE_STEPS, StaticDecoder
 
 _WARMUP = 3
 

@@ -10,14 +10,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from proxytune.engine.decode import ModelRunner, SamplerState
+from proxytune.engine.runner import ModelRunner
+from proxytune.engine.sampler_state import SamplerState
 from proxytune.engine.loop import Chunk
 
 __all__ = ["EagerDecoder"]
 
 
 class EagerDecoder:
-    """Decode steps over prefilled :class:`~proxytune.engine.decode.ModelRunner` s.
+    """Decode steps over prefilled :class:`~proxytune.engine.runner.ModelRunner` s.
 
     Parameters
     ----------
@@ -42,7 +43,7 @@ class EagerDecoder:
         idx = torch.tensor(live, dtype=torch.int64, device=self.tokens.device)
         for runner in self.runners:
             runner.select(idx)
-        self.state.select(idx)
+        self.state.select(idx, live)
         self.tokens = self.tokens[idx]
         self.slots = len(live)
         return self.slots

@@ -14,10 +14,13 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
+from proxytune.engine.members import LocalModel, logits_width
+
 if TYPE_CHECKING:
     from proxytune.engine.prompts import PromptTemplate
 
-__all__ = ["ModelSpec", "ModelLoadError", "LoadedModel", "check_device", "check_spec", "load_model", "load_tokenizer", "parse_dtype"]
+__all__ = ["ModelSpec", "ModelLoadError", "LocalModel", "LoadedModel", "check_device", "check_spec", "load_model", "load_tokenizer",
+           "parse_dtype", "resolve_source", "hub_kwargs", "hub_hint", "own_tokenizer", "has_tokenizer_files"]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -57,17 +60,7 @@ class ModelSpec:
     tokenizer: Any = None
 
 
-@dataclass
-class LoadedModel:
-    """A model ready to run: module in eval mode, its device, its logits width and its tokenizer (if any)."""
-
-    name: str  # "base", "expert 0", "anti-expert 0", ... for messages
-    module: Any  # transformers.PreTrainedModel
-    device: torch.device
-    width: int  # number of logits columns the model produces
-    tokenizer: Any  # PreTrainedTokenizerBase or None
-    template: Any  # None or PromptTemplate
-    source: str  # where it came from, for messages
+LoadedModel = LocalModel  # the name before members.py: a local Hugging Face model
 
 
 def parse_dtype(dtype: Union[torch.dtype, str, None], name: str = "dtype") -> Optional[torch.dtype]:
@@ -105,7 +98,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "to
                     "vocab.txt", "merges.txt")  # fmt: skip
 
 
-def _resolve_source(source: Union[str, os.PathLike], what: str) -> str:
+def resolve_source(source: Union[str, os.PathLike], what: str) -> str:
     """A local directory, or a hub id (``org/name`` or a canonical ``name`` such as ``gpt2``); a path that
     does not exist is a clear error, not a hub lookup."""
     text = os.fspath(source)
@@ -144,7 +137,7 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
     return _reachable[endpoint]
 
 
-def _hub_kwargs(source: str) -> dict:
+def hub_kwargs(source: str) -> dict:
     """``local_files_only=True`` for a hub id when offline (``HF_HUB_OFFLINE=1``) or the hub is unreachable,
     so a missing model fails at once; nothing for a local directory."""
     if Path(source).is_dir():
@@ -153,7 +146,12 @@ def _hub_kwargs(source: str) -> dict:
     return {"local_files_only": True} if offline or not _hub_reachable() else {}
 
 
-def _hub_hint(source: str, kwargs: dict) -> str:
+def has_tokenizer_files(source: str) -> bool:
+    """Whether ``source`` may hold a tokenizer: a hub id (asked when loading), or a directory with tokenizer files."""
+    return not Path(source).is_dir() or any((Path(source) / f).exists() for f in _TOKENIZER_FILES)
+
+
+def hub_hint(source: str, kwargs: dict) -> str:
     if not kwargs.get("local_files_only"):
         return ""
     return (
@@ -166,7 +164,7 @@ def check_spec(spec: ModelSpec, name: str) -> None:
     """The cheap checks of one spec (paths exist, dtype and device make sense), run for every model before
     the slow loading starts, so a typo in the last path fails at once."""
     if isinstance(spec.model, (str, os.PathLike)):
-        _resolve_source(spec.model, name)
+        resolve_source(spec.model, name)
     parse_dtype(spec.dtype, f"{name}: dtype")
     check_device(spec.device, f"{name}: device")
 
@@ -187,7 +185,7 @@ def _progress_bars(show: bool):
 def load_model(
     spec: ModelSpec, name: str, *, dtype: Optional[torch.dtype], device: Optional[torch.device], trust_remote_code: bool,
     progress: bool = True,
-) -> LoadedModel:
+) -> LocalModel:
     """Load (or adopt) one model: eval mode, on its device, in its dtype; ``progress`` shows transformers'
     loading bars."""
     from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -201,9 +199,9 @@ def load_model(
         module, source = spec.model, getattr(spec.model, "name_or_path", "") or f"<{type(spec.model).__name__}>"
         module = module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
     elif isinstance(spec.model, (str, os.PathLike)):
-        source = _resolve_source(spec.model, name)
+        source = resolve_source(spec.model, name)
         dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-        hub = _hub_kwargs(source)
+        hub = hub_kwargs(source)
         try:
             with _progress_bars(progress):
                 module = AutoModelForCausalLM.from_pretrained(
@@ -211,31 +209,30 @@ def load_model(
                 )
         except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit the config
             message = str(e).split("\n\t")[0].strip()  # torch's size-mismatch report: its first lines
-            raise ModelLoadError(f"{name}: cannot load a causal LM from {source!r}: {message}{_hub_hint(source, hub)}") from e
+            raise ModelLoadError(f"{name}: cannot load a causal LM from {source!r}: {message}{hub_hint(source, hub)}") from e
         module = module.to(device)
     else:
         raise TypeError(f"{name} must be a hub id, a directory or a PreTrainedModel, got {type(spec.model).__name__}")
     module.eval()
-    out = module.get_output_embeddings()
-    width = out.weight.shape[0] if out is not None and hasattr(out, "weight") else module.config.get_text_config().vocab_size
+    width = logits_width(module)
     tokenizer = spec.tokenizer
     if tokenizer is None:
         local = source if isinstance(spec.model, (str, os.PathLike)) else None
         if local is None and source and Path(source).is_dir():
             local = source
-        tokenizer = _own_tokenizer(local, name, trust_remote_code) if local else None
+        tokenizer = own_tokenizer(local, name, trust_remote_code) if local else None
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     from proxytune.engine.prompts import PromptTemplate
 
-    return LoadedModel(name, module, device, int(width), tokenizer, PromptTemplate.parse(spec.template), str(source))
+    return LocalModel(name, module, device, width, tokenizer, PromptTemplate.parse(spec.template), str(source))
 
 
-def _own_tokenizer(source: str, name: str, trust_remote_code: bool):
+def own_tokenizer(source: str, name: str, trust_remote_code: bool):
     """The tokenizer that comes with a model, for the vocabulary check: None where the model has none (a
     directory without tokenizer files, a hub model without one); a tokenizer that is there but does not load
     (a corrupt tokenizer.json) is an error, never a skipped check."""
-    if Path(source).is_dir() and not any((Path(source) / f).exists() for f in _TOKENIZER_FILES):
+    if not has_tokenizer_files(source):
         return None
     try:
         return load_tokenizer(source, trust_remote_code=trust_remote_code, what=f"{name}'s tokenizer")
@@ -248,9 +245,9 @@ def _own_tokenizer(source: str, name: str, trust_remote_code: bool):
 def load_tokenizer(source: Union[str, os.PathLike], *, trust_remote_code: bool = False, what: str = "tokenizer"):
     from transformers import AutoTokenizer
 
-    source = _resolve_source(source, "tokenizer")
-    hub = _hub_kwargs(source)
+    source = resolve_source(source, "tokenizer")
+    hub = hub_kwargs(source)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
     except Exception as e:  # tokenizers raises its own exception types for a corrupt file
-        raise ModelLoadError(f"{what}: cannot load a tokenizer from {source!r}: {e}{_hub_hint(source, hub)}") from e
+        raise ModelLoadError(f"{what}: cannot load a tokenizer from {source!r}: {e}{hub_hint(source, hub)}") from e

@@ -1,7 +1,7 @@
 """The decode loop, once for every decode mode, over a small :class:`Decoder` interface.
 
-A batch's rows are prefilled and their first token drawn by the caller (:meth:`ProxyTuner._run_batch`); a
-decoder then holds every model's state for them in *slots* and runs decode steps. :func:`decode` repeats:
+A batch's rows are prefilled and their first token drawn by the caller (:class:`~proxytune.engine.tuner.ProxyTuner`); a
+decoder then holds every model's state for them in *slots* and runs decode steps. :func:`run_decode_loop` repeats:
 
 1. drop the finished rows when the decoder wants to (``should_move``; the eager decoder at once, the static
    one when the live rows fit a smaller batch-size bucket), after reading everything launched before;
@@ -16,7 +16,7 @@ decoder then holds every model's state for them in *slots* and runs decode steps
 
 A decoder never decides when a row ends, and the loop never touches a model: a new decode mode (speculative
 decoding) is a new :class:`Decoder`. Implementations: :mod:`proxytune.engine.eager_decoder`,
-:mod:`proxytune.engine.static_decoder` (static and CUDA-graph steps), :mod:`proxytune.engine.speculative_decoder`.
+:mod:`proxytune.engine.static_runs` (static and CUDA-graph steps), :mod:`proxytune.engine.speculative_decoder`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import AbstractSet, Callable, Iterator, Optional, Protocol
 
 from proxytune.engine.requests import Row, TokenEvent
 
-__all__ = ["Decoder", "Chunk", "decode", "emit"]
+__all__ = ["Decoder", "Chunk", "run_decode_loop", "emit"]
 
 # Reads a launched chunk: (tokens [k][slots], logprobs [k][slots] or None). Waits for the device if needed.
 # An entry is None where a slot has fewer than k tokens in this chunk (ragged); its tokens come first.
@@ -63,7 +63,7 @@ def emit(rows: list[Optional[Row]], chunk: Chunk, eos_token_ids: AbstractSet[int
                 finished.add(row.index)
 
 
-def decode(decoder: Decoder, rows: list[Row], eos_token_ids: AbstractSet[int],
+def run_decode_loop(decoder: Decoder, rows: list[Row], eos_token_ids: AbstractSet[int],
            finished: set[int]) -> Iterator[tuple[TokenEvent, Row]]:  # fmt: skip
     """Run ``decoder`` until every row of ``rows`` (in slot order; ``finished`` holds the indices of those
     already ended) has ended, yielding ``(event, row)`` for every token."""

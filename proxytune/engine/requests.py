@@ -80,6 +80,20 @@ class SamplingParams:
         return replace(self, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, weights=weights, stop=stop)
 
 
+    @property
+    def sampled(self) -> bool:
+        """Whether the request draws at random (temperature > 0); a greedy one takes the argmax."""
+        return self.temperature > 0
+
+    def filters_used(self) -> frozenset:
+        """The filters this request turns on, known on the host (``proxytune.sample``'s ``filters_used``): of
+        ``top_k`` (> 0), ``top_p`` (< 1) and ``min_p`` (> 0); none for a greedy request, which no filter changes."""
+        if not self.sampled:
+            return frozenset()
+        on = (("top_k", self.top_k > 0), ("top_p", self.top_p < 1), ("min_p", self.min_p > 0))
+        return frozenset(name for name, used in on if used)
+
+
 @dataclass
 class Generation:
     """One prompt's result. ``token_ids`` include the EOS token when the row ended on it; ``text`` does not,

@@ -1,32 +1,27 @@
-"""The decode step: each model with its own KV cache, attention mask and positions, advanced one token at a time.
+"""One Hugging Face model's eager forward over a batch: its KV cache, attention mask and positions
+(:class:`ModelRunner`), and the small helpers that read a transformers model (its cache argument, its
+position limit, its text config).
 
-The structure is the one a CUDA graph captures (the next step of the project): :meth:`ModelRunner.step`
-takes a ``[B]`` token tensor on the base's device and returns ``[B, W]`` logits, with no host sync; the
-per-row sampling parameters live in :class:`SamplerState` as device tensors (``step`` advances in place).
-Dropping finished rows (:meth:`ModelRunner.select`) happens between steps, on the host's decision.
-What a graph cannot hold is the growing part: ``DynamicCache`` and the attention mask grow by one column
-per step. ``static_step.py`` swaps them for static caches and a preallocated mask (its prefill is this
-module's :meth:`ModelRunner.prefill`, whose cache it copies), and ``graph_step.py`` captures that step.
+:meth:`ModelRunner.step` takes a ``[B]`` token tensor on any device and returns ``[B, W]`` logits, with no
+host sync; dropping finished rows (:meth:`ModelRunner.select`) happens between steps, on the host's
+decision. What a graph cannot hold is the growing part: ``DynamicCache`` and the attention mask grow by one
+column per step. ``static_decoder.py`` swaps them for static caches and a preallocated mask (its prefill is
+this module's :meth:`ModelRunner.prefill`, whose cache it copies), and ``decode_graphs.py`` captures that step.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from proxytune.engine.loading import LoadedModel
 from proxytune.engine.prompts import position_ids
-from proxytune.engine.requests import as_list
-from proxytune.ops import sample as proxy_sample
 
 if TYPE_CHECKING:
-    from proxytune.engine.requests import SamplingParams
+    from proxytune.engine.members import LocalModel
 
-__all__ = ["ModelRunner", "SamplerState", "to_device", "cache_argument", "forward_parameters", "position_limit",
-           "text_config"]
+__all__ = ["ModelRunner", "to_device", "cache_argument", "forward_parameters", "position_limit", "text_config"]
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -70,7 +65,7 @@ class ModelRunner:
     ``use_cache=False``, the whole sequence, recomputed every step), the attention mask and the next position.
     """
 
-    def __init__(self, model: LoadedModel, use_cache: bool = True):
+    def __init__(self, model: "LocalModel", use_cache: bool = True):
         self.model = model
         self.module = model.module
         self.device = model.device
@@ -162,95 +157,3 @@ class ModelRunner:
             self.cache.batch_select_indices(rows)
         if self.ids is not None:
             self.ids = self.ids[rows]
-
-
-@dataclass
-class SamplerState:
-    """Per-row sampling parameters as device tensors, the form ``proxytune.sample`` takes and a graph can hold.
-
-    The one definition of the sampler's per-row state: the eager loop keeps one for its live rows, the static
-    decoder one of its capacity (rows past the batch are neutral padding: greedy, no filter, weight 0).
-    """
-
-    weights: torch.Tensor  # [P, B] fp32
-    temperature: torch.Tensor  # [B] fp32
-    top_k: torch.Tensor  # [B] int64
-    top_p: torch.Tensor  # [B] fp32
-    min_p: torch.Tensor  # [B] fp32
-    seed: torch.Tensor  # [B] int64
-    step: torch.Tensor  # [B] int64: tokens generated so far by the row
-
-    ROWS: ClassVar = ("temperature", "top_k", "top_p", "min_p", "seed", "step")  # the [B] fields; weights is [P, B]
-    NEUTRAL: ClassVar = {"weights": 0.0, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 0, "step": 0}
-    DTYPES: ClassVar = {"weights": torch.float32, "temperature": torch.float32, "top_k": torch.int64, "top_p": torch.float32,
-              "min_p": torch.float32, "seed": torch.int64, "step": torch.int64}  # fmt: skip
-
-    @classmethod
-    def for_requests(
-        cls, params: Sequence["SamplingParams"], seeds: Sequence[int], weights: Sequence[float], device: torch.device
-    ) -> "SamplerState":
-        """The state of checked requests ``params`` with ``seeds``; ``weights``: the tuner's, per pair, for
-        requests that name none. Host to device: one small copy per field, no sync."""
-        n_pairs = len(weights)
-        per_row = []
-        for p in params:
-            w = list(weights) if p.weights is None else as_list(p.weights)
-            per_row.append([float(x) for x in (w * n_pairs if len(w) == 1 else w)])
-        values = {name: [getattr(p, name) for p in params] for name in ("temperature", "top_k", "top_p", "min_p")}
-        values["seed"], values["step"] = list(seeds), [0] * len(params)
-        tensors = {name: torch.tensor(v, dtype=cls.DTYPES[name]).to(device) for name, v in values.items()}
-        w = torch.tensor(per_row, dtype=torch.float32).reshape(len(params), n_pairs).T.contiguous().to(device)
-        return cls(weights=w, **tensors)
-
-    @classmethod
-    def neutral(cls, n_pairs: int, capacity: int, device: torch.device) -> "SamplerState":
-        """``capacity`` rows of padding (greedy, no filter, weight 0)."""
-        state = cls(weights=torch.empty(n_pairs, capacity, device=device),
-                    **{n: torch.empty(capacity, dtype=cls.DTYPES[n], device=device) for n in cls.ROWS})  # fmt: skip
-        state.fill_neutral_()
-        return state
-
-    def fill_neutral_(self) -> None:
-        for name, value in self.NEUTRAL.items():
-            getattr(self, name).fill_(value)
-
-    def head(self, b: int) -> "SamplerState":
-        """Views of rows ``[0, b)`` (writes go through)."""
-        return SamplerState(weights=self.weights[:, :b], **{n: getattr(self, n)[:b] for n in self.ROWS})
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` (int64 indices), in that order (new tensors)."""
-        self.weights = self.weights[:, rows]
-        for name in self.ROWS:
-            setattr(self, name, getattr(self, name)[rows])
-
-    def load_(self, other: "SamplerState") -> None:
-        """Copy ``other``'s rows into the first rows; the rest become neutral padding."""
-        self.fill_neutral_()
-        b = other.temperature.shape[0]
-        self.weights[:, :b].copy_(other.weights)
-        for name in self.ROWS:
-            getattr(self, name)[:b].copy_(getattr(other, name))
-
-    def compact_(self, rows: torch.Tensor, b: int) -> None:
-        """Move rows ``rows`` (indices into ``[0, b)``) to the front, in place."""
-        n = rows.shape[0]
-        self.weights[:, :n].copy_(self.weights[:, :b].index_select(1, rows))
-        for name in self.ROWS:
-            t = getattr(self, name)
-            t[:n].copy_(t[:b].index_select(0, rows))
-
-    def sample(
-        self, logits: Sequence[torch.Tensor], *, vocab_size: int, backend: str, return_logprobs: bool, validate: bool
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """One ``proxytune.sample`` call: ``logits`` = the base's, the experts', then the anti-experts' ``[B, W]``
-        (moved to this state's device where needed). ``(tokens int64 [B], logprobs fp32 [B] or None)``; no
-        host sync unless ``validate`` (the first step's checks)."""
-        n = self.weights.shape[0]
-        moved = [to_device(x, self.step.device) for x in logits]
-        out = proxy_sample(
-            moved[0], moved[1 : 1 + n], moved[1 + n :], weights=self.weights, temperature=self.temperature,
-            top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, seed=self.seed, step=self.step,
-            vocab_size=vocab_size, return_logprobs=return_logprobs, backend=backend, validate=validate,
-        )  # fmt: skip
-        return out if return_logprobs else (out, None)

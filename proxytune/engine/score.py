@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
-from proxytune._rules import check_batch_size, check_weights
-from proxytune.engine.decode import forward_parameters, to_device
-from proxytune.engine.prompts import check_text, is_messages, left_pad, position_ids
+from proxytune._rules import check_batch_size
+from proxytune.engine.prompts import check_text, is_messages, left_pad
+from proxytune.engine.runner import to_device
 
 if TYPE_CHECKING:
     from proxytune.engine.tuner import ProxyTuner
@@ -115,13 +115,6 @@ def _continuation_ids(tuner: "ProxyTuner", i: int, prompt: Any, continuation: Co
     return prompt, _check_ids(ids, name, tuner.vocab_size)
 
 
-def _forward(module: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """The logits of the last ``keep`` positions ``[B, keep, W]`` of a left-padded batch (no cache)."""
-    extra = {"logits_to_keep": keep} if "logits_to_keep" in forward_parameters(module) else {}
-    out = module(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, **extra)
-    return out.logits[:, -keep:]
-
-
 def score(
     tuner: "ProxyTuner",
     prompts: Sequence[Any],
@@ -143,19 +136,21 @@ def score(
     if len(prompts) != len(continuations):
         raise ValueError(f"got {len(prompts)} prompts but {len(continuations)} continuations; they come in pairs")
     batch_size = check_batch_size(batch_size)
-    ws = list(tuner.weights) if weights is None else check_weights(weights, len(tuner.experts))
+    ensemble = tuner.ensemble
+    ws = ensemble.pair_weights(weights)
 
     requests = []  # (per-model context ids, continuation ids), checked before any model runs
     for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
         prompt, cont = _continuation_ids(tuner, i, prompt, continuation)
-        _, per_model = tuner._prompt_ids(i, prompt)
-        for m, limit, ctx in zip(tuner.models, tuner._position_limits, per_model):
-            if limit is not None and len(ctx) + len(cont) - 1 > limit:
-                raise ValueError(
-                    f"prompt {i} and continuation {i} are {len(ctx)} + {len(cont)} tokens for {m.name} (template "
-                    f"included); the model is fed all but the last continuation token, {len(ctx) + len(cont) - 1} "
-                    f"positions, but {m.name} takes at most {limit}: shorten the prompt or the continuation"
-                )
+        _, per_model = ensemble.prompt_ids(i, prompt)
+        room, m, limit = ensemble.room([len(ctx) + len(cont) - 1 for ctx in per_model])
+        if room is not None and room < 0:
+            ctx = per_model[ensemble.members.index(m)]
+            raise ValueError(
+                f"prompt {i} and continuation {i} are {len(ctx)} + {len(cont)} tokens for {m.name} (template "
+                f"included); the model is fed all but the last continuation token, {len(ctx) + len(cont) - 1} "
+                f"positions, but {m.name} takes at most {limit}: shorten the prompt or the continuation"
+            )
         requests.append((per_model, cont))
 
     # longest first (as lm-eval does): less padding per batch, and a batch too large for memory fails at once
@@ -180,16 +175,17 @@ def _score_batch(tuner: "ProxyTuner", requests: list, weights: list[float]) -> l
     of every model (right-aligned continuations), whatever each model's template adds before them."""
     conts = [c for _, c in requests]
     keep = max(len(c) for c in conts)
+    ensemble = tuner.ensemble
     logits = []
-    for k, m in enumerate(tuner.models):
+    for k, m in enumerate(ensemble.members):
         rows = [per_model[k] + cont[:-1] for per_model, cont in requests]
-        ids, mask = left_pad(rows, tuner.pad_token_id, m.device)
-        logits.append(to_device(_forward(m.module, ids, mask, keep), tuner.device))
-    b, n = len(requests), len(tuner.experts)
-    flat = [x.reshape(b * keep, x.shape[-1]) for x in logits]
+        ids, mask = left_pad(rows, ensemble.pad_token_id, m.device)
+        logits.append(to_device(m.score_logits(ids, mask, keep), ensemble.device))
+    b = len(requests)
+    base, experts, anti_experts = ensemble.split([x.reshape(b * keep, x.shape[-1]) for x in logits])
     from proxytune.ops import combine
 
-    s = combine(flat[0], flat[1 : 1 + n], flat[1 + n :], weights=weights if n else 1.0, vocab_size=tuner.vocab_size,
+    s = combine(base, experts, anti_experts, weights=weights if experts else 1.0, vocab_size=ensemble.vocab_size,
                 backend=tuner.backend).view(b, keep, -1)  # fmt: skip
     logprobs = s.log_softmax(-1)
     targets = torch.zeros((b, keep), dtype=torch.long)

@@ -15,9 +15,9 @@ ones are padding and never touch a real row: every op of a decoder-only transfor
 row-wise): every model's forward, the fused sampler, and the write of the drawn token into every model's input
 buffer and the ring; positions, cache columns and steps advance in place. It allocates nothing that must
 persist, reads nothing back to the host and takes no data-dependent branch, so it is the function a CUDA
-graph captures (``graph_step.py``). On a CPU it simply runs eagerly.
+graph captures (``decode_graphs.py``). On a CPU it simply runs eagerly.
 
-The prefill runs eagerly through :class:`~proxytune.engine.decode.ModelRunner` (a ``DynamicCache``, exactly
+The prefill runs eagerly through :class:`~proxytune.engine.runner.ModelRunner` (a ``DynamicCache``, exactly
 the eager engine's prefill); :meth:`StaticDecoder.load` then copies its keys and values into the static
 storage. Nothing is reallocated after the first load but by :meth:`StaticDecoder.grow` (a request longer than
 the caches), so captured graphs stay valid across batches until then.
@@ -33,7 +33,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from proxytune.engine.decode import ModelRunner, SamplerState, cache_argument, forward_parameters, position_limit, text_config
+from proxytune.engine.ensemble import split_roles
+from proxytune.engine.runner import ModelRunner, cache_argument, forward_parameters, position_limit, text_config
+from proxytune.engine.sampler_state import SamplerState
 
 __all__ = [
     "StaticDecoder", "StaticModel", "RingReader", "static_support", "bucket_for", "VERIFIED_MODEL_TYPES", "BUCKETS",
@@ -232,7 +234,7 @@ class StaticDecoder:
 
     def __init__(self, modules, names, *, capacity: int, max_len: int, vocab_size: int, backend: str, ring_len: int):
         self.models = [StaticModel(m, n, capacity, max_len) for m, n in zip(modules, names)]
-        self.n_pairs = (len(modules) - 1) // 2
+        self.n_pairs = len(split_roles(modules)[1])
         self.capacity, self.max_len, self.ring_len = capacity, max_len, ring_len
         self.vocab_size, self.backend = vocab_size, backend
         dev = self.device = self.models[0].device
@@ -270,7 +272,7 @@ class StaticDecoder:
 
     def logits(self, b: int, fork: Optional[Fork] = None) -> list[torch.Tensor]:
         """Every model's logits for rows ``[0, b)``: in order, or the base on the current stream and the others
-        through ``fork`` (``graph_step.fork_join`` bound to side streams)."""
+        through ``fork`` (``decode_graphs.fork_join`` bound to side streams)."""
         if fork is None:
             return [m.forward(b) for m in self.models]
         base, others = fork(lambda: self.models[0].forward(b), [lambda m=m: m.forward(b) for m in self.models[1:]])

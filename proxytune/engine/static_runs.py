@@ -5,25 +5,31 @@ Rows stay in their slot of a bucket until the live rows fit a smaller bucket, th
 (compaction). The device runs ``poll_every`` steps per chunk; the loop (:mod:`proxytune.engine.loop`)
 reads chunk ``i``'s tokens (an asynchronous copy on CUDA) while chunk ``i + 1`` runs, so a finished row may
 be computed for up to two more chunks: its extra tokens are dropped. No step launches past the longest
-row's budget. The caches start with room for :data:`~proxytune.engine.static_step.STATIC_INITIAL_STEPS`
+row's budget. The caches start with room for :data:`~proxytune.engine.static_decoder.STATIC_INITIAL_STEPS`
 steps and double when a chunk would not fit (CUDA graphs are then captured again), so a large
 ``max_new_tokens`` costs memory only as used.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from proxytune.engine.loop import Chunk
-from proxytune.engine.static_step import SPARE_STEPS, RingReader, StaticDecoder, bucket_for
+from proxytune.engine.static_decoder import SPARE_STEPS, RingReader, StaticDecoder, bucket_for
 
 __all__ = ["StaticRun", "GraphRun"]
 
 
+def _graphs(decoder: StaticDecoder, variant: str):
+    from proxytune.engine.decode_graphs import DecodeGraphs
+
+    return DecodeGraphs(decoder, variant=variant)
+
+
 class StaticRun:
-    """Chunks of eager static steps over a loaded :class:`~proxytune.engine.static_step.StaticDecoder`.
+    """Chunks of eager static steps over a loaded :class:`~proxytune.engine.static_decoder.StaticDecoder`.
 
     Parameters
     ----------
@@ -71,17 +77,20 @@ class StaticRun:
 
 
 class GraphRun(StaticRun):
-    """:class:`StaticRun` with each step replayed from its CUDA graph (``graph_step.DecodeGraphs``); when the
-    caches grow, ``new_graphs(decoder)`` captures them anew (the tuner's, which also keeps a shared decoder's)."""
+    """:class:`StaticRun` with each step replayed from its CUDA graph (``decode_graphs.DecodeGraphs``); when
+    the caches grow, the old graphs are dropped and :attr:`graphs` is a new, empty set over the grown caches
+    (captured on their first replays): whoever keeps the decoder reads it after the run."""
 
-    def __init__(self, decoder: StaticDecoder, graphs, *, new_graphs: Callable[[StaticDecoder], object], **kwargs):
+    def __init__(self, decoder: StaticDecoder, graphs, **kwargs):
         super().__init__(decoder, **kwargs)
-        self.graphs, self.new_graphs = graphs, new_graphs
+        self.graphs = graphs
 
     def _step(self) -> None:
         self.graphs.replay(self.slots, self.return_logprobs)
 
     def _grow(self, max_len: int) -> None:
         torch.cuda.current_stream(self.decoder.device).synchronize()  # no replay in flight when they go
+        variant = self.graphs.variant
+        self.graphs = None  # the old graphs and their pool go before the caches are reallocated
         super()._grow(max_len)
-        self.graphs = self.new_graphs(self.decoder)
+        self.graphs = _graphs(self.decoder, variant)

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import numbers
-import os
 from dataclasses import fields, replace
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from proxytune._rules import check_batch_size, check_bool, check_weights
-from proxytune.engine.decode import ModelRunner, SamplerState, position_limit
-from proxytune.engine.loading import LoadedModel, ModelSpec, check_device, check_spec, load_model, load_tokenizer, parse_dtype
+from proxytune._rules import check_batch_size
+from proxytune.engine.decoder_pool import DecoderPool, DecoderStats
 from proxytune.engine.eager_decoder import EagerDecoder
-from proxytune.engine.loop import decode, emit
+from proxytune.engine.ensemble import Ensemble
+from proxytune.engine.loop import emit, run_decode_loop
+from proxytune.engine.prompts import left_pad
+from proxytune.engine.requests import Generation, Prompt, Row, SamplingParams, TokenEvent, is_single
+from proxytune.engine.sampler_state import SamplerState
 from proxytune.engine.speculative_decoder import SpeculativeDecoder
-from proxytune.engine.prompts import chat_ids, check_messages, encode_prompt, is_messages, left_pad, messages_text
-from proxytune.engine.requests import Generation, Prompt, Row, SamplingParams, TokenEvent, as_list, is_single
 from proxytune.engine.stopping import RowText
-from proxytune.engine.vocabulary import check_same_tokens, common_vocab_size
 
 __all__ = ["ProxyTuner", "SamplingParams", "Generation", "TokenEvent"]
 
@@ -27,8 +26,11 @@ class ProxyTuner:
 
     Parameters
     ----------
-    base : hub id, local directory, ``PreTrainedModel`` or :class:`ModelSpec`
-        The (large) model to steer.
+    base : hub id, local directory, ``PreTrainedModel``, :class:`ModelSpec`, or an :class:`Ensemble`
+        The (large) model to steer; an :class:`~proxytune.engine.ensemble.Ensemble` (built by
+        :meth:`Ensemble.load <proxytune.engine.ensemble.Ensemble.load>`) brings the pairs, weights and tokenizer
+        with it, and the model arguments below are then not given. Everything about the models (their roles
+        and order, the shared vocabulary, position limits, templates, weights) is :attr:`ensemble`'s.
     experts, anti_experts : one or a sequence of the same kinds, pairwise
         The tuned small models and their untuned counterparts. Empty: the base alone.
     weights : float or sequence of floats
@@ -51,7 +53,7 @@ class ProxyTuner:
     progress : show a progress bar while loading and over many prompts.
     decode : ``"auto"``, ``"eager"``, ``"static"`` or ``"graph"``
         How the decode steps run. ``"eager"``: a growing ``DynamicCache`` per model, finished rows dropped at
-        once, one host sync per token. ``"static"``: the static step of ``engine/static_step.py`` (static KV
+        once, one host sync per token. ``"static"``: the static step of ``engine/static_decoder.py`` (static KV
         caches and input buffers, per-row parameters in device tensors, rows in batch-size buckets, the host
         reading the drawn tokens every ``poll_every`` steps), run eagerly. ``"graph"``: the same step captured
         in a CUDA graph per bucket, the small models on side streams (CUDA only; not yet verified on a GPU by
@@ -96,99 +98,81 @@ class ProxyTuner:
         speculative_tokens: int = 0,
         speculative_adaptive: bool = True,
     ):
-        experts, anti_experts = as_list(experts), as_list(anti_experts)
-        if len(experts) != len(anti_experts):
-            raise ValueError(f"got {len(experts)} experts but {len(anti_experts)} anti-experts; they come in pairs")
-        n_pairs = len(experts)
-        self.weights = [] if weights is None and not n_pairs else check_weights(1.0 if weights is None else weights, n_pairs)
-        check_bool(trust_remote_code, "trust_remote_code")
+        if isinstance(base, Ensemble):
+            given = dict(experts=experts, anti_experts=anti_experts, weights=weights, tokenizer=tokenizer, dtype=dtype,
+                         device=device, eos_token_ids=eos_token_ids)  # fmt: skip
+            extra = [k for k, v in given.items() if v not in (None, ())]
+            if extra:
+                raise ValueError(f"an Ensemble holds the models already; {', '.join(extra)} cannot be given with it")
+            self.ensemble = base
+        else:
+            self.ensemble = Ensemble.load(base, experts, anti_experts, weights=weights, tokenizer=tokenizer, dtype=dtype,
+                                          device=device, eos_token_ids=eos_token_ids,
+                                          trust_remote_code=trust_remote_code, progress=progress)  # fmt: skip
+        self.eos_token_ids = self.ensemble.eos_token_ids  # the ids that end a row (a generation policy: settable)
         self.backend = backend
         self.progress = progress
-        dtype = parse_dtype(dtype)
-        device = check_device(device, "device")
-
-        named = [("base", base)] + [(f"expert {i}", e) for i, e in enumerate(experts)]
-        named += [(f"anti-expert {i}", a) for i, a in enumerate(anti_experts)]
-        named = [(name, spec if isinstance(spec, ModelSpec) else ModelSpec(spec)) for name, spec in named]
-        for name, spec in named:
-            check_spec(spec, name)
-        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device} requested but CUDA is not available here")
-        if isinstance(tokenizer, (str, os.PathLike)):  # before the models: a bad path fails at once
-            tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-        loaded: list[LoadedModel] = []
-        for name, spec in self._progress(named, "loading models", unit="model"):
-            loaded.append(load_model(spec, name, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                                     progress=progress))  # fmt: skip
-        self.base, self.experts, self.anti_experts = loaded[0], loaded[1 : 1 + n_pairs], loaded[1 + n_pairs :]
-        self.models = loaded
-        self.device = self.base.device
         if backend != "auto":  # an unknown name fails now, not at the first token
             from proxytune import backends
 
             backends.resolve(backend, self.device)
-
-        if tokenizer is None:
-            tokenizer = next((m.tokenizer for m in loaded if m.tokenizer is not None), None)
-        if tokenizer is None:
-            raise ValueError("no tokenizer: pass tokenizer=..., or load the base from a directory that has one")
-        self.tokenizer = tokenizer
-        self.vocab_size = common_vocab_size(tokenizer, [m.width for m in loaded])
-        check_same_tokens(("the shared tokenizer", tokenizer), [(m.name, m.tokenizer) for m in loaded], self.vocab_size)
-
-        if eos_token_ids is not None:
-            eos_list = [eos_token_ids] if isinstance(eos_token_ids, numbers.Integral) else as_list(eos_token_ids)
-            bad = [i for i in eos_list if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0]
-            if bad:
-                raise TypeError(f"eos_token_ids must be non-negative integer token ids, got {bad[0]!r}")
-            eos = set(eos_list)
-        else:
-            eos = self._default_eos(tokenizer, loaded)
-        self.eos_token_ids = frozenset(int(i) for i in eos)
-        self._position_limits = [position_limit(m.module) for m in loaded]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_token_id = int(pad) if pad is not None else 0
-        self._template_ids = [
-            m.template.token_ids(m.tokenizer or tokenizer, m.name) if m.template is not None else None for m in loaded
-        ]  # fmt: skip
         if not isinstance(poll_every, int) or isinstance(poll_every, bool) or poll_every < 1:
             raise ValueError(f"poll_every must be a positive integer, got {poll_every!r}")
         self.poll_every = poll_every
+        self.decode_requested = decode
         self.decode, self.decode_reason = self._resolve_decode(decode)
         self.speculative_tokens = self._check_speculative(speculative_tokens)
-        if self.speculative_tokens and decode in ("static", "graph"):
-            raise ValueError(f"speculative_tokens={speculative_tokens} runs in the eager decoder; decode={decode!r} "
-                             "cannot speculate: pass decode='auto' or 'eager'")  # fmt: skip
         if not isinstance(speculative_adaptive, bool):
             raise ValueError(f"speculative_adaptive must be True or False, got {speculative_adaptive!r}")
         self.speculative_adaptive = speculative_adaptive
-        self._decoder = None  # the static decoder (and its graphs), kept between batches
-        self._graphs = None
-        self._decoder_in_use = False  # held by a running request (a stream may pause between tokens)
         self.graph_variant = "auto"  # "streams", "sequential" or "auto" (the faster by measurement, per bucket)
+        self._pool: Optional[DecoderPool] = None  # the static decoder and its graphs, kept between batches
+
+    # the ensemble's parts, as the tuner has always named them
+    base = property(lambda self: self.ensemble.base)
+    experts = property(lambda self: self.ensemble.experts)
+    anti_experts = property(lambda self: self.ensemble.anti_experts)
+    models = property(lambda self: self.ensemble.members, doc="The members in the model order (base, experts, anti-experts).")
+    weights = property(lambda self: self.ensemble.weights)
+    tokenizer = property(lambda self: self.ensemble.tokenizer)
+    vocab_size = property(lambda self: self.ensemble.vocab_size)
+    pad_token_id = property(lambda self: self.ensemble.pad_token_id)
+    device = property(lambda self: self.ensemble.device)
 
     def _check_speculative(self, k: Any) -> int:
-        """``k`` as a checked draft length (0: off): an integer >= 0, and > 0 only with a pair to draft."""
+        """``k`` as a checked draft length (0: off): an integer >= 0, and > 0 only with a pair to draft and a
+        decode mode that can speculate (the one rule for the constructor and every call)."""
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
             raise ValueError(f"speculative_tokens must be an integer >= 0, got {k!r}")
         if k > 0 and not self.experts:
             raise ValueError(f"speculative_tokens={k} needs an (expert, anti-expert) pair: the first expert drafts")
+        if k > 0 and self.decode_requested in ("static", "graph"):
+            raise ValueError(f"speculative_tokens={k} runs in the eager decoder; decode={self.decode_requested!r} "
+                             "cannot speculate: pass decode='auto' or 'eager'")  # fmt: skip
         return int(k)
 
     def release_decode_buffers(self) -> None:
         """Drop the static decoder's caches and buffers and its CUDA graphs (rebuilt by the next call)."""
-        self._decoder = self._graphs = None
+        if self._pool is not None:
+            self._pool.release()
+
+    def decoder_stats(self) -> Optional[DecoderStats]:
+        """What the static decoder kept between calls holds (rows, positions, whether a request holds it, its
+        CUDA graphs); None when there is none (eager modes, or after :meth:`release_decode_buffers`)."""
+        return self._pool.stats() if self._pool is not None else None
 
     def _resolve_decode(self, decode: str) -> tuple[str, Optional[str]]:
         """The decode mode to use and, when ``"auto"`` chose eager, why."""
         from proxytune._verified import GPU_VERIFIED
-        from proxytune.engine.static_step import static_support
+        from proxytune.engine.static_decoder import static_support
 
         if decode not in ("auto", "eager", "static", "graph"):
             raise ValueError(f"decode must be 'auto', 'eager', 'static' or 'graph', got {decode!r}")
         if decode == "eager":
             return "eager", None
-        reason, caveat = static_support([m.module for m in self.models], [m.name for m in self.models])
+        local = next((m for m in self.models if m.module is None), None)
+        reason, caveat = (f"{local.name} is not a local model", None) if local is not None else \
+            static_support([m.module for m in self.models], [m.name for m in self.models])  # fmt: skip
         cuda = self.device.type == "cuda"
         if decode == "auto":
             if reason is None and caveat is None and cuda:
@@ -207,25 +191,8 @@ class ProxyTuner:
             warnings.warn(f"decode={decode!r}: {caveat}", stacklevel=3)
         return decode, None
 
-    @staticmethod
-    def _default_eos(tokenizer: Any, models: list[LoadedModel]) -> set[int]:
-        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        for m in models:
-            cfg = getattr(m.module, "generation_config", None)
-            ids = getattr(cfg, "eos_token_id", None) if cfg is not None else None
-            eos.update(i for i in as_list(ids) if i is not None)
-        return eos
-
     def __repr__(self) -> str:
-        pairs = ", ".join(f"({e.source} - {a.source}) x {w:g}" for e, a, w in zip(self.experts, self.anti_experts, self.weights))
-        return f"ProxyTuner(base={self.base.source!r}, pairs=[{pairs}], vocab_size={self.vocab_size}, device={self.device})"
-
-    def _progress(self, items, desc: str, **kwargs):
-        if not self.progress or len(items) < 2:
-            return items
-        from tqdm.auto import tqdm
-
-        return tqdm(items, desc=desc, leave=False, **kwargs)
+        return "ProxyTuner" + repr(self.ensemble)[len("Ensemble"):]
 
     # ------------------------------------------------------------------------------------------ public API
 
@@ -338,13 +305,13 @@ class ProxyTuner:
     # ------------------------------------------------------------------------------------------ the loop
 
     def _events(self, prompts, params, return_logprobs, batch_size, use_cache, overrides, speculative_tokens=None):
-        speculative = self.speculative_tokens if speculative_tokens is None else self._check_speculative(speculative_tokens)
+        speculative = self._check_speculative(self.speculative_tokens if speculative_tokens is None else speculative_tokens)
         if isinstance(params, SamplingParams) or params is None:
             params = [params or SamplingParams()] * len(prompts)
         params = list(params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        n_pairs = len(self.experts)
+        n_pairs = self.ensemble.n_pairs
         unknown = sorted(set(overrides) - {f.name for f in fields(SamplingParams)})
         if unknown:
             names = ", ".join(f.name for f in fields(SamplingParams))
@@ -366,50 +333,25 @@ class ProxyTuner:
         if bar is not None:
             bar.close()
 
-    def _prompt_ids(self, index: int, prompt: Prompt) -> tuple[list[int], list[list[int]]]:
-        """The shared prompt ids and each model's input ids (template ids spliced around the bare ids)."""
-        conversation = is_messages(prompt)
-        if conversation:
-            check_messages(prompt, f"prompt {index}")
-        text = messages_text(prompt) if conversation else prompt
-        with_special, bare = encode_prompt(self.tokenizer, text, f"prompt {index}")
-        per_model = []
-        for m, tpl in zip(self.models, self._template_ids):
-            if conversation and m.template is not None and m.template.chat:
-                ids = chat_ids(m.tokenizer or self.tokenizer, prompt, m.name)
-            else:
-                ids = with_special if tpl is None else tpl[0] + bare + tpl[1]
-            if not ids:
-                how = "the tokenizer adds no BOS token" if tpl is None else "its template adds no text"
-                raise ValueError(f"prompt {index} is empty for {m.name} and {how}: nothing to condition on")
-            if max(ids) >= m.width or min(ids) < 0:
-                bad = next(i for i in ids if not 0 <= i < m.width)
-                raise ValueError(f"prompt {index} has token id {bad}, outside {m.name}'s embedding ({m.width} ids)")
-            per_model.append(ids)
-        return bare or with_special, per_model
-
     def _room(self, index: int, per_model: list[list[int]]) -> Optional[int]:
         """How many new tokens fit the models' position limits after this prompt (None: no limit). A prompt
         that leaves no room is an error up front, not a crash mid-generation."""
-        room = None
-        for m, limit, ids in zip(self.models, self._position_limits, per_model):
-            if limit is None:
-                continue
-            if len(ids) >= limit:
-                raise ValueError(
-                    f"prompt {index} is {len(ids)} tokens for {m.name} (template included), but {m.name} takes at "
-                    f"most {limit} positions, prompt and new tokens together: shorten the prompt"
-                )
-            room = limit - len(ids) if room is None else min(room, limit - len(ids))
+        room, m, limit = self.ensemble.room([len(ids) for ids in per_model])
+        if room is not None and room <= 0:
+            used = len(per_model[self.models.index(m)])
+            raise ValueError(
+                f"prompt {index} is {used} tokens for {m.name} (template included), but {m.name} takes at "
+                f"most {limit} positions, prompt and new tokens together: shorten the prompt"
+            )
         return room
 
     def _run_batch(self, requests, return_logprobs: bool, use_cache: bool, speculative: int = 0):
         """Yield ``(TokenEvent, Row)`` for every token of every request in this batch: prefill, the first token,
-        then the decode loop (:func:`proxytune.engine.loop.decode`) over this tuner's decoder (the speculative
-        one with ``speculative`` drafts, when there is a cache)."""
+        then the decode loop (:func:`proxytune.engine.loop.run_decode_loop`) over this tuner's decoder (the
+        speculative one with ``speculative`` drafts, when there is a cache)."""
         rows, inputs = [], []
         for index, prompt, p in requests:
-            context, per_model = self._prompt_ids(index, prompt)
+            context, per_model = self.ensemble.prompt_ids(index, prompt)
             room = self._room(index, per_model) if p.max_new_tokens > 0 else None
             budget = p.max_new_tokens if room is None else min(p.max_new_tokens, room)
             rows.append(Row.start(index, prompt, p, RowText(self.tokenizer, context, p.stop), budget))
@@ -421,7 +363,7 @@ class ProxyTuner:
         if not live:
             return
         rows, inputs = [rows[j] for j in live], [inputs[j] for j in live]
-        runners = [ModelRunner(m, use_cache) for m in self.models]
+        runners = [m.runner(use_cache) for m in self.models]
         logits = [
             runner.prefill(*left_pad([x[k] for x in inputs], self.pad_token_id, runner.device))
             for k, runner in enumerate(runners)
@@ -435,85 +377,26 @@ class ProxyTuner:
         yield from emit(rows, lambda: first, self.eos_token_ids, finished)
         if len(finished) == len(rows):
             return
+        kw = dict(vocab_size=self.vocab_size, backend=self.backend, return_logprobs=return_logprobs)
         if use_cache and speculative > 0:
-            decoder = SpeculativeDecoder(
-                runners, state, tokens, budgets=[r.budget - 1 for r in rows], draft_tokens=speculative,
-                adaptive=self.speculative_adaptive, vocab_size=self.vocab_size, backend=self.backend,
-                return_logprobs=return_logprobs,
-            )  # fmt: skip
-            yield from decode(decoder, rows, self.eos_token_ids, finished)
+            decoder = SpeculativeDecoder(runners, state, tokens, budgets=[r.budget - 1 for r in rows],
+                                         draft_tokens=speculative, adaptive=self.speculative_adaptive, **kw)  # fmt: skip
+        elif not use_cache or self.decode == "eager":
+            decoder = EagerDecoder(runners, state, tokens, **kw)
+        else:
+            yield from self._static_pool().run(rows, runners, state, tokens, finished, pad_token_id=self.pad_token_id,
+                                               eos_token_ids=self.eos_token_ids, graphs=self.decode == "graph",
+                                               return_logprobs=return_logprobs)  # fmt: skip
             return
-        if not use_cache or self.decode == "eager":
-            decoder = EagerDecoder(runners, state, tokens, vocab_size=self.vocab_size, backend=self.backend,
-                                   return_logprobs=return_logprobs)  # fmt: skip
-            yield from decode(decoder, rows, self.eos_token_ids, finished)
-            return
-        yield from self._decode_static(rows, runners, state, tokens, finished, return_logprobs)
+        yield from run_decode_loop(decoder, rows, self.eos_token_ids, finished)
 
-    # ------------------------------------------------------------------------------------------ static decoding
-
-    def _static_decoder(self, batch: int, max_len: int, shared: bool):
-        """A static decoder for ``batch`` rows and at least ``max_len`` positions, with its CUDA graphs (or None).
-
-        ``shared``: the tuner's kept decoder if it fits (else a new one replaces it: the old one, its graphs and
-        its memory are dropped first). Otherwise a private one for a request that runs while the kept one is in
-        use by another (a paused :meth:`stream`): each request keeps its own caches and state.
-        """
-        from proxytune.engine.static_step import StaticDecoder, bucket_for
-
-        modules = [m.module for m in self.models]
-        dec = self._decoder if shared else None
-        if dec is None or not dec.fits(modules, bucket_for(batch), max_len) or dec.ring_len != self.poll_every \
-                or dec.backend != self.backend:  # fmt: skip
-            if shared:
-                self._decoder = self._graphs = None  # free the old decoder's memory before allocating
-            step = 256 if self.device.type == "cuda" else 32  # room for the next batches: fewer recaptures
-            dec = StaticDecoder(
-                modules, [m.name for m in self.models], capacity=bucket_for(batch), max_len=-(-max_len // step) * step,
-                vocab_size=self.vocab_size, backend=self.backend, ring_len=self.poll_every,
+    def _static_pool(self) -> DecoderPool:
+        """The kept static decoder's pool, made anew when the settings it was made with have changed."""
+        pool = self._pool
+        if pool is None or (pool.backend, pool.poll_every, pool.graph_variant) != (self.backend, self.poll_every,
+                                                                                    self.graph_variant):  # fmt: skip
+            pool = self._pool = DecoderPool(
+                [m.module for m in self.models], [m.name for m in self.models], vocab_size=self.vocab_size,
+                backend=self.backend, poll_every=self.poll_every, graph_variant=self.graph_variant,
             )  # fmt: skip
-        graphs = self._graphs if shared else None
-        if self.decode == "graph" and graphs is None:
-            graphs = self._new_graphs(dec)
-        if shared:
-            self._decoder, self._graphs = dec, graphs
-        return dec, graphs
-
-    def _new_graphs(self, dec, keep: bool = False):
-        """Empty CUDA graphs over ``dec`` (each bucket is captured on its first replay); ``keep``: as the
-        tuner's, for its shared decoder."""
-        from proxytune.engine.graph_step import DecodeGraphs
-
-        graphs = DecodeGraphs(dec, variant=self.graph_variant)
-        if keep:
-            self._graphs = graphs
-        return graphs
-
-    def _decode_static(self, rows: list[Row], runners: list[ModelRunner], state: SamplerState, tokens: torch.Tensor,
-                       finished: set[int], return_logprobs: bool):  # fmt: skip
-        """The decode loop over the static step (``decode="static"``) or its CUDA graphs (``"graph"``): the
-        decoders of :mod:`proxytune.engine.static_decoder`, on this tuner's kept decoder unless another request
-        holds it (a paused :meth:`stream`)."""
-        from proxytune.engine.static_decoder import GraphRun, StaticRun
-        from proxytune.engine.static_step import SPARE_STEPS, STATIC_INITIAL_STEPS
-
-        limit = max(r.budget for r in rows) - 1  # decode steps the longest row may need
-        prompt_len = max(r.mask.shape[1] for r in runners)  # the cache column of the first decode step
-        shared = not self._decoder_in_use
-        dec, graphs = self._static_decoder(len(rows), prompt_len + min(limit, STATIC_INITIAL_STEPS) + SPARE_STEPS, shared)
-        if shared:
-            self._decoder_in_use = True
-        try:
-            dec.load(runners, state, tokens, self.pad_token_id)
-            for runner in runners:  # the dynamic caches are copied: free them
-                runner.cache = None
-            kw = dict(rows=len(rows), limit=limit, prompt_len=prompt_len, poll_every=self.poll_every,
-                      return_logprobs=return_logprobs)  # fmt: skip
-            if graphs is None:
-                run = StaticRun(dec, **kw)
-            else:
-                run = GraphRun(dec, graphs, new_graphs=lambda d: self._new_graphs(d, keep=shared), **kw)
-            yield from decode(run, rows, self.eos_token_ids, finished)
-        finally:  # also when the caller stops iterating (the generator is closed)
-            if shared:
-                self._decoder_in_use = False
+        return pool

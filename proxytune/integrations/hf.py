@@ -46,30 +46,15 @@ import numbers
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from transformers import LogitsProcessor, PreTrainedModel
+from transformers import LogitsProcessor
 
 from proxytune._rules import check_weights
-from proxytune.engine.decode import ModelRunner, position_limit
-from proxytune.engine.loading import LoadedModel
+from proxytune.engine.ensemble import check_pairs, in_order, role_names, split_roles
+from proxytune.engine.members import LocalModel
+from proxytune.engine.requests import as_list
+from proxytune.engine.runner import ModelRunner
 
 __all__ = ["ProxyTuningLogitsProcessor"]
-
-
-def _as_list(x: Any) -> list:
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _loaded(module: Any, name: str) -> LoadedModel:
-    if not isinstance(module, PreTrainedModel):
-        raise TypeError(f"{name} must be a transformers PreTrainedModel, got {type(module).__name__}")
-    out = module.get_output_embeddings()
-    width = out.weight.shape[0] if out is not None and hasattr(out, "weight") else module.config.get_text_config().vocab_size
-    device = next(module.parameters()).device
-    if device.type == "meta":
-        raise ValueError(f"{name} is on the meta device (shapes without weights): load its weights before generating")
-    return LoadedModel(name, module.eval(), device, int(width), None, None, getattr(module, "name_or_path", "") or name)
 
 
 class ProxyTuningLogitsProcessor(LogitsProcessor):
@@ -101,21 +86,17 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
         pad_token_id: Optional[int] = None,
         vocab_size: Optional[int] = None,
     ):
-        experts, anti_experts = _as_list(experts), _as_list(anti_experts)
-        if len(experts) != len(anti_experts):
-            raise ValueError(f"got {len(experts)} experts but {len(anti_experts)} anti-experts; they come in pairs")
-        if not experts:
-            raise ValueError("experts: give at least one (expert, anti-expert) pair")
+        experts, anti_experts = check_pairs(experts, anti_experts, at_least_one=True)
         self.weights = check_weights(weights, len(experts))
-        self.models = [_loaded(m, f"expert {i}") for i, m in enumerate(experts)]
-        self.models += [_loaded(m, f"anti-expert {i}") for i, m in enumerate(anti_experts)]
+        # the ensemble's members without its base (generate runs the base): experts, then anti-experts
+        names = role_names(len(experts))[1:]
+        self.models = [LocalModel.adopt(m, n) for m, n in zip(in_order(None, experts, anti_experts)[1:], names)]
         if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral)):
             raise TypeError(f"pad_token_id must be an integer token id, got {pad_token_id!r}")
         if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
             raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
         self.pad_token_id = pad_token_id
         self.vocab_size = vocab_size
-        self._limits = [position_limit(m.module) for m in self.models]
         self.prefills = 0  # how many times the small models ran over whole sequences (a new batch, or rows lost)
         self.reset(attention_mask)
 
@@ -166,11 +147,11 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
         pads = set()
         for m in self.models:
             for cfg in (getattr(m.module, "generation_config", None), m.module.config):
-                pads.update(i for i in _as_list(getattr(cfg, "pad_token_id", None)) if isinstance(i, int))
+                pads.update(i for i in as_list(getattr(cfg, "pad_token_id", None)) if isinstance(i, int))
         if not pads:
             for m in self.models:
                 for cfg in (getattr(m.module, "generation_config", None), m.module.config):
-                    pads.update(i for i in _as_list(getattr(cfg, "eos_token_id", None)) if isinstance(i, int))
+                    pads.update(i for i in as_list(getattr(cfg, "eos_token_id", None)) if isinstance(i, int))
         first = ids[:, 0].tolist()
         padded = [r for r, t in enumerate(first) if t in pads]
         if padded and len(padded) < len(first):
@@ -182,7 +163,8 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
 
     def _check_positions(self, length: int) -> None:
         """Every small model must have room for ``length`` positions (as ``ProxyTuner`` checks prompts)."""
-        for m, limit in zip(self.models, self._limits):
+        for m in self.models:
+            limit = m.position_limit
             if limit is not None and length > limit:
                 raise ValueError(
                     f"input_ids has {length} positions but {m.name} takes at most {limit} "
@@ -211,7 +193,7 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
                 self._seen = ids
                 return self._last
         mask = self._mask_for(ids)
-        self._runners = [ModelRunner(m) for m in self.models]
+        self._runners = [m.runner() for m in self.models]
         self._last = [r.prefill(ids.to(r.device), mask.to(r.device)) for r in self._runners]
         self._seen = ids
         self.prefills += 1
@@ -219,11 +201,11 @@ class ProxyTuningLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logits = self._advance(input_ids)
-        n = len(self.weights)
+        _, experts, anti_experts = split_roles([None, *logits], len(self.weights))
         v = min([scores.shape[-1], *(x.shape[-1] for x in logits)] + ([self.vocab_size] if self.vocab_size else []))
         with torch.no_grad():
             s = scores[:, :v].float()
-            for w, e, a in zip(self.weights, logits[:n], logits[n:]):
+            for w, e, a in zip(self.weights, experts, anti_experts):
                 s = s + w * (e[:, :v].to(scores.device).float() - a[:, :v].to(scores.device).float())
             out = torch.full(scores.shape, -math.inf, dtype=torch.float32, device=scores.device)
             out[:, :v] = s.log_softmax(-1)

@@ -207,12 +207,9 @@ class ProxyTuneLM(LM):
 
     def _model_max_length(self) -> int:
         """Positions a request may use: the smallest position limit, less the longest template around it."""
-        t = self.tuner
-        room = []
-        for limit, tpl in zip(t._position_limits, t._template_ids):
-            if limit is not None:
-                room.append(limit - (len(tpl[0]) + len(tpl[1]) if tpl is not None else 0))
-        return min(room) if room else DEFAULT_MAX_LENGTH
+        ensemble = self.tuner.ensemble
+        room, _, _ = ensemble.room(ensemble.template_lengths())
+        return DEFAULT_MAX_LENGTH if room is None else room
 
     @property
     def max_length(self) -> int:

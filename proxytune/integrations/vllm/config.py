@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from proxytune._rules import check_bool, check_weight
+from proxytune._rules import check_bool, check_weights
 
 __all__ = ["ARCHITECTURE", "VllmConfigError", "ModelInfo", "kv_page_units", "check_kv_layouts", "write_model_dir"]
 
@@ -183,47 +183,45 @@ def write_model_dir(
     from safetensors.torch import save_file
     from transformers import AutoConfig, GenerationConfig
 
-    from proxytune.engine.loading import _TOKENIZER_FILES, _hub_hint, _hub_kwargs, _own_tokenizer, _resolve_source, load_tokenizer
+    from proxytune.engine.ensemble import check_pairs, common_position_limit, in_order, split_roles
+    from proxytune.engine.loading import has_tokenizer_files, hub_hint, hub_kwargs, load_tokenizer, own_tokenizer, resolve_source
     from proxytune.engine.vocabulary import check_same_tokens, common_vocab_size
 
     check_bool(trust_remote_code, "trust_remote_code")
-    if not experts or len(experts) != len(anti_experts):
-        raise VllmConfigError(f"got {len(experts)} experts and {len(anti_experts)} anti-experts; give at least one pair")
-    if len(weights) != len(experts):
-        raise VllmConfigError(f"got {len(weights)} weights for {len(experts)} pairs")
-    weights = [check_weight(w, f"weights[{i}]" if len(weights) > 1 else "weights") for i, w in enumerate(weights)]
+    try:  # the ensemble's pair rule and the one weight rule
+        experts, anti_experts = check_pairs(experts, anti_experts, at_least_one=True)
+        weights = check_weights(list(weights), len(experts))
+    except ValueError as e:
+        raise VllmConfigError(str(e)) from None
     out = Path(output)
 
     def source(role: str, s: str) -> str:
-        r = _resolve_source(s, role)
+        r = resolve_source(s, role)
         return str(Path(r).absolute()) if Path(r).is_dir() else r
 
-    roles = [("base", base)]
-    for i, (e, a) in enumerate(zip(experts, anti_experts), 1):
-        roles += [(f"expert {i}", e), (f"anti-expert {i}", a)]
+    n = len(experts)
+    roles = in_order(("base", base), [(f"expert {i + 1}", e) for i, e in enumerate(experts)],
+                     [(f"anti-expert {i + 1}", a) for i, a in enumerate(anti_experts)])  # fmt: skip
     sources = [(role, source(role, s)) for role, s in roles]
     tok_source = source("tokenizer", tokenizer) if tokenizer else None
     _check_not_an_input(out, sources + ([("tokenizer", tok_source)] if tok_source else []))
     _check_output_dir(out)
     models = []
     for role, src in sources:
-        hub = _hub_kwargs(src)
+        hub = hub_kwargs(src)
         try:
             cfg = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code, **hub)
         except (OSError, ValueError) as e:
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise VllmConfigError(f"the {role}: cannot load a config from {src!r}: {message}{_hub_hint(src, hub)}") from None
+            raise VllmConfigError(f"the {role}: cannot load a config from {src!r}: {message}{hub_hint(src, hub)}") from None
         models.append(ModelInfo(role, src, cfg))
     check_architectures(models, _supported_architectures())
     for m in models:
         check_has_weights(m)
     check_kv_layouts(models)
 
-    def has_tokenizer(src: str) -> bool:
-        return not Path(src).is_dir() or any((Path(src) / f).exists() for f in _TOKENIZER_FILES)
-
     if tok_source is None:  # the base's, else the first model's that has one (as ProxyTuner does)
-        tok_source = next((m.source for m in models if has_tokenizer(m.source)), None)
+        tok_source = next((m.source for m in models if has_tokenizer_files(m.source)), None)
         if tok_source is None:
             raise VllmConfigError("no tokenizer: none of the checkpoints has tokenizer files; pass --tokenizer")
     tok = load_tokenizer(tok_source, trust_remote_code=trust_remote_code,
@@ -232,9 +230,9 @@ def write_model_dir(
     vocab = common_vocab_size(tok, widths)
     others = []
     for m in models:
-        if m.source == tok_source or not has_tokenizer(m.source):
+        if m.source == tok_source or not has_tokenizer_files(m.source):
             continue  # a checkpoint without tokenizer files: it uses the shared one
-        own = _own_tokenizer(m.source, f"the {m.role}", trust_remote_code)
+        own = own_tokenizer(m.source, f"the {m.role}", trust_remote_code)
         if own is not None:
             others.append((f"the {m.role} ({m.source})", own))
     check_same_tokens((f"the tokenizer ({tok_source})", tok), others, vocab)
@@ -244,8 +242,8 @@ def write_model_dir(
         "base": models[0].source,
         "vocab_size": vocab,
         "pairs": [
-            {"expert": models[1 + 2 * i].source, "anti_expert": models[2 + 2 * i].source, "weight": float(w)}
-            for i, w in enumerate(weights)
+            {"expert": e.source, "anti_expert": a.source, "weight": float(w)}
+            for e, a, w in zip(*split_roles(models, n)[1:], weights)
         ],
     }
     config = models[0].config.to_dict()
@@ -256,11 +254,11 @@ def write_model_dir(
     top["vocab_size"] = vocab
     positions = [getattr(m.text_config, "max_position_embeddings", None) for m in models]
     if all(isinstance(p, int) for p in positions):  # vLLM derives max_model_len from it: the smallest model's limit
-        top["max_position_embeddings"] = min(positions)
+        top["max_position_embeddings"] = common_position_limit(positions)
     config["proxytune"] = block
 
     try:
-        generation = GenerationConfig.from_pretrained(models[0].source, **_hub_kwargs(models[0].source))
+        generation = GenerationConfig.from_pretrained(models[0].source, **hub_kwargs(models[0].source))
     except OSError:
         generation = None  # the base has no generation_config.json: vLLM uses its defaults
     try:

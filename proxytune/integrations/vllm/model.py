@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from proxytune._rules import check_weight
+from proxytune.engine.ensemble import in_order, split_roles
 from proxytune.integrations.vllm.config import WEIGHTS_FILE, WEIGHTS_TENSOR, VllmConfigError, read_block
 
 __all__ = ["ProxyTunedForCausalLM"]
@@ -38,9 +39,9 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 def _sub_config(source: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    from proxytune.engine.loading import _hub_kwargs
+    from proxytune.engine.loading import hub_kwargs
 
-    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **_hub_kwargs(source))
+    return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_kwargs(source))
 
 
 class ProxyTunedForCausalLM(nn.Module):
@@ -61,10 +62,11 @@ class ProxyTunedForCausalLM(nn.Module):
         self.num_pairs = len(pairs)
         if self.num_pairs > len(_LETTERS):
             raise VllmConfigError(f"at most {len(_LETTERS)} (expert, anti-expert) pairs, got {self.num_pairs}")
-        # sub-model names without digits: vLLM reads a layer's index as the one integer in its name
-        sources = [("base", block["base"])]
-        for letter, p in zip(_LETTERS, pairs):
-            sources += [(f"expert_{letter}", p["expert"]), (f"anti_expert_{letter}", p["anti_expert"])]
+        # sub-model names without digits: vLLM reads a layer's index as the one integer in its name; the
+        # models in the ensemble's order (base, experts, anti-experts)
+        letters = _LETTERS[: self.num_pairs]
+        sources = in_order(("base", block["base"]), [(f"expert_{x}", p["expert"]) for x, p in zip(letters, pairs)],
+                           [(f"anti_expert_{x}", p["anti_expert"]) for x, p in zip(letters, pairs)])  # fmt: skip
         trust = model_config.trust_remote_code
         self._names, self._hidden = [], []
         for name, source in sources:
@@ -79,7 +81,8 @@ class ProxyTunedForCausalLM(nn.Module):
         ]
 
     def _models(self) -> list[nn.Module]:
-        """base, expert_a, anti_expert_a, expert_b, ...: the order of :meth:`forward`'s hidden states."""
+        """base, expert_a, expert_b, ..., anti_expert_a, ...: the ensemble's model order, that of :meth:`forward`'s
+        hidden states."""
         return [getattr(self, n) for n in self._names]
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -101,8 +104,8 @@ class ProxyTunedForCausalLM(nn.Module):
         logits = [m.compute_logits(h) for m, h in zip(self._models(), parts)]
         if any(x is None for x in logits):  # a tensor-parallel rank that does not hold the gathered logits
             return None
-        n = self.num_pairs
-        return combine(logits[0], logits[1::2][:n], logits[2::2][:n], weights=self.pair_weights,
+        base, experts, anti_experts = split_roles(logits, self.num_pairs)
+        return combine(base, experts, anti_experts, weights=self.pair_weights,
                        vocab_size=self.vocab_size, validate=False)  # fmt: skip
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
