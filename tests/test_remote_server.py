@@ -327,7 +327,7 @@ def test_faults_injected_by_a_loopback_proxy_are_retried_without_duplicates(clie
     ids = list(prompt)
     for _ in range(3):
         ids += client.complete(ids, 2, logprobs=TOP_K, temperature=0.0, extra={"ignore_eos": True}).tokens
-    proxy = _FaultyProxy(server, [503, "lost", 429, "drop", "lost"])
+    proxy = _FaultyProxy(server, [503, "lost", 429, "forward", "drop", "lost", "forward"])
     try:
         c = CompletionsClient(proxy.url, model="base", timeout=REQUEST_TIMEOUT_S, max_retries=3, backoff=0.05)
         via = c.complete(prompt, **ask)  # 503, lost, 429, then answered
