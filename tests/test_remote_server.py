@@ -74,7 +74,7 @@ def _stop(proc) -> None:
         pass
 
 
-def _start(model_dir, root, name="base"):
+def _start(model_dir, root, name="base", extra=()):
     """``(proc, url, seconds to /health)`` of a vLLM OpenAI server for ``model_dir`` on a free loopback port."""
     import urllib.request
 
@@ -85,7 +85,7 @@ def _start(model_dir, root, name="base"):
     cmd = [sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4", "--max-num-batched-tokens", "256",
-           "--max-logprobs", "-1", "--seed", "0"]  # fmt: skip
+           "--max-logprobs", "-1", "--seed", "0", *extra]  # fmt: skip
     t0 = time.monotonic()
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
@@ -362,3 +362,106 @@ def test_the_server_killed_mid_generation_is_one_clear_error(family, tmp_path_fa
         assert msg.startswith(f"{url}/v1/completions: a completion failed after 3 attempts: ") and "\n" not in msg
     finally:
         _stop(proc)
+
+
+# -- sampled blocks from the real server: exact in distribution ----------------------------------------------
+
+SMALL_V, SMALL_K, N_SEEDS = 8, 4, 1500
+SMALL_PROMPT = [1, 5, 3, 4]
+SMALL_FAMILY = {"base": dict(seed=20, hidden=128, heads=4, layers=3, std=0.1),
+                "expert": dict(seed=21, hidden=64, heads=2, std=0.1), "anti": dict(seed=22, hidden=64, heads=2, std=0.1)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A server for a base with a vocabulary of 8 ids (no tokenizer: token-id prompts, ``--skip-tokenizer-init``)
+    and the local expert and anti-expert of the same vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import tiny_model
+
+    root = tmp_path_factory.mktemp("remote_small")
+    models = {}
+    for name, kw in SMALL_FAMILY.items():
+        models[name] = tiny_model("llama", vocab_size=SMALL_V, **kw).eval()
+        models[name].save_pretrained(root / name)
+    proc, url, _ = _start(str(root / "base"), root, extra=["--skip-tokenizer-init"])
+    try:
+        with CompletionsClient(url, model="base", timeout=REQUEST_TIMEOUT_S, max_retries=1, max_concurrency=4) as c:
+            yield c, {n: AutoModelForCausalLM.from_pretrained(root / n, dtype=torch.float32).eval() for n in models}
+    finally:
+        _stop(proc)
+
+
+def _small_tables(models, weight):
+    """Exact laws after the prompt and after prompt + [a] for every a: the target p on the top-4 drop row and
+    the base's own q (fp64 ``[1 + V, V]`` each), and the local models' logits ``[1 + V, V]``."""
+    prefixes = [SMALL_PROMPT] + [SMALL_PROMPT + [a] for a in range(SMALL_V)]
+    with torch.no_grad():
+        logits = {n: torch.stack([_logits(m, p)[0] for p in prefixes]) for n, m in models.items()}
+    logq = torch.log_softmax(logits["base"].double(), dim=1)
+    keep = torch.zeros_like(logq, dtype=torch.bool).scatter(1, logq.topk(SMALL_K, dim=1).indices, True)
+    s = torch.where(keep, logq, float("-inf")) + weight * (logits["expert"].double() - logits["anti"].double())
+    return torch.softmax(s, dim=1), logq.exp(), logits
+
+
+def test_sampled_blocks_from_the_server_are_exact_in_distribution(small):
+    """N_SEEDS rows draft blocks of 2 from the real server (temperature 1, seed from server_draft_seed), the
+    local pair verifies them, a rejected row asks again; the joint law of the first two tokens is the proxy-tuned
+    target's on the top-4 drop row (chi-square), and the base's own law is rejected (the control)."""
+    c, models = small
+    weight = 1.0
+    p, q, logits = _small_tables(models, weight)
+    seeds = list(range(N_SEEDS))
+    out = {s: [] for s in seeds}
+    for rnd in range(2):  # at most two requests per row: bounded
+        live = [s for s in seeds if len(out[s]) < 2]
+        if not live:
+            break
+        asks = [dict(prompt_ids=SMALL_PROMPT + out[s], max_tokens=2 - len(out[s]), logprobs=SMALL_K, temperature=1.0,
+                     seed=server_draft_seed(s, len(out[s])), extra={"ignore_eos": True}) for s in live]  # fmt: skip
+        t0 = time.monotonic()
+        answers = c.complete_many(asks)
+        assert time.monotonic() - t0 < 600
+        n = 2 - len(out[live[0]])
+        assert all(2 - len(out[s]) == n for s in live) and all(len(r.tokens) == n for r in answers)
+        draft = torch.tensor([r.tokens for r in answers])
+        rows = torch.stack([dense_rows(r.top, SMALL_V, "drop") for r in answers])
+        # the local models' logits at each draft's position: index 0 after the prompt, 1 + a after prompt + [a]
+        pos = torch.tensor([[0 if len(out[s]) + i == 0 else 1 + (out[s] + r.tokens)[len(out[s]) + i - 1]
+                             for i in range(n)] for s, r in zip(live, answers)])  # fmt: skip
+        verdict = verify_block(draft, rows, [logits["expert"][pos]], [logits["anti"][pos]], [weight], temperature=1.0,
+                               seed=torch.tensor(live), step=torch.tensor([len(out[s]) for s in live]))  # fmt: skip
+        for s, toks in zip(live, verdict.tokens(draft)):
+            out[s] = (out[s] + toks)[:2]
+    assert all(len(o) == 2 for o in out.values())
+    counts: dict = {}
+    for o in out.values():
+        counts[tuple(o)] = counts.get(tuple(o), 0) + 1
+
+    def law(t):
+        return {(a, b): float(t[0, a] * t[1 + a, b]) for a in range(SMALL_V) for b in range(SMALL_V)}
+
+    def chi2_p(probs):
+        obs, exp, po, pe = [], [], 0.0, 0.0
+        for cell, pr in probs.items():
+            if pr * N_SEEDS >= 5:
+                obs.append(counts.get(cell, 0))
+                exp.append(pr * N_SEEDS)
+            else:
+                po, pe = po + counts.get(cell, 0), pe + pr * N_SEEDS
+        if pe == 0 and po > 0:
+            return 0.0
+        if pe > 0:
+            obs.append(po)
+            exp.append(pe)
+        o, e = torch.tensor(obs, dtype=torch.float64), torch.tensor(exp, dtype=torch.float64)
+        stat = float(((o - e) ** 2 / e).sum())  # the chi-square statistic; its survival function (no scipy here):
+        return float(torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2, dtype=torch.float64),
+                                             torch.tensor(stat / 2, dtype=torch.float64)))  # fmt: skip
+
+    p_target, p_control = chi2_p(law(p)), chi2_p(law(q))
+    print(f"\nsampled blocks: {N_SEEDS} seeds, {c.requests} requests; chi-square p = {p_target:.3g} (target), "
+          f"{p_control:.3g} (the base's own law)")  # fmt: skip
+    assert p_target > 1e-4
+    assert p_control < 1e-6
