@@ -45,14 +45,17 @@ filtered_logprobs = filtered_logprobs_reference  # the op's final distribution, 
 def draft_tokens(
     logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     min_p: torch.Tensor, draft_seed: torch.Tensor, step: torch.Tensor, vocab_size: int, backend: str,
+    filters_used: Optional[frozenset] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Draw one draft token per row from the draft model's own filtered distribution ``q`` (its ``[B, W]``
     logits with the request's temperature and filters), by the op with the draft stream's seed
     ``draft_seed = stream_seed(seed, DRAFT_STREAM)``. Returns ``(tokens int64 [B], log q(token) fp32 [B])``;
-    0 for greedy rows. No host sync."""
+    0 for greedy rows. ``filters_used``: the op's host-known promise of the filters any row turns on. No host
+    sync."""
     return proxy_sample(
         logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=draft_seed,
         step=step, vocab_size=vocab_size, return_logprobs=True, backend=backend, validate=False,
+        filters_used=filters_used,
     )  # fmt: skip
 
 

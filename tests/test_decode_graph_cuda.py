@@ -51,7 +51,7 @@ def loaded_decoder(trio, tok, capacity, prompts):
 @pytest.mark.parametrize("variant", ["streams", "sequential"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_replayed_logits_equal_eager_logits(kind, variant, models, tok):
-    from proxytune.engine.graph_step import DecodeGraphs
+    from proxytune.engine.decode_graphs import DecodeGraphs
 
     trio = models[kind]
     eager, graphed = loaded_decoder(trio, tok, 4, PROMPTS[:3]), loaded_decoder(trio, tok, 4, PROMPTS[:3])
@@ -69,7 +69,7 @@ def test_replayed_logits_equal_eager_logits(kind, variant, models, tok):
 
 def test_parameters_changed_between_replays_take_effect(models, tok):
     from proxytune import combine as combine_logits
-    from proxytune.engine.graph_step import DecodeGraphs
+    from proxytune.engine.decode_graphs import DecodeGraphs
 
     trio = models["qwen2"]
     dec = loaded_decoder(trio, tok, 4, PROMPTS)
@@ -139,7 +139,7 @@ def test_several_buckets_and_per_row_stops(models, tok):
 
 
 def test_side_streams_always_rejoin(models):
-    from proxytune.engine.graph_step import fork_join
+    from proxytune.engine.decode_graphs import fork_join
 
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     x = torch.randn(256, 256, device="cuda")

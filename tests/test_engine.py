@@ -231,3 +231,37 @@ def test_long_greedy_generation_matches_hugging_face(kind, models, tok):
     expected = hf_greedy(base, tok, prompts, 48)
     got = ProxyTuner(base, expert, expert, tokenizer=tok, weights=2.0).generate(prompts, temperature=0, max_new_tokens=48)
     assert ids(got) == expected
+
+
+def test_batch_flags_come_from_the_requests_on_the_host(models, tok, monkeypatch):
+    """The engine tells the op which filters any sampled row turns on (``filters_used``) and whether it reads
+    log-probabilities, decided from the requests when the batch forms; the tokens are those of the op
+    inferring everything itself (``filters_used=None``)."""
+    import proxytune.engine.sampler_state as sampler_state
+
+    base, expert, anti = models["llama"]
+    tuner = ProxyTuner(base, expert, anti, tokenizer=tok, decode="eager")
+    params = [SamplingParams(temperature=0, top_p=0.5, max_new_tokens=5),  # greedy: no filter changes it
+              SamplingParams(temperature=0.9, top_k=7, max_new_tokens=5, seed=3),
+              SamplingParams(temperature=1.1, max_new_tokens=5, seed=4)]  # fmt: skip
+    seen, real = [], sampler_state.proxy_sample
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["filters_used"], kwargs["return_logprobs"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampler_state, "proxy_sample", recording)
+    flagged = tuner.generate(PROMPTS[:3], params)
+    assert seen and all(flags == (frozenset({"top_k"}), False) for flags in seen), seen
+    seen.clear()
+    tuner.generate(PROMPTS[:3], params, return_logprobs=True)
+    assert all(flags == (frozenset({"top_k"}), True) for flags in seen), seen
+
+    def inferring(*args, **kwargs):
+        return real(*args, **{**kwargs, "filters_used": None})
+
+    monkeypatch.setattr(sampler_state, "proxy_sample", inferring)
+    assert ids(tuner.generate(PROMPTS[:3], params)) == ids(flagged)
+    greedy = [SamplingParams(temperature=0, top_k=3, top_p=0.2, min_p=0.5)] * 2
+    state = sampler_state.SamplerState.for_requests(greedy, [0, 1], [1.0], torch.device("cpu"))
+    assert state.filters_used == frozenset() and not state.any_sampled  # host-known: no device read

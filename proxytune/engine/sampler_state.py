@@ -126,5 +126,6 @@ class SamplerState:
             base, experts, anti_experts, weights=self.weights, temperature=self.temperature,
             top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, seed=self.seed, step=self.step,
             vocab_size=vocab_size, return_logprobs=return_logprobs, backend=backend, validate=validate,
+            filters_used=self.filters_used,
         )  # fmt: skip
         return out if return_logprobs else (out, None)

@@ -122,7 +122,7 @@ class SpeculativeDecoder(EagerDecoder):
             expert_logits.append(e)
             last, lq = draft_tokens(e, temperature=st.temperature, top_k=st.top_k, top_p=st.top_p, min_p=st.min_p,
                                     draft_seed=draft_seed, step=st.step + i, vocab_size=self.vocab_size,
-                                    backend=self.backend)  # fmt: skip
+                                    backend=self.backend, filters_used=st.filters_used)  # fmt: skip
             drafts.append(last)
             logq.append(lq)
         return drafts, logq, expert_logits
@@ -184,7 +184,7 @@ class SpeculativeDecoder(EagerDecoder):
             top_k, top_p, min_p = torch.where(resid, 0, top_k), torch.where(resid, 1.0, top_p), torch.where(resid, 0.0, min_p)
             seed = torch.where(resid, self.stream_seeds[2], seed)
         x = proxy_sample(at, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, step=st.step + n,
-                         vocab_size=v, backend=self.backend, validate=False)  # fmt: skip
+                         vocab_size=v, backend=self.backend, validate=False, filters_used=st.filters_used)  # fmt: skip
         return x, logp[rows, n].gather(1, x[:, None])[:, 0]
 
     def _finish(self, limits, n, d, lp, x, x_lp) -> Chunk:
