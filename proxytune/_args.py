@@ -9,7 +9,9 @@ tensors on the host and run only when ``validate=True``.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
+import struct
 from typing import NamedTuple, Union
 
 import torch
@@ -237,6 +239,14 @@ def fresh_seed() -> int:
     return int(torch.randint(_INT64_MIN, 2**63 - 1, ()))
 
 
+def _to_fp32(x: float) -> float:
+    """``x`` rounded to float32 (the op's parameter type); inf past its range."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
 def _real(x: object) -> bool:
     """A Python/numpy real number (bool included, as ``numbers.Real`` has it); plain floats and ints first."""
     return type(x) is float or type(x) is int or isinstance(x, numbers.Real)
@@ -266,10 +276,10 @@ def check_filter_scalars(temperature, top_k, top_p, min_p, weights):
         top_k = min(int(top_k), TOP_K_MAX)
     if _real(top_p):
         if not 0 < top_p <= 1:
-            raise bad("top_p", "in (0, 1] (1 = off)", top_p)
+            raise bad("top_p", "in (0, 1]", top_p)
         top_p = max(top_p, FP32_SMALLEST)
-    if _real(min_p) and not 0 <= min_p < 1:
-        raise bad("min_p", "in [0, 1) (0 = off)", min_p)
+    if _real(min_p) and not (0 <= min_p < 1 and _to_fp32(min_p) < 1):  # 0.99999999999 is 1 in fp32: all off
+        raise bad("min_p", "in [0, 1), also when rounded to float32", min_p)
     for w in weights if isinstance(weights, (list, tuple)) else (weights,):
         if not isinstance(w, torch.Tensor):  # the one weight rule (proxytune._rules), as every entry point has it
             check_weight(w)

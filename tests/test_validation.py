@@ -34,6 +34,7 @@ CASES = [  # (kwargs for sample, exception type, words the message must contain)
     (dict(top_p=torch.tensor([0.5, 0.9, math.nan])), ValueError, "top_p must be in (0, 1]; row 2"),
     (dict(min_p=1.0), ValueError, "min_p must be in [0, 1)"),
     (dict(min_p=-0.1), ValueError, "min_p must be in [0, 1)"),
+    (dict(min_p=0.99999999999), ValueError, "min_p must be in [0, 1), also when rounded to float32"),  # 1 in fp32
     (dict(min_p=torch.tensor([0.0, 1.0, 0.0])), ValueError, "min_p must be in [0, 1); row 1"),
     (dict(top_k=-1), ValueError, "top_k must be >= 0"),
     (dict(top_k=torch.tensor([0, -3, 1])), ValueError, "top_k must be >= 0; row 1"),

@@ -1,0 +1,3 @@
+from proxytune.cli import main
+
+raise SystemExit(main())

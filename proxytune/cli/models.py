@@ -1,0 +1,105 @@
+"""The model flags of ``generate``, ``score`` and ``vllm-config``: declared, checked before anything loads,
+and turned into a :class:`proxytune.engine.ProxyTuner`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from proxytune.cli.args import ALPHA, CliError, Once, dtype, nonempty, one_line, text
+
+__all__ = ["add_model_flags", "pairs", "check_devices_and_backend", "load_tuner"]
+
+
+def add_model_flags(p: argparse.ArgumentParser, *, loading: bool = True) -> None:
+    """The models' flags (``loading``: also devices, dtype, templates and the backend, which only the commands
+    that load the models take)."""
+    model = nonempty("a directory or hub id")
+    p.add_argument("--base", required=True, type=model, action=Once, help="the base model (directory or hub id)")
+    p.add_argument("--expert", action="append", type=model, help="a tuned small model; repeat for several pairs")
+    p.add_argument("--anti-expert", action="append", type=model, help="the expert's untuned counterpart; one per --expert")
+    p.add_argument("--alpha", type=ALPHA, action="append",
+                   help="weight of (expert - anti-expert): one for all pairs or one per pair (default 1.0)")  # fmt: skip
+    p.add_argument("--tokenizer", default=None, type=model, action=Once, help="the shared tokenizer (default: the base's)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow models' own Python code (off by default)")
+    if not loading:
+        return
+    p.add_argument("--expert-template", default=None, type=text,
+                   help="how experts see the prompt: 'chat' (their tokenizer's chat template) or a text with {prompt}")  # fmt: skip
+    p.add_argument("--device", default=None, help="device of every model (default: cuda if available, else cpu)")
+    p.add_argument("--base-device", default=None, help="device of the base only")
+    p.add_argument("--expert-device", default=None, help="device of the experts and anti-experts")
+    p.add_argument("--dtype", default=None, type=dtype,
+                   help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")  # fmt: skip
+    p.add_argument("--backend", default="auto", help="op backend (auto, reference, cpu, triton)")
+
+
+def pairs(args: argparse.Namespace, *, required: bool = False) -> tuple[list[str], list[str], list[float]]:
+    """``(experts, anti_experts, one weight per pair)`` from the flags, checked before anything loads."""
+    experts, antis = args.expert or [], args.anti_expert or []
+    if required and not experts:
+        raise CliError(f"{args.command} needs at least one --expert and --anti-expert pair")
+    if len(experts) != len(antis):
+        raise CliError(f"got {len(experts)} --expert but {len(antis)} --anti-expert; give them in pairs")
+    for flag, value in (("--alpha", args.alpha), ("--expert-template", getattr(args, "expert_template", None))):
+        if value is not None and not experts:
+            raise CliError(f"{flag} needs --expert and --anti-expert (it applies to the expert pairs)")
+    alphas = args.alpha or [1.0]
+    if len(alphas) not in (1, len(experts)):
+        raise CliError(f"--alpha: give one for all pairs or one per pair ({len(experts)}), got {len(alphas)}")
+    return experts, antis, alphas * len(experts) if len(alphas) == 1 else alphas
+
+
+def _check_device(flag: str, value: Optional[str]):
+    """``torch.device(value)`` if this machine has it, else a CliError naming ``flag``; None stays None."""
+    import torch
+
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CliError(f"{flag}: {one_line(str(e))}") from None
+    if device.type == "cpu":
+        return device
+    module = getattr(torch, device.type, None)
+    available = getattr(module, "is_available", None)
+    if not callable(available) or not available():
+        raise CliError(f"{flag}: no {device.type} device to run models on here (got {value!r})")
+    count = getattr(module, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise CliError(f"{flag}: {value} does not exist; this machine has {count()} {device.type} device(s)")
+    return device
+
+
+def check_devices_and_backend(args: argparse.Namespace) -> None:
+    """The device flags and the backend, checked (cheaply) before the models load."""
+    import torch
+
+    from proxytune import backends
+
+    device = _check_device("--device", args.device)
+    base_device = _check_device("--base-device", args.base_device) or device
+    _check_device("--expert-device", args.expert_device)
+    try:
+        backends.resolve(args.backend, base_device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    except (ValueError, backends.BackendUnavailableError) as e:
+        raise CliError(f"--backend: {e}") from None
+
+
+def load_tuner(args: argparse.Namespace, experts, antis, weights, progress: bool, **options):
+    """The ProxyTuner of the model flags (transformers' own progress bars off unless ``progress``)."""
+    from proxytune.engine import ModelSpec, ProxyTuner
+
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
+    small_device = args.expert_device or args.device
+    return ProxyTuner(
+        ModelSpec(args.base, device=args.base_device or args.device),
+        [ModelSpec(e, device=small_device, template=args.expert_template) for e in experts],
+        [ModelSpec(a, device=small_device) for a in antis],
+        weights=weights, tokenizer=args.tokenizer, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+        backend=args.backend, progress=progress, **options,
+    )  # fmt: skip
