@@ -137,7 +137,6 @@ def _run_blocks(tables, k, n, *, weight, temperature, top_k, top_p, n_tokens=3, 
             return out, rounds
         rounds += 1
         idx = live.nonzero()[:, 0]
-        b = idx.numel()
         step = torch.tensor([len(out[i]) for i in idx.tolist()], dtype=torch.int64)
         # the "server": n drafts from q (temperature 1, no filters), its own noise per (row, step)
         drafts, prev, rows_q, ex, an = [], last[idx], [], [], []
@@ -264,7 +263,8 @@ def test_verdict_edge_cases():
     # the target equals the draft law (no expert difference, T = 1): every draft passes (p / q = 1)
     v = verify_block(torch.tensor([[0, 1]]), row, [zeros], [zeros], [1.0], temperature=1.0, seed=5)
     assert v.accepted.tolist() == [2] and v.token.tolist() == [-1]
-    v = verify_block(torch.tensor([[0, 1]]), row, [zeros], [zeros], [1.0], temperature=1.0, seed=5, lengths=torch.tensor([1]))
+    v = verify_block(torch.tensor([[0, 1]]), row, [zeros], [zeros], [1.0], temperature=1.0, seed=5,
+                     lengths=torch.tensor([1]))
     assert v.accepted.tolist() == [1] and v.token.tolist() == [-1]
     with pytest.raises(ValueError, match=r"base_rows must be \[B, n, V\]"):
         verify_block(torch.tensor([[0, 1]]), row[:, :1], [zeros], [zeros], [1.0], temperature=1.0)

@@ -100,8 +100,9 @@ def test_retries_give_one_whole_answer(failures):
 
 def test_retry_after_is_honoured_and_bounded():
     fake = Fake()
-    calls = iter([httpx.Response(429, headers={"Retry-After": "2"}, json={"error": {"message": "slow down"}}),
-                  httpx.Response(429, headers={"Retry-After": "3600"}, json={"error": {"message": "slow down"}})])  # fmt: skip
+    slow = {"error": {"message": "slow down"}}
+    calls = iter([httpx.Response(429, headers={"Retry-After": "2"}, json=slow),
+                  httpx.Response(429, headers={"Retry-After": "3600"}, json=slow)])  # fmt: skip
 
     def handler(request):
         if request.url.path == "/v1/completions":
@@ -255,7 +256,8 @@ def test_a_dead_url_fails_fast_with_one_line():
         c.complete([1], 1)
     assert time.monotonic() - t0 < 10
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"http://127.0.0.1:{port}/v1/completions: a completion failed after 3 attempts: cannot connect")
+    assert "\n" not in msg
+    assert msg.startswith(f"http://127.0.0.1:{port}/v1/completions: a completion failed after 3 attempts: cannot connect")
     assert isinstance(e.value, ConnectionError)
 
 
@@ -284,3 +286,11 @@ def test_check_same_tokenizer():
         check_same_tokenizer(c, _Tok(lambda s: [1] + [(ord(ch) + 1) % 300 for ch in s]))
     with pytest.warns(UserWarning, match="no /tokenize endpoint"):
         assert check_same_tokenizer(client(Fake(), model="base")[0], _Tok(lambda s: [1])) is False
+
+
+def test_no_top_k_still_gives_ids():
+    fake = Fake()
+    c, _ = client(fake, model="base")
+    r = c.complete([1], 2, logprobs=None, seed=2)
+    assert json.loads(fake.completions()[0].content)["logprobs"] == 0
+    assert r.tokens == [2, 3] and r.logprobs == [-0.5, -0.5] and r.top == [{}, {}]

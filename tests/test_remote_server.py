@@ -169,6 +169,13 @@ def test_another_tokenizer_is_refused(client, hf):
         check_same_tokenizer(client, other)
 
 
+def test_no_top_k_still_gives_ids(client, hf):
+    models, tok = hf
+    prompt = tok(PROMPTS[0]).input_ids
+    r = client.complete(prompt, 3, logprobs=None, temperature=0.0, extra={"ignore_eos": True})
+    assert len(r.tokens) == 3 and r.top == [{}, {}, {}] and r.tokens[0] == int(_logits(models["base"], prompt)[0].argmax())
+
+
 def test_logprobs_above_the_cap_is_the_servers_message(client):
     with pytest.raises(RemoteError) as e:
         client.complete([1, 5, 6], 1, logprobs=V + 1)
@@ -368,8 +375,11 @@ def test_the_server_killed_mid_generation_is_one_clear_error(family, tmp_path_fa
 
 SMALL_V, SMALL_K, N_SEEDS = 8, 4, 1500
 SMALL_PROMPT = [1, 5, 3, 4]
-SMALL_FAMILY = {"base": dict(seed=20, hidden=128, heads=4, layers=3, std=0.1),
-                "expert": dict(seed=21, hidden=64, heads=2, std=0.1), "anti": dict(seed=22, hidden=64, heads=2, std=0.1)}  # fmt: skip
+SMALL_FAMILY = {
+    "base": dict(seed=20, hidden=128, heads=4, layers=3, std=0.1),
+    "expert": dict(seed=21, hidden=64, heads=2, std=0.1),
+    "anti": dict(seed=22, hidden=64, heads=2, std=0.1),
+}
 
 
 @pytest.fixture(scope="module")

@@ -139,7 +139,7 @@ def verify_block(
     top_k, top_p = _per_row(top_k, b, torch.int64, dev), _per_row(top_p, b, torch.float32, dev)
     min_p, seed = _per_row(min_p, b, torch.float32, dev), _per_row(seed, b, torch.int64, dev)
     step = _per_row(step, b, torch.int64, dev)
-    lengths = torch.full((b,), n, dtype=torch.int64, device=dev) if lengths is None else _per_row(lengths, b, torch.int64, dev)
+    lengths = _per_row(n if lengths is None else lengths, b, torch.int64, dev)
     if isinstance(weights, torch.Tensor) and weights.dim() == 2:
         w = weights.to(torch.float32)
     else:

@@ -129,8 +129,9 @@ class CompletionsClient:
         base = url.rstrip("/")
         if base.endswith("/v1"):
             base = base[: -len("/v1")]
-        for name, value, ok in (("timeout", timeout, timeout > 0), ("max_retries", max_retries, max_retries >= 0),
-                                ("backoff", backoff, backoff >= 0), ("max_concurrency", max_concurrency, max_concurrency >= 1)):  # fmt: skip
+        checks = (("timeout", timeout, timeout > 0), ("max_retries", max_retries, max_retries >= 0),
+                  ("backoff", backoff, backoff >= 0), ("max_concurrency", max_concurrency, max_concurrency >= 1))
+        for name, value, ok in checks:
             if isinstance(value, bool) or not ok:
                 raise ValueError(f"{name} out of range: {value!r}")
         self.url, self.model = base, model
@@ -148,8 +149,9 @@ class CompletionsClient:
         self._httpx = httpx
 
     def __repr__(self) -> str:
-        return (f"CompletionsClient(url={self.url!r}, model={self.model!r}, "
-                f"api_key={'<set>' if self._key else None}, timeout={self.timeout}, max_retries={self.max_retries})")  # fmt: skip
+        key = "<set>" if self._key else None
+        return (f"CompletionsClient(url={self.url!r}, model={self.model!r}, api_key={key}, "
+                f"timeout={self.timeout}, max_retries={self.max_retries})")  # fmt: skip
 
     def close(self) -> None:
         self._http.close()
@@ -233,7 +235,8 @@ class CompletionsClient:
                                   "name one (model=...)", url=self.url + "/v1/models")  # fmt: skip
             self.model = served[0]
         elif self.model not in served:
-            raise RemoteError(f"{self.url} does not serve the model {self.model!r}; it serves: {', '.join(served) or 'nothing'}",
+            listed = ", ".join(served) or "nothing"
+            raise RemoteError(f"{self.url} does not serve the model {self.model!r}; it serves: {listed}",
                               url=self.url + "/v1/models")  # fmt: skip
         return self.model
 
@@ -257,19 +260,20 @@ class CompletionsClient:
         body = {"model": self._model(), "prompt": list(prompt_ids), "max_tokens": int(max_tokens),
                 "temperature": float(temperature), "top_p": 1.0, "top_k": -1, "min_p": 0.0,
                 "return_tokens_as_token_ids": True, "stream": False}  # fmt: skip
-        if logprobs is not None:
-            body["logprobs"] = int(logprobs)
+        # logprobs=0 when no top-k is wanted: the server then still lists each token, as an id, with its log-prob
+        body["logprobs"] = 0 if logprobs is None else int(logprobs)
         if seed is not None:
             body["seed"] = int(seed)
         body.update(extra or {})
         return body
 
     def complete(self, prompt_ids: Sequence[int], max_tokens: int, *, logprobs: Optional[int] = 20,
-                 temperature: float = 1.0, seed: Optional[int] = None, extra: Optional[dict] = None) -> Completion:  # fmt: skip
+                 temperature: float = 1.0, seed: Optional[int] = None,
+                 extra: Optional[dict] = None) -> Completion:  # fmt: skip
         """Up to ``max_tokens`` tokens continuing the token ids ``prompt_ids``, sampled by the server at
         ``temperature`` with no top-k/top-p/min-p (so at temperature 1 the returned log-probs are the draw's
-        law), with the top ``logprobs`` (``-1``: the whole vocabulary) of each position. ``extra``: more
-        request fields (e.g. ``{"ignore_eos": True}``)."""
+        law), with the top ``logprobs`` (``-1``: the whole vocabulary; 0 or None: none) of each position.
+        ``extra``: more request fields (e.g. ``{"ignore_eos": True}``)."""
         body = self._body(prompt_ids, max_tokens, logprobs, temperature, seed, extra)
         return self._parse_completion(self._request("POST", "/v1/completions", "a completion", body), logprobs)
 
@@ -292,14 +296,14 @@ class CompletionsClient:
             tokens = [parse_token_key(t, endpoint) for t in raw_tokens]
             logprobs = [_logprob(x) for x in (lp.get("token_logprobs") or [])]
             tops = []
-            for tok, entries in zip(tokens, lp.get("top_logprobs") or [{}] * len(tokens)):
+            for tok, entries in zip(tokens, lp.get("top_logprobs") or [None] * len(tokens)):
                 top = {parse_token_key(key, endpoint): _logprob(v) for key, v in (entries or {}).items()}
-                tops.append(_strip_extra(top, tok, k or 0))
+                tops.append(_strip_extra(top, tok, k) if k else {})  # k = 0: the server lists only the token
         except RemoteError:
             raise
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise RemoteError(f"{endpoint}: unexpected completion answer ({e!r})", url=endpoint) from e
-        if k is not None and (len(logprobs) != len(tokens) or len(tops) != len(tokens)):
+        if len(logprobs) != len(tokens) or len(tops) != len(tokens):
             raise RemoteError(f"{endpoint}: the answer has {len(tokens)} tokens but {len(logprobs)} log-probs and "
                               f"{len(tops)} top-k lists", url=endpoint)  # fmt: skip
         return Completion(tokens=tokens, logprobs=logprobs, top=tops, finish_reason=choice.get("finish_reason"))
