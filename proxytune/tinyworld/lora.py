@@ -78,7 +78,7 @@ def _load_small_base(models_dir=None):
     return model, AutoTokenizer.from_pretrained(path), path
 
 
-def train_adapter(out: str, models_dir=None, threads: int = 1, log=print) -> dict:
+def train_adapter(out: str, models_dir=None, threads: int = 1, log=print, command: str = "") -> dict:
     """Train the adapter by the rule above and save it to ``out``; returns its ``training_info``."""
     import torch
     from peft import get_peft_model
@@ -101,7 +101,10 @@ def train_adapter(out: str, models_dir=None, threads: int = 1, log=print) -> dic
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     _fix_recorded_base(out)
+    if os.path.exists(os.path.join(out, "README.md")):  # PEFT's empty model-card template: not shipped
+        os.remove(os.path.join(out, "README.md"))
     record = {
+        "command": command,
         "role": "small LoRA expert (adapter on the small base)",
         "rule": "proxytune/tinyworld/lora.py (module docstring), committed before the run",
         "lora": {"rank": RANK, "alpha": ALPHA, "dropout": 0.0, "target_modules": list(TARGET_MODULES),
@@ -295,7 +298,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     log = lambda s: print(f"[{time.time() - t_start:7.1f} s] {s}", flush=True)  # noqa: E731
     if not os.path.exists(os.path.join(args.out, "adapter_config.json")):
-        info = train_adapter(args.out, args.models_dir, args.threads, log=log)
+        info = train_adapter(args.out, args.models_dir, args.threads, log=log, command=command)
         log(f"adapter saved to {args.out}: loss curve {info['finetune']['loss_curve']}")
     if args.evaluate:
         load0 = os.getloadavg()
