@@ -210,7 +210,7 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.section("proxytune: backends vs the naive pipeline (same run)")
     for line in summary_lines(run):
         write(line)
-    if config.getoption("save_results") or os.environ.get("PROXYTUNE_BENCH_SAVE", "") not in ("", "0"):
+    if saving(config):
         paths = save_results(run, config)
         write("")
         for path in paths:
@@ -301,31 +301,61 @@ def _git_revision() -> Optional[str]:
         return None
 
 
-def save_results(run: BenchRun, config) -> list[Path]:
-    """Write ``<date>_<device>.json`` (metadata + records), ``.csv`` (records) and ``.txt`` (the printed summary,
-    after the command) under ``benchmarks/results``."""
+def saving(config) -> bool:
+    """Whether this run writes its results: ``--save-results`` or ``PROXYTUNE_BENCH_SAVE=1``."""
+    return bool(config.getoption("save_results", False)) or os.environ.get("PROXYTUNE_BENCH_SAVE", "") not in ("", "0")
+
+
+def write_results(kind: str, device: str, meta: dict, records: list, *, command: Optional[str] = None,
+                  lines: Optional[list[str]] = None, csv_rows: bool = False, **top) -> list[Path]:  # fmt: skip
+    """The one writer of ``benchmarks/results/``: ``<date>_[<kind>_]<device slug>.json`` with the environment
+    (date, command, versions, threads, load, git revision) updated by ``meta``, the ``records`` and any
+    ``top``-level fields; ``.txt`` with ``$ command`` and ``lines`` when given; ``.csv`` of the records
+    (``csv_rows``: dicts; ``times_s`` left out). Returns the paths written."""
     import proxytune
 
+    now = datetime.datetime.now(datetime.timezone.utc)
+    command = command or " ".join([
+        *(f"{k}={shlex.quote(v)}" for k, v in os.environ.items() if k.startswith("PROXYTUNE_") or k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")),
+        "python -m pytest", shlex.join(sys.argv[1:]),
+    ]).strip()  # fmt: skip
+    info = {
+        "date": now.isoformat(timespec="seconds"), "command": command, "device": device, "torch": torch.__version__,
+        "transformers": _version("transformers"), "triton": _version("triton"), "proxytune": proxytune.__version__,
+        "python": platform.python_version(), "platform": platform.platform(), "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "git": _git_revision(), **meta,
+    }  # fmt: skip
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower() or "device"
+    stem = RESULTS_DIR / f"{now:%Y%m%d-%H%M%S}_{kind + '_' if kind else ''}{slug}"
+    paths = [stem.with_suffix(".json")]
+    paths[0].write_text(json.dumps({"meta": info, "records": records, **top}, indent=1, default=str) + "\n")
+    if lines is not None:
+        paths.append(stem.with_suffix(".txt"))
+        paths[-1].write_text("\n".join([f"$ {command}", *lines]) + "\n")
+    if csv_rows and records:
+        paths.append(stem.with_suffix(".csv"))
+        with paths[-1].open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[k for k in records[0] if k != "times_s"], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(records)
+    return paths
+
+
+def save_results(run: BenchRun, config) -> list[Path]:
+    """The op benchmarks' results through :func:`write_results`: ``.json`` (environment + records), ``.csv``
+    (records) and ``.txt`` (the printed summary, after the command)."""
     devices = sorted({r.device for r in run.records})
     main_dev = "cuda" if "cuda" in devices else devices[0]
-    now = datetime.datetime.now(datetime.timezone.utc)
     env = {k: v for k, v in os.environ.items() if k.startswith("PROXYTUNE_") or k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    command = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), "python -m pytest",
+                        shlex.join(config.invocation_params.args)]).strip()  # fmt: skip
     meta = {
-        "date": now.isoformat(timespec="seconds"),
-        "command": " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), "python -m pytest",
-                             shlex.join(config.invocation_params.args)]).strip(),  # fmt: skip
         "devices": {dev: device_name(dev) for dev in devices},
         "cpu": device_name("cpu"),
-        "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": _version("triton"),
-        "proxytune": proxytune.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
         "load_average": {"start": run.load_at_start, "end": _load_average()},
-        "git": _git_revision(),
         "copy_bandwidth": run.bandwidth,
         "cpu_build": run.cpu_build or {"build": "installed", "target": _cpu_build_line(run).rsplit(": ", 1)[-1]},
     }
@@ -338,17 +368,7 @@ def save_results(run: BenchRun, config) -> list[Path]:
         row["floor_s"] = rec.floor_bytes / bw if bw else None
         row["speedup_vs_naive"] = naive.median_s / rec.median_s if naive else None
         rows.append(row)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(main_dev)).strip("-").lower() or main_dev
-    stem = RESULTS_DIR / f"{now:%Y%m%d-%H%M%S}_{slug}"
-    json_path, csv_path, txt_path = stem.with_suffix(".json"), stem.with_suffix(".csv"), stem.with_suffix(".txt")
-    json_path.write_text(json.dumps({"meta": meta, "records": rows}, indent=1) + "\n")
-    txt_path.write_text("\n".join([f"$ {meta['command']}", *summary_lines(run)]) + "\n")
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "times_s"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return [json_path, csv_path, txt_path]
+    return write_results("", device_name(main_dev), meta, rows, command=command, lines=summary_lines(run), csv_rows=True)
 
 
 def _version(module: str) -> Optional[str]:

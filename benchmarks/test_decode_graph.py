@@ -26,15 +26,13 @@ and at least 4x naive.
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import platform
 import time
-from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import saving, write_results
 
 pytestmark = pytest.mark.cuda
 
@@ -194,16 +192,7 @@ def _report(pytestconfig):
     if not lines:
         return
     print("\n" + "\n".join(lines))
-    if pytestconfig.getoption("save_results", False) or os.environ.get("PROXYTUNE_BENCH_SAVE", "") not in ("", "0"):
-        import proxytune
-        import transformers
-
-        now = datetime.datetime.now(datetime.timezone.utc)
-        slug = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name()).strip("-").lower()
-        path = Path(__file__).parent / "results" / f"{now:%Y%m%d-%H%M%S}_decode_graph_{slug}.json"
-        meta = {"date": now.isoformat(timespec="seconds"), "command": "python -m pytest benchmarks/test_decode_graph.py",
-                "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                "transformers": transformers.__version__, "proxytune": proxytune.__version__,
-                "python": platform.python_version(), "shapes": SHAPES, "table": lines}  # fmt: skip
-        path.write_text(json.dumps({"meta": meta, "records": _RESULTS}, indent=1) + "\n")
+    if saving(pytestconfig):
+        (path,) = write_results("decode_graph", torch.cuda.get_device_name(), {"shapes": SHAPES, "table": lines}, _RESULTS,
+                                command="python -m pytest benchmarks/test_decode_graph.py")  # fmt: skip
         print(f"saved {path}")

@@ -29,8 +29,6 @@ hooks in the same rounds (on CUDA the hooks synchronise, which slows the step a 
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import platform
 import time
@@ -40,6 +38,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import saving, write_results
 from naive import naive_sample
 from proxytune.engine.runner import cache_argument
 
@@ -104,7 +103,7 @@ class ResultsTable:
         terminalreporter.section(self.title)
         for line in self.lines():
             terminalreporter.write_line(line)
-        if config.getoption("save_results", False) or os.environ.get("PROXYTUNE_BENCH_SAVE", "") not in ("", "0"):
+        if saving(config):
             terminalreporter.write_line(f"saved {self.save()}")
 
     def lines(self) -> list[str]:
@@ -155,24 +154,11 @@ def environment_line(settings: str) -> str:
 
 
 def save_results(kind: str, command: str, records: list, extra: dict, **top) -> Path:
-    """Write ``benchmarks/results/<date>_<kind>_<device>.json``: the run's environment (``extra`` added to it),
-    every record (with its tokens/s) and any ``top``-level fields; returns the path."""
-    import proxytune
-    import transformers
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    slug = "".join(c if c.isalnum() else "-" for c in _device_name()).strip("-").lower()
-    path = Path(__file__).parent / "results" / f"{now:%Y%m%d-%H%M%S}_{kind}_{slug}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "date": now.isoformat(timespec="seconds"), "command": command, "device": _device_name(), "dtype": str(DTYPE),
-        "torch": torch.__version__, "transformers": transformers.__version__, "proxytune": proxytune.__version__,
-        "python": platform.python_version(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, **extra,
-    }  # fmt: skip
+    """Write ``benchmarks/results/<date>_<kind>_<device>.json`` through the one writer
+    (:func:`conftest.write_results`): the run's environment (``extra`` added to it), every record (with its
+    tokens/s) and any ``top``-level fields; returns the path."""
     rows = [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in records]
-    path.write_text(json.dumps({"meta": meta, "records": rows, **top}, indent=1) + "\n")
-    return path
+    return write_results(kind, _device_name(), {"dtype": str(DTYPE), **extra}, rows, command=command, **top)[0]
 
 
 def _device_name() -> str:

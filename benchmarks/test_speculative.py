@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from proxytune.testing import ForwardInputs
 from test_engine import DEVICE, DTYPE, ResultsTable, _median, _prompts, _setup, environment_line, save_results
 
 KS = (2, 4, 8)
@@ -122,20 +123,6 @@ def _family(family: str):
     return _FAMILY[family]
 
 
-class RowsPerForward:
-    """Rows in each forward call of a module (a hook on its batch size)."""
-
-    def __init__(self, module):
-        self.sizes: list[int] = []
-        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
-        self.sizes.append(kwargs["input_ids"].shape[0])
-
-    def remove(self):
-        self.handle.remove()
-
-
 def _sync():
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
@@ -186,7 +173,7 @@ def test_speculative_tokens_per_second(family, batch, table):
     accepted, same = {}, {}
     plain_ids = None
     for name, fn in methods.items():  # a warm-up run of each, counting the base's rows per forward
-        counter = RowsPerForward(base)
+        counter = ForwardInputs(base)
         try:
             gens = fn()
         finally:

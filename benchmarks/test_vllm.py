@@ -18,7 +18,6 @@ tokens/s = generated tokens / wall time of one ``generate`` call (prefill includ
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import json
 import os
@@ -139,7 +138,6 @@ def test_vllm_plugin_throughput(tmp_path, pytestconfig):
         med = statistics.median(r["times_s"])
         records.append({"method": method, "median_s": med, "tokens_per_s": N_PROMPTS * NEW / med, **r})
 
-    import proxytune
     import transformers
     import vllm
 
@@ -157,21 +155,16 @@ def test_vllm_plugin_throughput(tmp_path, pytestconfig):
         lines.append(f"{r['method']:<18} {r['median_s']:>8.2f}s {r['tokens_per_s']:>8.1f} "
                      f"{r['tokens_per_s'] / plugin['tokens_per_s']:>9.2f}x {r['threads']:>8} {r['load_average']:>5.1f}")  # fmt: skip
     print("\n" + "\n".join(lines))
-    if pytestconfig.getoption("save_results", False) or os.environ.get("PROXYTUNE_BENCH_SAVE", "") not in ("", "0"):
-        now = datetime.datetime.now(datetime.timezone.utc)
-        slug = "".join(c if c.isalnum() else "-" for c in _cpu_name()).strip("-").lower()
-        stem = Path(__file__).parent / "results" / f"{now:%Y%m%d-%H%M%S}_vllm_{slug}"
+    from conftest import saving, write_results  # here: the worker processes (python -P) cannot import it
+
+    if saving(pytestconfig):
         meta = {
-            "date": now.isoformat(timespec="seconds"), "command": COMMAND, "device": _cpu_name(),
-            "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "torch": torch.__version__,
-            "vllm": vllm.__version__, "transformers": transformers.__version__, "proxytune": proxytune.__version__,
-            "python": platform.python_version(), "prompts": N_PROMPTS, "new_tokens": NEW, "vocab": VOCAB,
-            "base": BASE, "small": SMALL, "vllm_args": VLLM_ARGS, "temperature": TEMPERATURE, "top_p": TOP_P,
-            "alpha": ALPHA, "rounds": ROUNDS,
+            "vllm": vllm.__version__, "prompts": N_PROMPTS, "new_tokens": NEW, "vocab": VOCAB, "base": BASE,
+            "small": SMALL, "vllm_args": VLLM_ARGS, "temperature": TEMPERATURE, "top_p": TOP_P, "alpha": ALPHA,
+            "rounds": ROUNDS,
         }  # fmt: skip
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
-        stem.with_suffix(".txt").write_text("\n".join([f"$ {COMMAND}", *lines]) + "\n")
-        print(f"saved {stem}.json and .txt")
+        paths = write_results("vllm", _cpu_name(), meta, records, command=COMMAND, lines=lines)
+        print(f"saved {paths[0]} and .txt")
     assert plugin["tokens_per_s"] > 0
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["peaked_logits", "proxy_inputs"]
+__all__ = ["peaked_logits", "proxy_inputs", "ForwardInputs"]
 
 
 def peaked_logits(
@@ -51,3 +51,30 @@ def proxy_inputs(
     experts = [(a + peaked_logits(batch, xw, torch.float32, "cpu", g, scale=1.0)).to(dtype=dtype, device=device) for a in antis]
     antis = [a.to(dtype=dtype, device=device) for a in antis]
     return base, experts, antis
+
+
+class ForwardInputs:
+    """Records the ``input_ids`` of every forward call of a module (a forward pre-hook), for tests and
+    benchmarks that check what a model was fed: ``seen`` holds copies, ``sizes`` the rows of each call.
+    Call :meth:`remove` when done (or use it as a context manager)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.seen: list[torch.Tensor] = []
+        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        self.seen.append(kwargs["input_ids"].detach().clone())
+
+    @property
+    def sizes(self) -> list[int]:
+        """The batch size (rows) of each recorded call."""
+        return [ids.shape[0] for ids in self.seen]
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def __enter__(self) -> "ForwardInputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

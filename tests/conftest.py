@@ -32,3 +32,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trios():
+    """Per kind of tests/tiny_models.py (llama, qwen2, gpt2): ``(base, expert, anti_expert)``, tiny random-weight
+    models with different weights (seeds 0, 1, 2); one set per test module (a module may move them to a GPU)."""
+    from tiny_models import KINDS, tiny_trio
+
+    return {kind: tiny_trio(kind) for kind in KINDS}

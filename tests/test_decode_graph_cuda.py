@@ -14,15 +14,15 @@ from proxytune import ProxyTuner, SamplingParams
 from proxytune.engine.runner import ModelRunner
 from proxytune.engine.sampler_state import SamplerState
 from proxytune.engine.prompts import left_pad
-from tiny_models import EOS_ID, KINDS, PROMPTS, tiny_trio
+from tiny_models import EOS_ID, KINDS, PROMPTS
 
 pytestmark = pytest.mark.cuda
 N_NEW = 12
 
 
 @pytest.fixture(scope="module")
-def models():
-    return {kind: tuple(m.cuda() for m in tiny_trio(kind)) for kind in KINDS}
+def models(trios):
+    return {kind: tuple(m.cuda() for m in trio) for kind, trio in trios.items()}
 
 
 class Loaded:

@@ -8,15 +8,10 @@ import torch
 
 from proxytune import ModelSpec, ProxyTuner, SamplingParams
 from proxytune.engine import Generation
-from tiny_models import EOS_ID, KINDS, PROMPTS, tiny_tokenizer, tiny_trio
+from proxytune.testing import ForwardInputs
+from tiny_models import EOS_ID, KINDS, PROMPTS, tiny_tokenizer
 
 N_NEW = 8
-
-
-@pytest.fixture(scope="module")
-def models():
-    """Per kind: (base, expert, anti_expert), different random weights."""
-    return {kind: tiny_trio(kind) for kind in KINDS}
 
 
 def hf_greedy(model, tok, prompts, n):
@@ -35,8 +30,8 @@ def ids(gens):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_zero_weight_and_identical_pair_give_the_base_greedy_output(kind, models, tok):
-    base, expert, anti = models[kind]
+def test_zero_weight_and_identical_pair_give_the_base_greedy_output(kind, trios, tok):
+    base, expert, anti = trios[kind]
     expected = hf_greedy(base, tok, PROMPTS, N_NEW)
     for tuner in (
         ProxyTuner(base, expert, anti, tokenizer=tok, weights=0.0),
@@ -49,8 +44,8 @@ def test_zero_weight_and_identical_pair_give_the_base_greedy_output(kind, models
     assert alone.token_ids == hf_greedy(base, tok, [PROMPTS[1]], N_NEW)[0]
 
 
-def test_proxy_tuning_changes_the_output(models, tok):
-    base, expert, anti = models["llama"]
+def test_proxy_tuning_changes_the_output(trios, tok):
+    base, expert, anti = trios["llama"]
     plain = ProxyTuner(base, tokenizer=tok).generate(PROMPTS, temperature=0, max_new_tokens=N_NEW)
     tuned = ProxyTuner(base, expert, anti, tokenizer=tok, weights=2.0).generate(PROMPTS, temperature=0, max_new_tokens=N_NEW)
     assert ids(plain) != ids(tuned)
@@ -58,8 +53,8 @@ def test_proxy_tuning_changes_the_output(models, tok):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_cached_decoding_equals_decoding_without_a_cache(kind, temperature, models, tok):
-    base, expert, anti = models[kind]
+def test_cached_decoding_equals_decoding_without_a_cache(kind, temperature, trios, tok):
+    base, expert, anti = trios[kind]
     tuner = ProxyTuner(base, expert, anti, tokenizer=tok, weights=1.0)
     kw = dict(temperature=temperature, top_p=0.9, max_new_tokens=N_NEW, seed=7, return_logprobs=True)
     cached = tuner.generate(PROMPTS, **kw)
@@ -70,8 +65,8 @@ def test_cached_decoding_equals_decoding_without_a_cache(kind, temperature, mode
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_a_prompt_does_not_depend_on_its_batch(temperature, models, tok):
-    base, expert, anti = models["qwen2"]
+def test_a_prompt_does_not_depend_on_its_batch(temperature, trios, tok):
+    base, expert, anti = trios["qwen2"]
     tuner = ProxyTuner(base, expert, anti, tokenizer=tok, weights=1.0)
     params = [SamplingParams(temperature=temperature, top_k=50, max_new_tokens=N_NEW, seed=100 + i) for i in range(4)]
     batched = tuner.generate(PROMPTS, params)
@@ -84,8 +79,8 @@ def test_a_prompt_does_not_depend_on_its_batch(temperature, models, tok):
     assert mixed[1].token_ids == alone[3].token_ids and mixed[3].token_ids == alone[1].token_ids
 
 
-def test_seeded_sampling_is_reproducible_and_seed_dependent(models, tok):
-    base, expert, anti = models["llama"]
+def test_seeded_sampling_is_reproducible_and_seed_dependent(trios, tok):
+    base, expert, anti = trios["llama"]
     tuner = ProxyTuner(base, expert, anti, tokenizer=tok)
     a = tuner.generate(PROMPTS, temperature=1.0, max_new_tokens=N_NEW, seed=1)
     b = tuner.generate(PROMPTS, temperature=1.0, max_new_tokens=N_NEW, seed=1)
@@ -96,22 +91,8 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(models, tok):
     assert fresh[0].seed != fresh[1].seed
 
 
-class BatchSizes:
-    """Records the batch size of every forward call of a module."""
-
-    def __init__(self, module):
-        self.sizes = []
-        self.handle = module.register_forward_pre_hook(self.hook, with_kwargs=True)
-
-    def hook(self, module, args, kwargs):
-        self.sizes.append(kwargs["input_ids"].shape[0])
-
-    def remove(self):
-        self.handle.remove()
-
-
-def test_rows_stop_on_their_own_limits_and_leave_the_batch(models, tok):
-    base, expert, anti = models["llama"]
+def test_rows_stop_on_their_own_limits_and_leave_the_batch(trios, tok):
+    base, expert, anti = trios["llama"]
     tuner = ProxyTuner(base, expert, anti, tokenizer=tok, weights=0.5, eos_token_ids=[EOS_ID])
     reference = tuner.generate(PROMPTS, temperature=0, max_new_tokens=12)
     # a stop string completed by the 5th token of row 3; an EOS at the 7th token of row 2
@@ -127,7 +108,7 @@ def test_rows_stop_on_their_own_limits_and_leave_the_batch(models, tok):
     ]
     tuner.eos_token_ids = frozenset({EOS_ID, eos_row2})
     first_eos = next(k for k, t in enumerate(reference[2].token_ids) if t == eos_row2)
-    sizes = BatchSizes(base)
+    sizes = ForwardInputs(base)
     try:
         got = tuner.generate(PROMPTS, params)
     finally:
@@ -146,8 +127,8 @@ def test_rows_stop_on_their_own_limits_and_leave_the_batch(models, tok):
     assert sizes.sizes == expected  # the prefill with 4 rows, then the live rows of each step
 
 
-def test_zero_new_tokens_and_streaming(models, tok):
-    base, expert, anti = models["gpt2"]
+def test_zero_new_tokens_and_streaming(trios, tok):
+    base, expert, anti = trios["gpt2"]
     tuner = ProxyTuner(base, expert, anti, tokenizer=tok)
     params = [SamplingParams(max_new_tokens=0), SamplingParams(temperature=0.7, max_new_tokens=6, seed=3, stop=["e"])]
     gens = tuner.generate(PROMPTS[:2], params, return_logprobs=True)
@@ -161,8 +142,8 @@ def test_zero_new_tokens_and_streaming(models, tok):
     assert row[-1].finish_reason == gens[1].finish_reason and all(e.finish_reason is None for e in row[:-1])
 
 
-def test_per_request_weights(models, tok):
-    base, expert, anti = models["llama"]
+def test_per_request_weights(trios, tok):
+    base, expert, anti = trios["llama"]
     tuner = ProxyTuner(base, expert, anti, tokenizer=tok, weights=1.0)
     zero = tuner.generate(PROMPTS, temperature=0, max_new_tokens=N_NEW, weights=0.0)
     assert ids(zero) == ids(ProxyTuner(base, tokenizer=tok).generate(PROMPTS, temperature=0, max_new_tokens=N_NEW))
@@ -172,9 +153,9 @@ def test_per_request_weights(models, tok):
     assert mixed[0].token_ids == zero[0].token_ids and mixed[1].token_ids == one.token_ids
 
 
-def test_two_pairs_and_mixed_architectures(models, tok):
-    base = models["gpt2"][0]
-    (e1, a1), (e2, a2) = models["llama"][1:], models["qwen2"][1:]
+def test_two_pairs_and_mixed_architectures(trios, tok):
+    base = trios["gpt2"][0]
+    (e1, a1), (e2, a2) = trios["llama"][1:], trios["qwen2"][1:]
     two = ProxyTuner(base, [e1, e2], [a1, a2], tokenizer=tok, weights=[1.0, 0.0])
     one = ProxyTuner(base, e1, a1, tokenizer=tok, weights=1.0)
     kw = dict(temperature=0.9, max_new_tokens=N_NEW, seed=5)
@@ -193,21 +174,21 @@ def test_two_pairs_and_mixed_architectures(models, tok):
         (dict(stop=[""]), "stop must be"),
     ],
 )
-def test_bad_parameters_are_clear_errors(bad, message, models, tok):
-    base, expert, anti = models["llama"]
+def test_bad_parameters_are_clear_errors(bad, message, trios, tok):
+    base, expert, anti = trios["llama"]
     tuner = ProxyTuner(base, expert, anti, tokenizer=tok)
     with pytest.raises(ValueError, match="request 0: " + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         tuner.generate(["hi"], **bad)
 
 
-def test_unknown_sampling_parameter(models, tok):
-    tuner = ProxyTuner(models["llama"][0], tokenizer=tok)
+def test_unknown_sampling_parameter(trios, tok):
+    tuner = ProxyTuner(trios["llama"][0], tokenizer=tok)
     with pytest.raises(TypeError, match="unknown sampling parameter.*top_q"):
         tuner.generate(["hi"], top_q=0.5)
 
 
-def test_bad_construction_is_a_clear_error(models, tok, tmp_path):
-    base, expert, anti = models["llama"]
+def test_bad_construction_is_a_clear_error(trios, tok, tmp_path):
+    base, expert, anti = trios["llama"]
     with pytest.raises(ValueError, match="1 experts but 0 anti-experts"):
         ProxyTuner(base, expert, [], tokenizer=tok)
     with pytest.raises(ValueError, match="weights must be"):
@@ -225,21 +206,21 @@ def test_bad_construction_is_a_clear_error(models, tok, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_long_greedy_generation_matches_hugging_face(kind, models, tok):
-    base, expert, anti = models[kind]
+def test_long_greedy_generation_matches_hugging_face(kind, trios, tok):
+    base, expert, anti = trios[kind]
     prompts = PROMPTS + [p.upper() for p in PROMPTS]
     expected = hf_greedy(base, tok, prompts, 48)
     got = ProxyTuner(base, expert, expert, tokenizer=tok, weights=2.0).generate(prompts, temperature=0, max_new_tokens=48)
     assert ids(got) == expected
 
 
-def test_batch_flags_come_from_the_requests_on_the_host(models, tok, monkeypatch):
+def test_batch_flags_come_from_the_requests_on_the_host(trios, tok, monkeypatch):
     """The engine tells the op which filters any sampled row turns on (``filters_used``) and whether it reads
     log-probabilities, decided from the requests when the batch forms; the tokens are those of the op
     inferring everything itself (``filters_used=None``)."""
     import proxytune.engine.sampler_state as sampler_state
 
-    base, expert, anti = models["llama"]
+    base, expert, anti = trios["llama"]
     tuner = ProxyTuner(base, expert, anti, tokenizer=tok, decode="eager")
     params = [SamplingParams(temperature=0, top_p=0.5, max_new_tokens=5),  # greedy: no filter changes it
               SamplingParams(temperature=0.9, top_k=7, max_new_tokens=5, seed=3),

@@ -4,6 +4,7 @@ the messages' contents, one per line; the generated ids are shared as for text p
 import pytest
 
 from proxytune import ModelSpec, ProxyTuner
+from proxytune.testing import ForwardInputs
 from tiny_models import tiny_trio
 
 CONVERSATION = [
@@ -13,16 +14,10 @@ CONVERSATION = [
 ]
 
 
-class InputIds:
-    def __init__(self, module):
-        self.seen = []
-        self.handle = module.register_forward_pre_hook(lambda m, a, kw: self.seen.append(kw["input_ids"].clone()), with_kwargs=True)
-
-
 def test_a_multi_turn_conversation_reaches_the_chat_expert_whole(tok):
     base, expert, anti = tiny_trio("llama")
     tuner = ProxyTuner(base, ModelSpec(expert, template="chat"), anti, tokenizer=tok)
-    seen = {name: InputIds(m) for name, m in [("base", base), ("expert", expert), ("anti", anti)]}
+    seen = {name: ForwardInputs(m) for name, m in [("base", base), ("expert", expert), ("anti", anti)]}
     try:
         single = tuner.generate(CONVERSATION, temperature=0, max_new_tokens=3)
         batch = tuner.generate([CONVERSATION, "hello world"], temperature=0, max_new_tokens=3)

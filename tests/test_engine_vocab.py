@@ -5,14 +5,15 @@ import torch
 
 from proxytune import ModelSpec, ProxyTuner
 from proxytune.engine import ModelLoadError, PromptTemplate, VocabularyMismatchError
+from proxytune.testing import ForwardInputs
 from tiny_models import PROMPTS, save_tiny, tiny_model, tiny_tokenizer, tiny_trio
 
 N_NEW = 6
 
 
 @pytest.fixture(scope="module")
-def trio():
-    return tiny_trio("llama")
+def trio(trios):
+    return trios["llama"]
 
 
 def test_mismatched_tokenizers_name_the_first_differing_tokens(trio, tok):
@@ -56,16 +57,10 @@ def test_a_model_narrower_than_the_tokenizer(trio, tok):
         tuner.generate("hello world", max_new_tokens=1)
 
 
-class InputIds:
-    def __init__(self, module):
-        self.seen = []
-        self.handle = module.register_forward_pre_hook(lambda m, a, kw: self.seen.append(kw["input_ids"].clone()), with_kwargs=True)
-
-
 def test_chat_template_for_the_expert_splices_token_ids(trio, tok):
     base, expert, anti = trio
     tuner = ProxyTuner(base, ModelSpec(expert, template="chat"), anti, tokenizer=tok)
-    seen = {name: InputIds(m) for name, m in [("base", base), ("expert", expert), ("anti", anti)]}
+    seen = {name: ForwardInputs(m) for name, m in [("base", base), ("expert", expert), ("anti", anti)]}
     try:
         tuner.generate([PROMPTS[0]], temperature=0, max_new_tokens=3)
     finally:

@@ -9,17 +9,13 @@ from transformers import LogitsProcessorList
 
 from proxytune import ProxyTuner
 from proxytune.integrations.hf import ProxyTuningLogitsProcessor
+from oracle import combined64
 from tiny_models import EOS_ID, PAD_ID, PROMPTS, tiny_model
 
 N_NEW = 8
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def trios():
-    return {kind: tuple(tiny_model(kind, seed=s) for s in (0, 1, 2)) for kind in ("llama", "qwen2", "gpt2")}
 
 
 def left_padded(tok, prompts):
@@ -29,14 +25,6 @@ def left_padded(tok, prompts):
 
 def cut(rows):
     return [r[: r.index(EOS_ID) + 1] if EOS_ID in r else r for r in rows]
-
-
-@torch.no_grad()
-def combined64(models, ids, weights, vocab):
-    """float64 ``base + sum w (e - a)`` after one unpadded row ``ids`` (full recompute, no cache)."""
-    rows = [m(input_ids=torch.tensor([ids])).logits[0, -1].double()[:vocab] for m in models]
-    n = len(weights)
-    return rows[0] + sum(w * (rows[1 + i] - rows[1 + n + i]) for i, w in enumerate(weights))
 
 
 def naive_greedy(models, prompt_ids, weights, n_new, vocab):

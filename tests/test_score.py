@@ -11,6 +11,7 @@ import torch
 
 from proxytune import ModelSpec, ProxyTuner
 from proxytune.engine.score import split_continuation
+from oracle import logprobs64
 from tiny_models import KINDS, PROMPTS, tiny_model
 
 CONTINUATIONS = [" this is a tiny", " the lazy dog", " quick", " small ones"]
@@ -21,22 +22,10 @@ def bare(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-@torch.no_grad()
-def next_logits64(model, ids):
-    """Last-position logits of one unpadded row, as float64."""
-    return model(input_ids=torch.tensor([ids])).logits[0, -1].double()
-
-
 def naive_score(models, contexts, cont, weights, vocab):
     """Token by token, one model call per prefix, float64: the log-probability of each continuation token
-    under log_softmax(base + sum_i w_i (expert_i - anti_i)) over the first ``vocab`` ids."""
-    n = len(weights)
-    out = []
-    for t in range(len(cont)):
-        rows = [next_logits64(m, ctx + cont[:t])[:vocab] for m, ctx in zip(models, contexts)]
-        s = rows[0] + sum(w * (rows[1 + i] - rows[1 + n + i]) for i, w in enumerate(weights))
-        out.append(float(s.log_softmax(-1)[cont[t]]))
-    return out
+    under log_softmax(base + sum_i w_i (expert_i - anti_i)) over the first ``vocab`` ids (``tests/oracle.py``)."""
+    return [float(logprobs64(models, [ctx + cont[:t] for ctx in contexts], weights, vocab)[cont[t]]) for t in range(len(cont))]
 
 
 def lm_eval_ids(tok, prompt, cont):

@@ -14,7 +14,8 @@ import torch
 from scipy.stats import chisquare
 
 from proxytune import ProxyTuner
-from proxytune.reference import combine_reference, keep_mask_reference
+from proxytune.reference import keep_mask_reference
+from oracle import combine64
 from tiny_models import tiny_model
 
 V = 6
@@ -34,10 +35,7 @@ def _probs(models, prefixes, *, weight, temperature, top_k, top_p, combined=True
     with torch.no_grad():
         base, expert, anti = (m(input_ids=ids).logits[:, -1].double() for m in models)
     b = ids.shape[0]
-    if combined:
-        s = combine_reference(base, [expert], [anti], torch.full((1, b), weight, dtype=torch.float64), V, torch.float64)
-    else:
-        s = expert[:, :V]
+    s = combine64([base, expert, anti], [weight], V) if combined else expert[:, :V]
     full = lambda x, dt=torch.float64: torch.full((b,), x, dtype=dt)  # noqa: E731
     z, keep = keep_mask_reference(s, full(temperature), full(top_k, torch.int64), full(top_p), full(0.0))
     return torch.softmax(torch.where(keep, z, float("-inf")), dim=1)

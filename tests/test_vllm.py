@@ -25,6 +25,7 @@ for _k, _v in dict(HF_HUB_OFFLINE="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACH
     os.environ.setdefault(_k, _v)
 
 import torch  # noqa: E402
+from oracle import logprobs64  # noqa: E402
 from tiny_models import EOS_ID, save_tiny, tiny_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -71,21 +72,17 @@ def cut(row: list) -> list:
 _hf_models: dict = {}
 
 
-@torch.no_grad()
 def combined_logprobs(family: dict, names, prefix: list, weights) -> torch.Tensor:
-    """``log_softmax(proxytune.combine(...))`` after ``prefix`` from the Hugging Face models ``names`` (base,
-    expert, anti-expert, ...): the reference for vLLM's logprobs. ``[V]`` float32."""
+    """The float64 oracle's log-probabilities (``tests/oracle.py``) after ``prefix`` from the Hugging Face models
+    ``names`` (base, expert, anti-expert, ...): the reference for vLLM's logprobs. ``[V]`` float64."""
     from transformers import AutoModelForCausalLM
 
-    from proxytune import combine
-
-    rows = []
     for n in names:
         if n not in _hf_models:
             _hf_models[n] = AutoModelForCausalLM.from_pretrained(family[n], dtype=torch.float32).eval()
-        rows.append(_hf_models[n](input_ids=torch.tensor([prefix])).logits[:, -1].float())
-    s = combine(rows[0], rows[1::2], rows[2::2], weights=list(weights))
-    return torch.log_softmax(s[0], dim=-1)
+    models = [_hf_models[n] for n in names]
+    return logprobs64([models[0], *models[1::2], *models[2::2]], prefix, list(weights))
+
 
 PROMPTS = ["hello world", "the quick brown fox jumps over", "a", "proxy tuning steers a large model with",
            "once upon a time", "tiny tokenizer for tests, this is"]  # fmt: skip  (6 rows, max_num_seqs 4)

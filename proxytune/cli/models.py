@@ -51,16 +51,17 @@ def pairs(args: argparse.Namespace, *, required: bool = False) -> tuple[list[str
 
 
 def _check_device(flag: str, value: Optional[str]):
-    """``torch.device(value)`` if this machine has it, else a CliError naming ``flag``; None stays None."""
+    """``torch.device(value)`` if this machine has it (the engine's rule, :func:`proxytune.engine.loading.
+    check_device`, plus other device types and indices past the count), else a CliError naming ``flag``."""
     import torch
 
-    if value is None:
-        return None
+    from proxytune.engine.loading import check_device
+
     try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise CliError(f"{flag}: {one_line(str(e))}") from None
-    if device.type == "cpu":
+        device = check_device(value, flag)
+    except ValueError as e:
+        raise CliError(one_line(str(e))) from None
+    if device is None or device.type == "cpu":
         return device
     module = getattr(torch, device.type, None)
     available = getattr(module, "is_available", None)
