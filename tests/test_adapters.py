@@ -93,18 +93,23 @@ def adapter_dirs(base, tmp_path_factory):
     return {"base": str(base_dir), "a": a, "b": b, "root": root}
 
 
-def stacked_runner(base, dirs):
+def stacked_runner(base, dirs, mixed="auto"):
     adapters = [read_adapter(d) for d in dirs]
     model, names = stack_adapters(copy.deepcopy(base), adapters)
-    return StackedAdapterRunner(model, names)
+    return StackedAdapterRunner(model, names, mixed=mixed)
 
 
+MIXED = pytest.mark.parametrize("mixed", ["slices", "peft"])  # the adapters on row groups: our hooks, PEFT's own
+
+
+@MIXED
 @pytest.mark.parametrize("which", [["a"], ["a", "b"]], ids=["one adapter", "two adapters"])
-def test_stacked_forward_equals_merged_experts_and_base(base, adapter_dirs, which):
+def test_stacked_forward_equals_merged_experts_and_base(base, adapter_dirs, which, mixed):
     """Prefill of a left-padded batch, decode steps with the cache, rows dropped mid-way: every expert's rows
     equal its merged model's, the base rows the untouched base's, within fp32 rounding."""
     dirs = [adapter_dirs[k] for k in which]
-    stacked = stacked_runner(base, dirs)
+    stacked = stacked_runner(base, dirs, mixed)
+    assert stacked.mixed == mixed
     refs = [runner_of(merged(base, d)) for d in dirs] + [runner_of(copy.deepcopy(base))]
     ids, mask = left_padded(3, [7, 3, 5, 1])
     got = stacked.prefill(ids, mask)
@@ -128,10 +133,11 @@ def test_stacked_forward_equals_merged_experts_and_base(base, adapter_dirs, whic
             torch.testing.assert_close(gg, w, atol=ATOL, rtol=0)
 
 
-def test_extend_and_rollback_equal_merged(base, adapter_dirs):
+@MIXED
+def test_extend_and_rollback_equal_merged(base, adapter_dirs, mixed):
     """Speculation's calls: extend by k tokens, roll back per row, step on; same as the merged models'."""
     dirs = [adapter_dirs["a"], adapter_dirs["b"]]
-    stacked = stacked_runner(base, dirs)
+    stacked = stacked_runner(base, dirs, mixed)
     refs = [runner_of(merged(base, d)) for d in dirs] + [runner_of(copy.deepcopy(base))]
     ids, mask = left_padded(5, [4, 6, 2])
     stacked.prefill(ids, mask)
@@ -153,9 +159,10 @@ def test_extend_and_rollback_equal_merged(base, adapter_dirs):
         torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
 
 
-def test_score_logits_equal_merged(base, adapter_dirs):
+@MIXED
+def test_score_logits_equal_merged(base, adapter_dirs, mixed):
     dirs = [adapter_dirs["a"], adapter_dirs["b"]]
-    stacked = stacked_runner(base, dirs)
+    stacked = stacked_runner(base, dirs, mixed)
     ids, mask = left_padded(8, [5, 9, 3])
     got = stacked.score_logits(ids, mask, keep=3)
     models = [merged(base, d) for d in dirs] + [copy.deepcopy(base)]
@@ -163,12 +170,13 @@ def test_score_logits_equal_merged(base, adapter_dirs):
         torch.testing.assert_close(g, LocalModel.adopt(m, "ref").score_logits(ids, mask, 3), atol=ATOL, rtol=0)
 
 
-def test_greedy_proxy_tokens_equal_the_two_model_path(base, adapter_dirs):
+@MIXED
+def test_greedy_proxy_tokens_equal_the_two_model_path(base, adapter_dirs, mixed):
     """Per-row weights, greedy: base + sum_i w_i (expert_i - anti) from the stacked runner picks the same
     tokens as from merged experts run as separate models (the combination itself is the engine's)."""
     dirs = [adapter_dirs["a"], adapter_dirs["b"]]
     big = tiny_llama(9, hidden=48)
-    stacked = stacked_runner(base, dirs)
+    stacked = stacked_runner(base, dirs, mixed)
     refs = [runner_of(merged(base, d)) for d in dirs] + [runner_of(copy.deepcopy(base))]
     big_a, big_b = runner_of(big), runner_of(copy.deepcopy(big))
     ids, mask = left_padded(10, [6, 2, 4])
@@ -200,6 +208,7 @@ def test_a_loaded_peft_model_with_two_adapters_stacks_in_place(base, adapter_dir
     stacked_model, names = stack_adapters(None, adapters, names=["a", "b"])
     assert stacked_model is model
     runner = StackedAdapterRunner(stacked_model, names)
+    assert runner.mixed == "slices"
     ids, mask = left_padded(11, [3, 5])
     got = runner.prefill(ids, mask)
     for g, m in zip(got.experts + [got.anti], [merged(base, adapter_dirs["a"]), merged(base, adapter_dirs["b"]), base]):
@@ -278,7 +287,8 @@ def test_a_non_lora_adapter_is_refused(adapter_dirs, tmp_path):
 def test_an_adapter_for_another_architecture_is_refused(base, tmp_path):
     wide = tiny_llama(5, hidden=64)
     d = make_adapter(wide, tmp_path / "wide", seed=6)
-    with pytest.raises(AdapterError, match=r"expert_adapter .* is for another architecture: model\.layers\.0\.\S+ takes \d+ inputs in the adapter"):
+    wrong_width = r"expert_adapter .* is for another architecture: model\.layers\.0\.\S+ takes \d+ inputs in the adapter"
+    with pytest.raises(AdapterError, match=wrong_width):
         check_adapter(read_adapter(d), base)
     deep = tiny_llama(5, layers=3)
     d = make_adapter(deep, tmp_path / "deep", seed=6)
@@ -324,3 +334,38 @@ def test_the_shipped_tinyworld_adapter_is_checked_against_its_sibling_base():
     got = runner.prefill(ids, mask)
     torch.testing.assert_close(got.experts[0], runner_of(merged(base, str(lora_dir))).prefill(ids, mask), atol=1e-4, rtol=0)
     torch.testing.assert_close(got.anti, runner_of(base).prefill(ids, mask), atol=1e-4, rtol=0)
+
+
+def test_slices_leave_the_model_as_peft_left_it(base, adapter_dirs):
+    """Outside the runner's calls the hooks do nothing: PEFT's own active-adapter forward and mixed batch give
+    what they gave before the hooks were installed; an embedding LoRA runs PEFT's way, "slices" refuses it."""
+    model, names = stack_adapters(copy.deepcopy(base), [read_adapter(adapter_dirs["a"])])
+    ids, mask = left_padded(13, [4, 4])
+    with torch.inference_mode():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        runner = StackedAdapterRunner(model, names, mixed="slices")
+        runner.prefill(ids, mask)
+        after = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+def test_an_embedding_lora_runs_peft_mixed_batches(base, tmp_path):
+    d = make_adapter(base, tmp_path / "emb", seed=14, targets=("q_proj", "embed_tokens"))
+    model, names = stack_adapters(copy.deepcopy(base), [read_adapter(d)])
+    assert StackedAdapterRunner(model, names).mixed == "peft"
+    with pytest.raises(AdapterError, match="mixed='slices' needs plain LoRA"):
+        StackedAdapterRunner(model, names, mixed="slices")
+    runner = StackedAdapterRunner(model, names)
+    ids, mask = left_padded(15, [3, 6])
+    got = runner.prefill(ids, mask)
+    torch.testing.assert_close(got.experts[0], runner_of(merged(base, d)).prefill(ids, mask), atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.anti, runner_of(base).prefill(ids, mask), atol=ATOL, rtol=0)
+
+
+def test_peft_is_imported_only_when_an_adapter_is_used():
+    import subprocess
+    import sys
+
+    code = "import sys, proxytune, proxytune.engine, proxytune.engine.adapters; print('peft' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -33,12 +33,21 @@ must have the anti-expert's ``model_type`` and ``vocab_size``.
 
 **The stacked forward** (:func:`stack_adapters`, :class:`StackedAdapterRunner`). One ``PeftModel`` holds
 several named adapters over one small base. For ``B`` prompts and ``n`` adapters the runner feeds
-``(n + 1) * B`` rows through one forward with PEFT's mixed-adapter batch (``adapter_names=[...]``): rows
+``(n + 1) * B`` rows through one forward: rows
 ``g * B .. g * B + B - 1`` go through adapter ``g`` (expert ``g``), the last ``B`` rows through the base alone
 (``"__base__"``, the shared anti-expert). The base weights are read once per step for all of them; the
 adapters' low-rank products run only on their rows. One ``DynamicCache`` holds the stacked rows; when rows of
 the batch finish, :meth:`StackedAdapterRunner.select` keeps the same rows of every group (``index_select`` on
 the cache's batch dimension). Logits are ``[n + 1, B, W]`` (:class:`StackedLogits` names the parts).
+
+Two ways to apply the adapters to their rows inside that one forward (``StackedAdapterRunner(mixed=...)``):
+``"peft"``, PEFT's own mixed-adapter batch (``adapter_names=[...]``: per LoRA layer it builds index lists
+in Python and gathers and scatters the rows of each adapter), and ``"slices"`` (the default where it applies),
+:class:`GroupSlices`: forward hooks on PEFT's LoRA layers with the layers' own adapters switched off; each
+layer's base output for all rows, then for group ``g`` the low-rank product on the contiguous rows
+``g * B .. g * B + B - 1`` added in place (views: no gathers, no Python lists, no host-to-device index copies,
+so nothing in it stops a CUDA graph). "slices" covers plain LoRA on linear layers; an adapter with LoRA on an
+embedding or a LoRA variant (DoRA, aLoRA, ...) runs "peft".
 
 Results equal, within fp32 rounding, an expert made by ``merge_and_unload()`` on a copy of the base with the
 untouched base as anti-expert (tests/test_adapters.py). ``peft`` is the ``lora`` extra; it is imported only here,
@@ -62,7 +71,7 @@ from proxytune.engine.runner import cache_argument, forward_parameters, position
 
 __all__ = ["AdapterError", "Adapter", "read_adapter", "recorded_base_path", "check_base", "check_architecture",
            "check_adapter", "weight_fingerprint", "stack_adapters", "StackedLogits", "StackedAdapterRunner",
-           "BASE_ROWS", "require_peft"]
+           "BASE_ROWS", "require_peft", "GroupSlices", "slices_apply"]
 
 BASE_ROWS = "__base__"  # PEFT's name for rows that skip every adapter
 _CONFIG = "adapter_config.json"
@@ -331,7 +340,8 @@ def check_architecture(adapter: Adapter, anti_module: torch.nn.Module, anti_argu
             try:
                 own = base.get_parameter(path)
             except AttributeError:
-                raise AdapterError(f"{where} is for another architecture: it saves {path}, which {anti_argument} lacks") from None
+                raise AdapterError(f"{where} is for another architecture: it saves {path}, "
+                                   f"which {anti_argument} lacks") from None  # fmt: skip
             if tuple(own.shape) != tuple(t.shape):
                 what = "vocabulary" if vocab in tuple(t.shape) or vocab in tuple(own.shape) else "architecture"
                 raise AdapterError(f"{where} is for another {what}: {path} is {tuple(t.shape)} in the adapter, "
@@ -347,9 +357,10 @@ def check_architecture(adapter: Adapter, anti_module: torch.nn.Module, anti_argu
             rows, dim = module.weight.shape
             need = (adapter.rank, rows) if kind == "lora_embedding_A" else (dim, adapter.rank)
             if tuple(t.shape) != need:
-                raise AdapterError(f"{where} is for another vocabulary: its {path} adapter is for {t.shape[-1] if kind == 'lora_embedding_A' else t.shape[0]} "
-                                   f"{'tokens' if kind == 'lora_embedding_A' else 'features'}, {anti_argument} has "
-                                   f"{rows if kind == 'lora_embedding_A' else dim}")  # fmt: skip
+                tokens = kind == "lora_embedding_A"
+                theirs, mine = (t.shape[-1], rows) if tokens else (t.shape[0], dim)
+                raise AdapterError(f"{where} is for another vocabulary: its {path} adapter is for {theirs} "
+                                   f"{'tokens' if tokens else 'features'}, {anti_argument} has {mine}")  # fmt: skip
             continue
         weight = getattr(module, "weight", None)
         if weight is None or weight.dim() != 2:
@@ -359,8 +370,9 @@ def check_architecture(adapter: Adapter, anti_module: torch.nn.Module, anti_argu
         have = in_f if kind == "lora_A" else out_f
         if want != have:
             what = "vocabulary" if module is base.get_output_embeddings() else "architecture"
-            raise AdapterError(f"{where} is for another {what}: {path} takes {want} "
-                               f"{'inputs' if kind == 'lora_A' else 'outputs'} in the adapter, {have} in {anti_argument}")  # fmt: skip
+            side = "inputs" if kind == "lora_A" else "outputs"
+            raise AdapterError(f"{where} is for another {what}: {path} takes {want} {side} in the adapter, "
+                               f"{have} in {anti_argument}")  # fmt: skip
 
 
 def check_adapter(adapter: Adapter, anti_module: torch.nn.Module, anti_source: Optional[str] = None,
@@ -434,6 +446,86 @@ def _peft_config(a: Adapter):
         raise AdapterError(f"{a.argument} {a.source}: its adapter_config.json is not a LoRA config PEFT accepts: {e}") from e
 
 
+def slices_apply(peft_model: Any, names: Sequence[str]) -> bool:
+    """Whether :class:`GroupSlices` can run ``names``' adapters: every LoRA layer that holds one of them is a
+    linear LoRA layer without a variant (DoRA, aLoRA, ...) and without a LoRA bias."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear
+
+    for m in peft_model.modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        held = [n for n in names if n in m.lora_A or n in getattr(m, "lora_embedding_A", {})]
+        if not held:
+            continue
+        if not isinstance(m, Linear) or any(n in m.lora_variant or n not in m.lora_A for n in held):
+            return False
+        if any(getattr(m.lora_B[n], "bias", None) is not None for n in held):
+            return False
+    return True
+
+
+class GroupSlices:
+    """The adapters of a stacked batch applied on contiguous row groups (see the module docstring).
+
+    Installed once per ``PeftModel`` (:meth:`of`): a forward hook on every LoRA layer. While :attr:`batch` is
+    set (``> 0``, inside :meth:`rows`), the layers' own adapters are off and each hook adds
+    ``scaling * B_g(A_g(x[g*B:(g+1)*B]))`` to the rows of group ``g``, in place. Outside :meth:`rows` the
+    hooks do nothing and the layers' adapters are as PEFT left them."""
+
+    _attr = "_proxytune_group_slices"
+
+    def __init__(self, peft_model: Any):
+        from peft.tuners.lora import LoraLayer
+
+        self.names: list = []
+        self.batch = 0
+        self.layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
+
+    @classmethod
+    def of(cls, peft_model: Any) -> "GroupSlices":
+        found = getattr(peft_model, cls._attr, None)
+        if found is None:
+            found = cls(peft_model)
+            setattr(peft_model, cls._attr, found)
+        return found
+
+    def rows(self, names: Sequence[str], batch: int):
+        """A context: group ``g`` (``g < len(names)``) of ``batch`` rows runs adapter ``names[g]``; the rows
+        after the last group run the base alone."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            saved = [m._disable_adapters for m in self.layers]
+            for m in self.layers:
+                m._disable_adapters = True  # the layer returns its base output; the hook adds the groups'
+            self.names, self.batch = list(names), batch
+            try:
+                yield
+            finally:
+                self.names, self.batch = [], 0
+                for m, d in zip(self.layers, saved):
+                    m._disable_adapters = d
+
+        return scope()
+
+    def _hook(self, module, args, output):
+        if not self.batch:
+            return None
+        x = args[0]
+        b = self.batch
+        for g, name in enumerate(self.names):
+            if name not in module.lora_A:
+                continue
+            a = module.lora_A[name]
+            rows = x[g * b:(g + 1) * b].to(a.weight.dtype)
+            delta = module.lora_B[name](a(module.lora_dropout[name](rows))) * module.scaling[name]
+            output[g * b:(g + 1) * b] += delta.to(output.dtype)
+        return output
+
+
 @dataclass
 class StackedLogits:
     """The logits of one stacked forward, ``[n + 1, B, W]`` (or ``[n + 1, B, k, W]`` from ``extend``):
@@ -454,10 +546,20 @@ class StackedAdapterRunner:
     """The rows of a batch of ``B`` prompts, run once per adapter and once by the base, as ``(n + 1) * B``
     rows of one forward with one ``DynamicCache`` (see the module docstring for the row layout). The methods
     follow :class:`~proxytune.engine.runner.ModelRunner` (``prefill``, ``step``, ``extend``, ``rollback``,
-    ``select``) and take and return per-prompt shapes: the stacking is inside. No host sync in ``step``;
-    ``rollback`` has ModelRunner's one (the crop length)."""
+    ``select``) and take and return per-prompt shapes: the stacking is inside. No host sync in ``step``
+    (``mixed="peft"`` copies PEFT's row indices to the device in every LoRA layer); ``rollback`` has
+    ModelRunner's one (the crop length). ``mixed``: ``"slices"``, ``"peft"`` or ``"auto"`` (slices where
+    :func:`slices_apply`)."""
 
-    def __init__(self, peft_model: Any, names: Sequence[str]):
+    def __init__(self, peft_model: Any, names: Sequence[str], mixed: str = "auto"):
+        if mixed not in ("auto", "slices", "peft"):
+            raise ValueError(f"mixed must be 'auto', 'slices' or 'peft', got {mixed!r}")
+        can_slice = slices_apply(peft_model, names)
+        if mixed == "slices" and not can_slice:
+            raise AdapterError("expert_adapter: mixed='slices' needs plain LoRA on linear layers (no embedding "
+                               "LoRA, no DoRA or other variant); use mixed='peft'")  # fmt: skip
+        self.mixed = "slices" if mixed == "auto" and can_slice else "peft" if mixed == "auto" else mixed
+        self._slices = GroupSlices.of(peft_model) if self.mixed == "slices" else None
         self.model = peft_model
         self.names = list(names)
         self.groups = len(self.names) + 1
@@ -481,10 +583,16 @@ class StackedAdapterRunner:
     def _unstack(self, logits: torch.Tensor) -> StackedLogits:
         return StackedLogits(logits.view(self.groups, self.batch, *logits.shape[1:]))
 
+    def _call(self, **kwargs):
+        if self._slices is None:
+            return self.model(adapter_names=self._adapter_names(), **kwargs)
+        with self._slices.rows(self.names, self.batch):
+            return self.model(**kwargs)
+
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, keep: int) -> torch.Tensor:
         extra = {"logits_to_keep": keep} if self._keep_one else {}
-        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True,
-                         adapter_names=self._adapter_names(), **{self._cache_arg: self.cache}, **extra)  # fmt: skip
+        out = self._call(input_ids=ids, attention_mask=self.mask, position_ids=pos, use_cache=True,
+                         **{self._cache_arg: self.cache}, **extra)  # fmt: skip
         return out.logits[:, -keep:]
 
     @torch.inference_mode()
@@ -558,6 +666,5 @@ class StackedAdapterRunner:
         ids = self._stack(to_device(ids, self.device))
         mask = self._stack(to_device(mask, self.device))
         extra = {"logits_to_keep": keep} if self._keep_one else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
-                         adapter_names=self._adapter_names(), **extra)  # fmt: skip
+        out = self._call(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, **extra)
         return self._unstack(out.logits[:, -keep:])
