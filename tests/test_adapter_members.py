@@ -1,0 +1,102 @@
+"""LoRA pairs as ensemble members (proxytune.engine.adapter_members) through ProxyTuner: the same greedy tokens
+and scores as the two-model path (each adapter merged into a copy of the small base, the untouched base as
+anti-expert), for one and two adapters, left-padded batches, per-row weights and rows that end early."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from proxytune import Ensemble, ProxyTuner, SamplingParams  # noqa: E402
+from proxytune.engine.adapter_members import adapter_pairs  # noqa: E402
+from proxytune.engine.members import LocalModel  # noqa: E402
+from tiny_models import PROMPTS, tiny_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def make_adapter(base, directory, seed: int, r: int, targets, recorded: str) -> str:
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0,
+                             init_lora_weights=False, task_type="CAUSAL_LM")  # fmt: skip
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.peft_config["default"].base_model_name_or_path = recorded
+    model.save_pretrained(directory, safe_serialization=True)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora-members")
+    big = tiny_model("llama", seed=0, hidden=64)
+    small = tiny_model("llama", seed=1)
+    small.save_pretrained(root / "small")
+    rec = str(root / "small")
+    dirs = [make_adapter(small, root / "a", 2, 4, ("q_proj", "v_proj", "down_proj"), rec),
+            make_adapter(small, root / "b", 3, 8, ("k_proj", "o_proj", "gate_proj", "up_proj"), rec)]  # fmt: skip
+    merged = [peft.PeftModel.from_pretrained(copy.deepcopy(small), d).merge_and_unload().eval() for d in dirs]
+    return {"big": big, "small": small, "small_dir": str(root / "small"), "dirs": dirs, "merged": merged}
+
+
+def tuners(family, tok, n: int, weights=None):
+    """(stacked, two-model) tuners with the first ``n`` adapters."""
+    experts, antis = adapter_pairs(copy.deepcopy(family["small"]), family["dirs"][:n], anti_source=family["small_dir"])
+    big = LocalModel.adopt(family["big"], "base")
+    stacked = ProxyTuner(Ensemble(big, experts, antis, tokenizer=tok, weights=weights))
+    two = ProxyTuner(family["big"], family["merged"][:n], [family["small"]] * n, tokenizer=tok, decode="eager",
+                     weights=weights)  # fmt: skip
+    return stacked, two
+
+
+@pytest.mark.parametrize("n", [1, 2], ids=["one adapter", "two adapters"])
+def test_greedy_tokens_equal_the_merged_two_model_path(family, tok, n):
+    stacked, two = tuners(family, tok, n)
+    assert stacked.decode == "eager"
+    weights = [[1.0], [0.5], [2.0], [1.5]] if n == 1 else [[1.0, 0.5], [0.25, 1.5], [2.0, 0.0], [0.75, 0.75]]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=10, weights=w) for w in weights]  # per-row weights
+    want = two.generate(PROMPTS, params)
+    got = stacked.generate(PROMPTS, params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    # rows that end early: a token the two-model path emits mid-way becomes an EOS id of both tuners
+    stop_id = want[0].token_ids[3]
+    for t in (stacked, two):
+        t.eos_token_ids = set(t.eos_token_ids) | {stop_id}
+    want = two.generate(PROMPTS, params)
+    got = stacked.generate(PROMPTS, params)
+    assert [(g.token_ids, g.finish_reason) for g in got] == [(w.token_ids, w.finish_reason) for w in want]
+    assert {w.finish_reason for w in want} == {"stop", "length"} or len({len(w.token_ids) for w in want}) > 1
+
+
+def test_score_equals_the_merged_two_model_path(family, tok):
+    stacked, two = tuners(family, tok, 2, weights=[1.0, 0.5])
+    got = stacked.score(PROMPTS, [" the", " fox jumps", " a model", " over"])
+    want = two.score(PROMPTS, [" the", " fox jumps", " a model", " over"])
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids and g.is_greedy == w.is_greedy
+        assert g.token_logprobs == pytest.approx(w.token_logprobs, abs=1e-4)
+
+
+def test_static_decoding_and_speculation_are_refused_for_now(family, tok):
+    experts, antis = adapter_pairs(copy.deepcopy(family["small"]), family["dirs"][:1], anti_source=family["small_dir"])
+    ensemble = Ensemble(LocalModel.adopt(family["big"], "base"), experts, antis, tokenizer=tok)
+    with pytest.raises(ValueError, match="decode='static' is not possible: expert 0 is not a local model"):
+        ProxyTuner(ensemble, decode="static")
+    spec = ProxyTuner(ensemble, speculative_tokens=2)
+    with pytest.raises(RuntimeError, match="speculative decoding over LoRA adapter pairs is not wired yet"):
+        spec.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_new_tokens=6))
+
+
+def test_an_anti_expert_that_is_not_the_adapters_base_is_refused(family, tok):
+    from proxytune.engine.adapters import AdapterError
+
+    other = tiny_model("llama", seed=7)
+    with pytest.raises(AdapterError, match="anti_expert .* is not the base of expert_adapter 0"):
+        adapter_pairs(other, family["dirs"][:1], anti_source="some/other-model")
