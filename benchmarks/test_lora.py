@@ -24,8 +24,10 @@ of left-padded prompts, lengths 16..24); the two ways take turns within each rou
 load from other processes hits both alike. *weights*: bytes of the small models' weights held (two models:
 two copies; stacked: one copy and the adapter). *end to end*: greedy proxy-tuned generation of 16 new tokens
 for the tinyworld held-out prompts, the shipped large base + (small-lora expert - small base), prefill
-included, as a plain loop over runners (the engine's ProxyTuner does not take an adapter member yet): three
-forwards per step against two; the tokens of both ways must be equal (asserted).
+included: *loop*, a plain loop over runners (three forwards per step against two), and *engine*,
+``ProxyTuner.generate`` (eager) with the merged expert and the base as two models against the adapter pair as
+:mod:`proxytune.engine.adapter_members` members (one stacked forward per step for the pair); the tokens of both
+ways must be equal (asserted).
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ from proxytune.engine.runner import ModelRunner  # noqa: E402
 
 THREADS = int(os.environ.get("PROXYTUNE_BENCH_THREADS", "1"))  # 1: the 2-core machine is shared
 STEPS = {"tinyworld": 32, "mid": 16}
-ROUNDS = {"tinyworld": 7, "mid": 5}
-E2E_NEW, E2E_ROUNDS = 16, 5
+ROUNDS = {"tinyworld": 11, "mid": 5}
+E2E_NEW, E2E_ROUNDS = 16, 15
 
 
 @dataclass
@@ -66,6 +68,7 @@ class StepRecord:
 
 @dataclass
 class EndToEndRecord:
+    path: str  # "loop" or "engine"
     batch: int
     way: str
     new_tokens: int
@@ -114,13 +117,13 @@ class LoraTable:
         if self.e2e:
             out += ["", f"end to end: tinyworld large base + (small-lora - small base), greedy, {E2E_NEW} new tokens, "
                         "prefill included, median over rounds",
-                    f"{'B':>2}  {'two models tok/s':>17} {'stacked slices tok/s':>21} {'stacked/two':>12}"]  # fmt: skip
-            by_batch: dict = {}
+                    f"{'path':<7} {'B':>2}  {'two models tok/s':>17} {'stacked slices tok/s':>21} {'stacked/two':>12}"]  # fmt: skip
+            by_case: dict = {}
             for r in self.e2e:
-                by_batch.setdefault(r.batch, {})[r.way] = r
-            for batch, ways in by_batch.items():
+                by_case.setdefault((r.path, r.batch), {})[r.way] = r
+            for (path, batch), ways in by_case.items():
                 two, one = ways["two models"], ways["stacked slices"]
-                out.append(f"{batch:>2}  {two.tokens_per_s:17.1f} {one.tokens_per_s:21.1f} "
+                out.append(f"{path:<7} {batch:>2}  {two.tokens_per_s:17.1f} {one.tokens_per_s:21.1f} "
                            f"{one.tokens_per_s / two.tokens_per_s:11.2f}x")  # fmt: skip
         return out
 
@@ -299,4 +302,42 @@ def test_end_to_end_tinyworld(pytestconfig, batch):
                 ways[w]()
                 times[w].append(time.perf_counter() - t0)
     for w, ts in times.items():
-        table.e2e.append(EndToEndRecord(batch, w, E2E_NEW, sorted(ts)[len(ts) // 2], ts))
+        table.e2e.append(EndToEndRecord("loop", batch, w, E2E_NEW, sorted(ts)[len(ts) // 2], ts))
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_end_to_end_engine_tinyworld(pytestconfig, batch):
+    """ProxyTuner.generate, eager, greedy, EOS ignored (every row makes E2E_NEW tokens): the merged expert and
+    the base as two models against the adapter pair as members of one stacked forward; equal tokens, tokens/s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from proxytune import Ensemble, ProxyTuner, SamplingParams
+    from proxytune.engine.adapter_members import adapter_pairs
+    from proxytune.tinyworld import default_models_dir, model_path
+    from proxytune.tinyworld.evaluation import world_of
+
+    table = LoraTable.of(pytestconfig)
+    base, merged, _, _, _, _ = _pair("tinyworld")
+    large = AutoModelForCausalLM.from_pretrained(model_path("large_base"), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_path("small_base"))
+    experts, antis = adapter_pairs(copy.deepcopy(base), [default_models_dir() / "small-lora"],
+                                   anti_source=model_path("small_base"))  # fmt: skip
+    ways = {
+        "two models": ProxyTuner(large, [merged], [base], tokenizer=tok, decode="eager", device="cpu"),
+        "stacked slices": ProxyTuner(Ensemble(LocalModel.adopt(large, "base"), experts, antis, tokenizer=tok)),
+    }
+    for t in ways.values():
+        t.eos_token_ids = set()  # every row makes E2E_NEW tokens
+    prompts = [q.prompt for q in world_of().eval_questions()[:batch]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=E2E_NEW)
+    first = {w: [g.token_ids for g in t.generate(prompts, params)] for w, t in ways.items()}  # warm-up, the check
+    assert first["two models"] == first["stacked slices"]
+    assert all(len(ids) == E2E_NEW for ids in first["two models"])
+    times: dict = {w: [] for w in ways}
+    for k in range(E2E_ROUNDS):
+        for w in (list(ways) if k % 2 == 0 else list(reversed(ways))):
+            t0 = time.perf_counter()
+            ways[w].generate(prompts, params)
+            times[w].append(time.perf_counter() - t0)
+    for w, ts in times.items():
+        table.e2e.append(EndToEndRecord("engine", batch, w, E2E_NEW, sorted(ts)[len(ts) // 2], ts))

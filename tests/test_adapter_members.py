@@ -100,3 +100,28 @@ def test_an_anti_expert_that_is_not_the_adapters_base_is_refused(family, tok):
     other = tiny_model("llama", seed=7)
     with pytest.raises(AdapterError, match="anti_expert .* is not the base of expert_adapter 0"):
         adapter_pairs(other, family["dirs"][:1], anti_source="some/other-model")
+
+
+def test_the_shipped_tinyworld_adapter_through_the_member_answers_as_recorded():
+    """The proof run's LoRA proxy (weight 1) was measured through a merged expert
+    (benchmarks/results/tinyworld_lora.json); the adapter member gives the same answers to the first 200
+    held-out questions (all 800 with -m slow would take about four times as long)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from proxytune.tinyworld import default_models_dir, model_path
+    from proxytune.tinyworld.evaluation import answer, world_of
+
+    recorded = Path(__file__).parent.parent / "benchmarks" / "results" / "tinyworld_lora.json"
+    lora_dir = default_models_dir() / "small-lora"
+    if not recorded.exists() or not (lora_dir / "adapter_config.json").exists():
+        pytest.skip("no recorded LoRA run or no shipped adapter here")
+    want = json.loads(recorded.read_text())["outputs"]["proxy-tuned large (LoRA expert), weight 1"][:200]
+    load = lambda role: AutoModelForCausalLM.from_pretrained(model_path(role), dtype=torch.float32).eval()  # noqa: E731
+    experts, antis = adapter_pairs(load("small_base"), [lora_dir], anti_source=model_path("small_base"))
+    tuner = ProxyTuner(Ensemble(LocalModel.adopt(load("large_base"), "base"), experts, antis,
+                                tokenizer=AutoTokenizer.from_pretrained(model_path("small_base"))))  # fmt: skip
+    prompts = [q.prompt for q in world_of().eval_questions()[:200]]
+    assert answer(tuner, prompts, batch_size=100) == want
