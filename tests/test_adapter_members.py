@@ -92,6 +92,8 @@ def test_static_decoding_and_speculation_are_refused_for_now(family, tok):
     spec = ProxyTuner(ensemble, speculative_tokens=2)
     with pytest.raises(RuntimeError, match="speculative decoding over LoRA adapter pairs is not wired yet"):
         spec.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_new_tokens=6))
+    after = ProxyTuner(ensemble)  # the same members after a refused batch: a fresh batch, in lockstep again
+    assert len(after.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_new_tokens=6))[0].token_ids) > 0
 
 
 def test_an_anti_expert_that_is_not_the_adapters_base_is_refused(family, tok):

@@ -27,6 +27,8 @@ from proxytune.engine.adapters import (  # noqa: E402
 from proxytune.engine.members import LocalModel  # noqa: E402
 from proxytune.engine.runner import ModelRunner  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ATOL = 2e-5  # fp32: merged (W + s BA) x against W x + s B(A x), a few ulps of logits of size ~1
 
 

@@ -57,7 +57,7 @@ class AdapterGroup:
 
     def _join(self) -> _Batch:
         b = self._batch
-        if b is None or b.joined == b.views:
+        if b is None or b.joined == b.views or b.done > 1:  # a full batch, or one left mid-way (an error): anew
             b = self._batch = _Batch(StackedAdapterRunner(self.model, self.names, self.mixed), len(self.members))
         b.joined += 1
         return b
