@@ -84,16 +84,44 @@ def test_score_equals_the_merged_two_model_path(family, tok):
         assert g.token_logprobs == pytest.approx(w.token_logprobs, abs=1e-4)
 
 
-def test_static_decoding_and_speculation_are_refused_for_now(family, tok):
+def test_static_decoding_is_refused_for_now(family, tok):
     experts, antis = adapter_pairs(copy.deepcopy(family["small"]), family["dirs"][:1], anti_source=family["small_dir"])
     ensemble = Ensemble(LocalModel.adopt(family["big"], "base"), experts, antis, tokenizer=tok)
     with pytest.raises(ValueError, match="decode='static' is not possible: expert 0 is not a local model"):
         ProxyTuner(ensemble, decode="static")
-    spec = ProxyTuner(ensemble, speculative_tokens=2)
-    with pytest.raises(RuntimeError, match="speculative decoding over LoRA adapter pairs is not wired yet"):
-        spec.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_new_tokens=6))
-    after = ProxyTuner(ensemble)  # the same members after a refused batch: a fresh batch, in lockstep again
-    assert len(after.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_new_tokens=6))[0].token_ids) > 0
+
+
+@pytest.mark.parametrize("n", [1, 2], ids=["one adapter", "two adapters"])
+def test_speculative_decoding_with_an_adapter_expert_drafting(family, tok, n):
+    """Greedy speculation gives the plain engine's ids; with an adapter pair drafting it gives the merged
+    two-model path's. The drafts feed every stacked row: one small forward per draft for all pairs, and the
+    anti-expert's verification costs one forward more per round (counted)."""
+    stacked, two = tuners(family, tok, n)
+    weights = [[1.0], [0.5], [2.0], [1.5]] if n == 1 else [[1.0, 0.5], [0.25, 1.5], [2.0, 0.0], [0.75, 0.75]]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=12, weights=w) for w in weights]
+    want = [g.token_ids for g in two.generate(PROMPTS, params)]
+    spec = ProxyTuner(stacked.ensemble, speculative_tokens=3)
+    calls = []
+    group = stacked.ensemble.experts[0].group
+    handle = group.model.get_base_model().register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        got = [g.token_ids for g in spec.generate(PROMPTS, params)]
+    finally:
+        handle.remove()
+    assert got == want
+    plain = [g.token_ids for g in ProxyTuner(stacked.ensemble).generate(PROMPTS, params)]
+    assert plain == want
+    two_spec, small_calls = ProxyTuner(two.ensemble, speculative_tokens=3), []
+    smalls = {id(m): m for m in [*family["merged"][:n], family["small"]]}.values()
+    handles = [m.register_forward_hook(lambda m, a, o: small_calls.append(1)) for m in smalls]
+    try:
+        assert [g.token_ids for g in two_spec.generate(PROMPTS, params)] == want
+    finally:
+        for h in handles:
+            h.remove()
+    assert 0 < len(calls) < len(small_calls)  # one stacked forward where the two-model path runs two or more
+    sampled = spec.generate(PROMPTS, SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=9, seed=5))
+    assert all(len(g.token_ids) == 9 or g.finish_reason == "stop" for g in sampled)
 
 
 def test_an_anti_expert_that_is_not_the_adapters_base_is_refused(family, tok):

@@ -1,18 +1,23 @@
 """LoRA pairs as ensemble members: each expert (base + adapter) and its anti-expert (the base) are views of one
 stacked forward (:class:`~proxytune.engine.adapters.StackedAdapterRunner`), behind the
-:class:`~proxytune.engine.members.Member` interface, so the ensemble, the eager decoder and scoring take them as
-they are.
+:class:`~proxytune.engine.members.Member` interface, so the ensemble, the eager and speculative decoders and
+scoring take them as they are.
 
 :func:`adapter_pairs` returns ``(experts, anti_experts)``, ``n`` of each, for ``n`` adapters over one small
 base: pass them to :class:`~proxytune.engine.ensemble.Ensemble` with any base. They share an
-:class:`AdapterGroup`. The engine asks every member for a runner and calls each runner in turn with the same
-arguments (``prefill``, then per step ``step`` and ``select``); the group runs the stacked forward on the
-first view's call of a round and hands the other views their rows of it (**lockstep**: the k-th call of every
-view of one batch is the same call). A view that asks for a call the others did not make (speculative
-decoding, where the expert drafts alone and the pairs roll back different lengths) is refused with a clear
-error: speculation over adapter pairs needs the speculative decoder to know the pairs share one forward,
-which comes with the engine wiring. The members have no ``module``, so the static and CUDA-graph decoders
-refuse them by the ensemble's rule (eager only, for now).
+:class:`AdapterGroup`. The engine asks every member for a runner and feeds each runner the same tokens; the
+group keeps a **position log**: the token fed at each position since the last rollback or row move, and the
+stacked logits there. A view asking for positions already fed gets its rows of the logged logits (after a
+check that its tokens are the logged ones); a view asking past the log feeds the rest to *all* rows in one
+stacked call. So an eager step is one stacked forward per step for all pairs; in speculative decoding the
+drafting expert's one-token forwards feed the anti-expert's (and the other experts') rows too, and their
+verification of the block then costs one stacked forward for the last draft only. A rollback is done once
+for all rows (every view forgets what the rows did not keep), a row move (``select``) once.
+
+Checks that cost a host sync: a token tensor that is not the logged one is compared by value (in speculative
+rounds; an eager step feeds every view the same tensor, and that is never compared), and the ``kept`` counts
+of a rollback. The members have no ``module``, so the static and CUDA-graph decoders refuse them by the
+ensemble's rule (eager and speculative only, for now).
 """
 
 from __future__ import annotations
@@ -29,14 +34,29 @@ __all__ = ["AdapterGroup", "AdapterMember", "adapter_pairs"]
 
 
 class _Batch:
-    """One batch's stacked runner and the lockstep bookkeeping of its views."""
+    """One batch's stacked runner, its position log and the views that read it."""
 
     def __init__(self, runner: StackedAdapterRunner, views: int):
         self.runner = runner
         self.views = views
-        self.joined = 0
-        self.done = 0  # calls made on the stacked runner
-        self.last: Any = None  # (name, args, result) of the last call
+        self.joined: list["_ViewRunner"] = []
+        self.prefill: Optional[tuple] = None  # (ids, mask, StackedLogits)
+        self.start = 0  # position of log[0]
+        self.fed = 0  # positions fed since the last rollback or row move
+        self.log: list[tuple] = []  # per position: (tokens [B], stacked logits [n + 1, B, W])
+        self.epoch = 0  # rollbacks and row moves done
+        self.last_move: Any = None  # the rows or kept counts of the last one (the others are checked against it)
+
+    @property
+    def progressed(self) -> bool:
+        return self.fed > 0 or self.epoch > 0
+
+    def trim(self) -> None:
+        """Forget the positions every view has read."""
+        low = min(v.pos for v in self.joined)
+        if low > self.start:
+            del self.log[: low - self.start]
+            self.start = low
 
 
 class AdapterGroup:
@@ -55,11 +75,11 @@ class AdapterGroup:
         self._batch: Optional[_Batch] = None
         self._score: Optional[tuple] = None  # (ids, mask, keep, StackedLogits) of the last score call
 
-    def _join(self) -> _Batch:
+    def _join(self, view: "_ViewRunner") -> _Batch:
         b = self._batch
-        if b is None or b.joined == b.views or b.done > 1:  # a full batch, or one left mid-way (an error): anew
+        if b is None or len(b.joined) == b.views or b.progressed:  # a full batch, or one left mid-way: anew
             b = self._batch = _Batch(StackedAdapterRunner(self.model, self.names, self.mixed), len(self.members))
-        b.joined += 1
+        b.joined.append(view)
         return b
 
     def score_logits(self, ids: torch.Tensor, mask: torch.Tensor, keep: int):
@@ -72,62 +92,111 @@ class AdapterGroup:
 
 
 def _same(a: Any, b: Any) -> bool:
+    """The same tensor, or equal values (a host sync where the data is on a GPU)."""
     if a is b:
         return True
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))  # a host sync (prefill only)
+        return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b
 
 
 class _ViewRunner:
-    """One member's runner: its rows of the group's stacked calls (``group`` ``g`` of ``n + 1``; ``n`` is the base)."""
+    """One member's runner: its rows (``slot`` of ``n + 1`` groups; ``n`` is the base's) of the group's stacked
+    calls, read from the batch's position log."""
 
     def __init__(self, member: "AdapterMember"):
         self.member = member
         self.group = member.group
         self.device = self.group.device
         self.batch: Optional[_Batch] = None
-        self.k = 0
+        self.pos = 0  # positions this view has been fed since the last rollback or row move
+        self.epoch = 0
 
-    def _call(self, name: str, *args):
-        if self.batch is None:
-            if name != "prefill":
-                raise RuntimeError(f"{self.member.name}: {name} before prefill")
-            self.batch = self.group._join()
+    def _out_of_step(self, what: str) -> RuntimeError:
+        return RuntimeError(f"{self.member.name}: {what}: the views of one stacked LoRA forward must be fed the same "
+                            f"tokens and moved together")  # fmt: skip
+
+    def _ready(self) -> _Batch:
         b = self.batch
-        if self.k == b.done:
-            result = getattr(b.runner, name)(*args)
-            b.last = (name, args, result)
-            b.done += 1
-        elif self.k == b.done - 1 and b.last[0] == name and _same(b.last[1], args):
-            result = b.last[2]
-        else:
-            raise RuntimeError(
-                f"{self.member.name}: its calls left the lockstep of the pairs that share one forward ({name} as call "
-                f"{self.k}, the group at {b.done}); speculative decoding over LoRA adapter pairs is not wired yet: "
-                f"use speculative_tokens=0")  # fmt: skip
-        self.k += 1
-        return result
-
-    def _rows(self, stacked) -> Optional[torch.Tensor]:
-        return None if stacked is None else stacked.stacked[self.member.slot]
+        if b is None:
+            raise self._out_of_step("fed before prefill")
+        if self.epoch != b.epoch:
+            raise self._out_of_step("fed before its rollback or row move")
+        return b
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._rows(self._call("prefill", input_ids, attention_mask))
+        b = self.batch = self.group._join(self)
+        if b.prefill is None:
+            b.prefill = (input_ids, attention_mask, b.runner.prefill(input_ids, attention_mask))
+        elif not (_same(b.prefill[0], input_ids) and _same(b.prefill[1], attention_mask)):
+            raise self._out_of_step("prefilled with other prompts than the other views")
+        self.pos, self.epoch = 0, b.epoch
+        return b.prefill[2].stacked[self.member.slot]
+
+    def _feed(self, tokens: Sequence[torch.Tensor], extend: bool) -> torch.Tensor:
+        """Positions ``pos ..`` of this view fed ``tokens`` (one ``[B]`` tensor per position); ``[B, m, W]``.
+        New positions go through the runner's ``extend`` (which clamps positions past the model's limit, as
+        speculation needs) when the view was asked to extend, else through ``step``."""
+        b = self._ready()
+        m = len(tokens)
+        for j in range(m):
+            p = self.pos + j
+            if p >= b.fed:  # past the log: feed the rest to every row at once
+                rest = tokens[j:]
+                if len(rest) == 1 and not extend:
+                    logits = b.runner.step(rest[0]).stacked[:, :, None]
+                else:
+                    logits = b.runner.extend(torch.stack(list(rest), dim=1)).stacked
+                b.log += [(t, logits[:, :, i]) for i, t in enumerate(rest)]
+                b.fed += len(rest)
+                break
+            if not _same(b.log[p - b.start][0], tokens[j]):
+                raise self._out_of_step(f"fed another token than the other views at position {p}")
+        out = torch.stack([b.log[self.pos + j - b.start][1][self.member.slot] for j in range(m)], dim=1)
+        self.pos += m
+        b.trim()
+        return out
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._rows(self._call("step", tokens))
+        return self._feed([tokens], extend=False)[:, 0]
 
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._rows(self._call("extend", tokens))
+        return self._feed(list(tokens.unbind(1)), extend=True)
 
     def rollback(self, fed: int, kept: torch.Tensor) -> None:
-        self._call("rollback", fed, kept)
+        """The first view's rollback in a round rolls every row back by all the round fed; the others check."""
+        b = self.batch
+        if b is None or fed != self.pos:
+            raise self._out_of_step(f"rollback of {fed} tokens after {self.pos} fed")
+        if self.epoch == b.epoch:
+            b.runner.rollback(b.fed, kept)
+            b.epoch += 1
+            b.fed = b.start = 0
+            b.log = []
+            b.last_move = ("rollback", kept)
+        elif self.epoch != b.epoch - 1 or b.last_move[0] != "rollback" or not _same(b.last_move[1], kept):
+            raise self._out_of_step("rolled back to other counts than the other views")
+        self.epoch, self.pos = b.epoch, 0
 
     def select(self, rows: torch.Tensor) -> None:
-        self._call("select", rows)
+        """The first view's row move moves every group's rows; the others check."""
+        b = self.batch
+        if b is None:
+            raise self._out_of_step("rows moved before prefill")
+        if self.epoch == b.epoch:
+            if self.pos != b.fed:
+                raise self._out_of_step("rows moved with positions unread")
+            b.runner.select(rows)
+            b.epoch += 1
+            b.last_move = ("select", rows, b.fed)
+            b.fed = b.start = 0
+            b.log = []
+        elif (self.epoch != b.epoch - 1 or b.last_move[0] != "select" or self.pos != b.last_move[2]
+              or not _same(b.last_move[1], rows)):  # fmt: skip
+            raise self._out_of_step("moved to other rows, or at another position, than the other views")
+        self.epoch, self.pos = b.epoch, 0
 
 
 class AdapterMember(Member):
