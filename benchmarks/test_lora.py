@@ -24,10 +24,11 @@ of left-padded prompts, lengths 16..24); the two ways take turns within each rou
 load from other processes hits both alike. *weights*: bytes of the small models' weights held (two models:
 two copies; stacked: one copy and the adapter). *end to end*: greedy proxy-tuned generation of 16 new tokens
 for the tinyworld held-out prompts, the shipped large base + (small-lora expert - small base), prefill
-included: *loop*, a plain loop over runners (three forwards per step against two), and *engine*,
+included: *loop*, a plain loop over runners (three forwards per step against two), *engine*,
 ``ProxyTuner.generate`` (eager) with the merged expert and the base as two models against the adapter pair as
-:mod:`proxytune.engine.adapter_members` members (one stacked forward per step for the pair); the tokens of both
-ways must be equal (asserted).
+:mod:`proxytune.engine.adapter_members` members (one stacked forward per step for the pair), and *spec 4*, the
+same with ``speculative_tokens=4`` (the expert drafts; stacked, its drafts feed the anti-expert's rows too);
+the tokens of both ways must be equal (asserted).
 """
 
 from __future__ import annotations
@@ -305,8 +306,9 @@ def test_end_to_end_tinyworld(pytestconfig, batch):
         table.e2e.append(EndToEndRecord("loop", batch, w, E2E_NEW, sorted(ts)[len(ts) // 2], ts))
 
 
+@pytest.mark.parametrize("speculative", [0, 4], ids=["eager", "speculative4"])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_end_to_end_engine_tinyworld(pytestconfig, batch):
+def test_end_to_end_engine_tinyworld(pytestconfig, batch, speculative):
     """ProxyTuner.generate, eager, greedy, EOS ignored (every row makes E2E_NEW tokens): the merged expert and
     the base as two models against the adapter pair as members of one stacked forward; equal tokens, tokens/s."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -323,9 +325,11 @@ def test_end_to_end_engine_tinyworld(pytestconfig, batch):
     experts, antis = adapter_pairs(copy.deepcopy(base), [default_models_dir() / "small-lora"],
                                    anti_source=model_path("small_base"))  # fmt: skip
     ways = {
-        "two models": ProxyTuner(large, [merged], [base], tokenizer=tok, decode="eager", device="cpu"),
-        "stacked slices": ProxyTuner(Ensemble(LocalModel.adopt(large, "base"), experts, antis, tokenizer=tok)),
-    }
+        "two models": ProxyTuner(large, [merged], [base], tokenizer=tok, decode="eager", device="cpu",
+                                 speculative_tokens=speculative),
+        "stacked slices": ProxyTuner(Ensemble(LocalModel.adopt(large, "base"), experts, antis, tokenizer=tok),
+                                     speculative_tokens=speculative),
+    }  # fmt: skip
     for t in ways.values():
         t.eos_token_ids = set()  # every row makes E2E_NEW tokens
     prompts = [q.prompt for q in world_of().eval_questions()[:batch]]
@@ -340,4 +344,5 @@ def test_end_to_end_engine_tinyworld(pytestconfig, batch):
             ways[w].generate(prompts, params)
             times[w].append(time.perf_counter() - t0)
     for w, ts in times.items():
-        table.e2e.append(EndToEndRecord("engine", batch, w, E2E_NEW, sorted(ts)[len(ts) // 2], ts))
+        path = "engine" if not speculative else f"spec {speculative}"
+        table.e2e.append(EndToEndRecord(path, batch, w, E2E_NEW, sorted(ts)[len(ts) // 2], ts))
