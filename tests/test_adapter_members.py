@@ -155,3 +155,25 @@ def test_the_shipped_tinyworld_adapter_through_the_member_answers_as_recorded():
                                 tokenizer=AutoTokenizer.from_pretrained(model_path("small_base"))))  # fmt: skip
     prompts = [q.prompt for q in world_of().eval_questions()[:200]]
     assert answer(tuner, prompts, batch_size=100) == want
+
+
+def test_load_adapter_pairs_loads_the_recorded_base(family, tok, tmp_path):
+    """No anti-expert named: the adapters' recorded base is loaded (with its tokenizer); a recorded base that
+    is not here, with none named, is a clear error; PEFT's own mixed batch gives the same tokens."""
+    from proxytune.engine.adapter_members import load_adapter_pairs
+    from proxytune.engine.adapters import AdapterError
+
+    tok.save_pretrained(family["small_dir"])
+    experts, antis = load_adapter_pairs(family["dirs"], dtype="float32", device="cpu")
+    assert antis[0].source == family["small_dir"] and experts[0].tokenizer is not None
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, weights=[1.0, 0.5])
+    got = ProxyTuner(Ensemble(LocalModel.adopt(family["big"], "base"), experts, antis)).generate(PROMPTS, params)
+    _, two = tuners(family, tok, 2)
+    want = two.generate(PROMPTS, params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    experts, antis = load_adapter_pairs(family["dirs"], family["small_dir"], mixed="peft")
+    peft_way = ProxyTuner(Ensemble(LocalModel.adopt(family["big"], "base"), experts, antis)).generate(PROMPTS, params)
+    assert experts[0].group.mixed == "peft" and [g.token_ids for g in peft_way] == [w.token_ids for w in want]
+    elsewhere = make_adapter(family["small"], tmp_path / "elsewhere", 9, 4, ("q_proj",), "someone/not-here")
+    with pytest.raises(AdapterError, match="anti_expert: not given, and the adapters' recorded base 'someone/not-here'"):
+        load_adapter_pairs([elsewhere])

@@ -22,6 +22,7 @@ ensemble's rule (eager and speculative only, for now).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence
 
 import torch
@@ -30,7 +31,7 @@ from proxytune.engine.adapters import Adapter, StackedAdapterRunner, check_adapt
 from proxytune.engine.members import Member, logits_width
 from proxytune.engine.runner import position_limit
 
-__all__ = ["AdapterGroup", "AdapterMember", "adapter_pairs"]
+__all__ = ["AdapterGroup", "AdapterMember", "adapter_pairs", "load_adapter_pairs"]
 
 
 class _Batch:
@@ -224,21 +225,59 @@ class AdapterMember(Member):
 
 
 def adapter_pairs(anti_module: Any, adapters: Sequence[Any], *, anti_source: Optional[str] = None,
-                  names: Optional[Sequence[str]] = None, mixed: str = "auto",
-                  first_pair: int = 0) -> tuple[list[AdapterMember], list[AdapterMember]]:  # fmt: skip
+                  names: Optional[Sequence[str]] = None, mixed: str = "auto", first_pair: int = 0,
+                  tokenizer: Any = None) -> tuple[list[AdapterMember], list[AdapterMember]]:  # fmt: skip
     """``(experts, anti_experts)``: one pair per adapter (a directory, a ``PeftModel`` or an :class:`Adapter`)
     over ``anti_module`` (named ``anti_source`` by the user, for the base check), every pair one view of a
     single stacked forward. Each adapter is checked against the anti-expert first
     (:func:`~proxytune.engine.adapters.check_adapter`). ``anti_module`` is wrapped in place
     (:func:`~proxytune.engine.adapters.stack_adapters`): do not use it as a plain model afterwards.
-    ``first_pair``: the index of the first pair in the ensemble (for the members' names)."""
+    ``first_pair``: the index of the first pair in the ensemble (for the members' names); ``tokenizer``: the
+    base's own tokenizer, given to every member (for the ensemble's shared-vocabulary check)."""
     read = [a if isinstance(a, Adapter) else read_adapter(a, f"expert_adapter {first_pair + i}")
             for i, a in enumerate(adapters)]  # fmt: skip
     for a in read:
-        check_adapter(a, anti_module if anti_module is not None else a.peft_model, anti_source)
+        own = a.peft_model.get_base_model() if a.peft_model is not None else None
+        check_adapter(a, anti_module if anti_module is not None else own, anti_source)
     model, names = stack_adapters(anti_module, read, names)
     group = AdapterGroup(model, names, mixed)
     experts = [AdapterMember(group, g, f"expert {first_pair + g}", a.source) for g, a in enumerate(read)]
     antis = [AdapterMember(group, len(read), f"anti-expert {first_pair + g}", anti_source or "the adapters' base")
              for g in range(len(read))]  # fmt: skip
+    for m in experts + antis:
+        m.tokenizer = tokenizer
     return experts, antis
+
+
+def load_adapter_pairs(adapters: Sequence[Any], anti_expert: Any = None, *, dtype: Any = None, device: Any = None,
+                       trust_remote_code: bool = False, mixed: str = "auto", first_pair: int = 0,
+                       progress: bool = False) -> tuple[list[AdapterMember], list[AdapterMember]]:  # fmt: skip
+    """:func:`adapter_pairs` with the anti-expert loaded: ``anti_expert`` (a directory, a hub id, a
+    ``ModelSpec`` or a loaded model), or, when it is None, the adapters' recorded base (every adapter must
+    record the same one, found on this machine by :func:`~proxytune.engine.adapters.recorded_base_path`).
+    Loaded by the engine's :func:`~proxytune.engine.loading.load_model` (safetensors only, its own tokenizer,
+    the default dtype and device rules); the entry point ``Ensemble.load`` will call this for adapter experts."""
+    from proxytune.engine.adapters import AdapterError, recorded_base_path
+    from proxytune.engine.loading import ModelSpec, load_model
+
+    read = [a if isinstance(a, Adapter) else read_adapter(a, f"expert_adapter {first_pair + i}")
+            for i, a in enumerate(adapters)]  # fmt: skip
+    if not read:
+        raise AdapterError("expert_adapter: no adapters given")
+    if anti_expert is None:
+        found = {recorded_base_path(a) for a in read}
+        recorded = sorted({str(a.recorded_base) for a in read})
+        if None in found or len(found) != 1:
+            raise AdapterError("anti_expert: not given, and the adapters' recorded base "
+                               + (f"{recorded[0]!r} is not on this machine" if len(recorded) == 1 and None in found
+                                  else f"is not one model found here ({', '.join(recorded)})")
+                               + "; name the anti-expert (the adapters' base)")  # fmt: skip
+        anti_expert = found.pop()
+    spec = anti_expert if isinstance(anti_expert, ModelSpec) else ModelSpec(anti_expert)
+    from proxytune.engine.loading import check_device, parse_dtype
+
+    member = load_model(spec, f"anti-expert {first_pair}", dtype=parse_dtype(dtype), device=check_device(device),
+                        trust_remote_code=trust_remote_code, progress=progress)  # fmt: skip
+    source = spec.model if isinstance(spec.model, (str, os.PathLike)) else None
+    return adapter_pairs(member.module, read, anti_source=os.fspath(source) if source is not None else None,
+                         mixed=mixed, first_pair=first_pair, tokenizer=member.tokenizer)  # fmt: skip
