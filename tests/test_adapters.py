@@ -371,3 +371,24 @@ def test_peft_is_imported_only_when_an_adapter_is_used():
     code = "import sys, proxytune, proxytune.engine, proxytune.engine.adapters; print('peft' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("kind,targets", [("qwen2", ("q_proj", "v_proj", "up_proj")), ("gpt2", ("c_attn", "c_fc"))])
+@MIXED
+def test_other_architectures_stack_too(kind, targets, mixed, tmp_path):
+    """Qwen2 (biased attention projections) and GPT-2 (Conv1D layers, fan_in_fan_out) as the small base."""
+    from tiny_models import tiny_model
+
+    small = tiny_model(kind, seed=3)
+    extra = {"fan_in_fan_out": True} if kind == "gpt2" else {}
+    d = make_adapter(small, tmp_path / kind, seed=4, targets=targets, **extra)
+    runner = stacked_runner(small, [d], mixed)
+    ref_e, ref_a = runner_of(merged(small, d)), runner_of(copy.deepcopy(small))
+    ids, mask = left_padded(16, [5, 2, 7], vocab=320)
+    got = runner.prefill(ids, mask)
+    torch.testing.assert_close(got.experts[0], ref_e.prefill(ids, mask), atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.anti, ref_a.prefill(ids, mask), atol=1e-4, rtol=0)
+    tokens = torch.tensor([5, 9, 11])
+    got = runner.step(tokens)
+    torch.testing.assert_close(got.experts[0], ref_e.step(tokens), atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.anti, ref_a.step(tokens), atol=1e-4, rtol=0)

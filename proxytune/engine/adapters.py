@@ -365,7 +365,12 @@ def check_architecture(adapter: Adapter, anti_module: torch.nn.Module, anti_argu
         weight = getattr(module, "weight", None)
         if weight is None or weight.dim() != 2:
             raise AdapterError(f"{where} is for another architecture: {path} in {anti_argument} is not a linear layer")
-        out_f, in_f = weight.shape
+        if hasattr(module, "in_features"):
+            in_f, out_f = module.in_features, module.out_features
+        elif type(module).__name__ == "Conv1D":  # GPT-2's layers keep the weight as [in, out]
+            in_f, out_f = weight.shape
+        else:
+            out_f, in_f = weight.shape
         want = t.shape[1] if kind == "lora_A" else t.shape[0]
         have = in_f if kind == "lora_A" else out_f
         if want != have:
