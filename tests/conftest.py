@@ -1,9 +1,15 @@
+import importlib.util
 import os
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download: they build tiny models or use the shipped ones
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+    # Without a GPU the Triton kernel runs in triton's interpreter. Set here, before any test module is
+    # imported: once some module imports triton's machinery without it (peft does), the interpreter no
+    # longer takes the kernels ("Cannot call @triton.jit'd outside of the scope of a kernel").
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
