@@ -392,3 +392,10 @@ def test_other_architectures_stack_too(kind, targets, mixed, tmp_path):
     got = runner.step(tokens)
     torch.testing.assert_close(got.experts[0], ref_e.step(tokens), atol=1e-4, rtol=0)
     torch.testing.assert_close(got.anti, ref_a.step(tokens), atol=1e-4, rtol=0)
+
+
+def test_a_peft_model_with_a_merged_adapter_is_refused(base, adapter_dirs):
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), adapter_dirs["a"])
+    model.merge_adapter()
+    with pytest.raises(AdapterError, match="merged into its base weights"):
+        stack_adapters(None, [read_adapter(model)], names=["default"])

@@ -414,6 +414,9 @@ def stack_adapters(anti_module: Any, adapters: Sequence[Adapter], names: Optiona
             model = a.peft_model
             break
     base = model.get_base_model() if model is not None else anti_module
+    if model is not None and any(getattr(m, "merged", False) for m in model.modules() if hasattr(m, "lora_A")):
+        raise AdapterError("expert_adapter: the PeftModel has an adapter merged into its base weights, so its base "
+                           "is no longer the anti-expert; unmerge it first (PeftModel.unmerge_adapter())")  # fmt: skip
     if model is not None and anti_module is not None and anti_module is not base and anti_module is not model:
         raise AdapterError("anti_expert: a PeftModel's adapters run over its own base; give that base (or nothing)")
     for a in adapters:
