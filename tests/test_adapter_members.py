@@ -177,3 +177,16 @@ def test_load_adapter_pairs_loads_the_recorded_base(family, tok, tmp_path):
     elsewhere = make_adapter(family["small"], tmp_path / "elsewhere", 9, 4, ("q_proj",), "someone/not-here")
     with pytest.raises(AdapterError, match="anti_expert: not given, and the adapters' recorded base 'someone/not-here'"):
         load_adapter_pairs([elsewhere])
+
+
+def test_load_adapter_pairs_takes_a_peft_models_own_base(family, tok):
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(family["small"]), family["dirs"][0], adapter_name="a")
+    model.load_adapter(family["dirs"][1], adapter_name="b")
+    from proxytune.engine.adapter_members import load_adapter_pairs
+    from proxytune.engine.adapters import read_adapter
+
+    experts, antis = load_adapter_pairs([read_adapter(model, adapter_name="a"), read_adapter(model, adapter_name="b")])
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, weights=[0.5, 1.0])
+    got = ProxyTuner(Ensemble(LocalModel.adopt(family["big"], "base"), experts, antis, tokenizer=tok)).generate(PROMPTS, params)
+    _, two = tuners(family, tok, 2)
+    assert [g.token_ids for g in got] == [w.token_ids for w in two.generate(PROMPTS, params)]

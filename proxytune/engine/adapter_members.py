@@ -264,6 +264,8 @@ def load_adapter_pairs(adapters: Sequence[Any], anti_expert: Any = None, *, dtyp
             for i, a in enumerate(adapters)]  # fmt: skip
     if not read:
         raise AdapterError("expert_adapter: no adapters given")
+    if anti_expert is None and all(a.peft_model is not None for a in read):  # their base is in hand
+        return adapter_pairs(None, read, mixed=mixed, first_pair=first_pair, names=[a.peft_name for a in read])
     if anti_expert is None:
         found = {recorded_base_path(a) for a in read}
         recorded = sorted({str(a.recorded_base) for a in read})
