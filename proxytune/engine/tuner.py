@@ -101,7 +101,7 @@ class ProxyTuner:
         if isinstance(base, Ensemble):
             given = dict(experts=experts, anti_experts=anti_experts, weights=weights, tokenizer=tokenizer, dtype=dtype,
                          device=device, eos_token_ids=eos_token_ids)  # fmt: skip
-            extra = [k for k, v in given.items() if v not in (None, ())]
+            extra = [k for k, v in given.items() if v is not None and not (isinstance(v, (list, tuple)) and not v)]
             if extra:
                 raise ValueError(f"an Ensemble holds the models already; {', '.join(extra)} cannot be given with it")
             self.ensemble = base
