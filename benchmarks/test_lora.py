@@ -8,10 +8,10 @@ of it for ``B`` prompts:
 
 * **two models**: the adapter merged into a copy of the base (``merge_and_unload``) and the base, each a
   ``ModelRunner`` with its own cache: two forwards of ``B`` rows, two copies of the weights;
-* **stacked**: :class:`proxytune.engine.adapters.StackedAdapterRunner`: one forward of ``2B`` rows through one
+* **stacked**: :class:`proxytune.engine.stacked_adapters.StackedAdapterRunner`: one forward of ``2B`` rows through one
   ``PeftModel``, one cache, the adapter applied to the expert's rows either by PEFT's mixed-adapter batch
   (**stacked peft**: ``adapter_names=["expert0"] * B + ["__base__"] * B``, index lists and gathers in every
-  LoRA layer) or by :class:`~proxytune.engine.adapters.GroupSlices` (**stacked slices**: the expert's rows are
+  LoRA layer) or by :class:`~proxytune.engine.stacked_adapters.GroupSlices` (**stacked slices**: the expert's rows are
   one contiguous slice, so each layer adds its low-rank product to a view).
 
 Small models: *tinyworld* (the shipped small base, 0.56M parameters, 2 layers of width 128, vocabulary 1024,
@@ -45,7 +45,8 @@ from conftest import device_name, saving, write_results
 
 peft = pytest.importorskip("peft")
 
-from proxytune.engine.adapters import StackedAdapterRunner, read_adapter, stack_adapters  # noqa: E402
+from proxytune.engine.adapters import read_adapter  # noqa: E402
+from proxytune.engine.stacked_adapters import StackedAdapterRunner, stack_adapters  # noqa: E402
 from proxytune.engine.members import LocalModel  # noqa: E402
 from proxytune.engine.runner import ModelRunner  # noqa: E402
 

@@ -16,14 +16,8 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-from proxytune.engine.adapters import (  # noqa: E402
-    AdapterError,
-    StackedAdapterRunner,
-    check_adapter,
-    read_adapter,
-    stack_adapters,
-    weight_fingerprint,
-)
+from proxytune.engine.adapters import AdapterError, check_adapter, read_adapter, weight_fingerprint  # noqa: E402
+from proxytune.engine.stacked_adapters import StackedAdapterRunner, stack_adapters  # noqa: E402
 from proxytune.engine.members import LocalModel  # noqa: E402
 from proxytune.engine.runner import ModelRunner  # noqa: E402
 

@@ -1,5 +1,5 @@
 """LoRA pairs as ensemble members: each expert (base + adapter) and its anti-expert (the base) are views of one
-stacked forward (:class:`~proxytune.engine.adapters.StackedAdapterRunner`), behind the
+stacked forward (:class:`~proxytune.engine.stacked_adapters.StackedAdapterRunner`), behind the
 :class:`~proxytune.engine.members.Member` interface, so the ensemble, the eager and speculative decoders and
 scoring take them as they are.
 
@@ -27,7 +27,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from proxytune.engine.adapters import Adapter, StackedAdapterRunner, check_adapter, read_adapter, stack_adapters
+from proxytune.engine.adapters import Adapter, check_adapter, read_adapter
+from proxytune.engine.stacked_adapters import StackedAdapterRunner, stack_adapters
 from proxytune.engine.members import Member, logits_width
 from proxytune.engine.runner import position_limit
 
@@ -61,7 +62,7 @@ class _Batch:
 
 
 class AdapterGroup:
-    """The adapters over one small base, as one ``PeftModel`` (:func:`~proxytune.engine.adapters.stack_adapters`),
+    """The adapters over one small base, as one ``PeftModel`` (:func:`~proxytune.engine.stacked_adapters.stack_adapters`),
     and the batch their members' runners share. ``mixed``: :class:`StackedAdapterRunner`'s."""
 
     def __init__(self, peft_model: Any, names: Sequence[str], mixed: str = "auto"):
@@ -231,7 +232,7 @@ def adapter_pairs(anti_module: Any, adapters: Sequence[Any], *, anti_source: Opt
     over ``anti_module`` (named ``anti_source`` by the user, for the base check), every pair one view of a
     single stacked forward. Each adapter is checked against the anti-expert first
     (:func:`~proxytune.engine.adapters.check_adapter`). ``anti_module`` is wrapped in place
-    (:func:`~proxytune.engine.adapters.stack_adapters`): do not use it as a plain model afterwards.
+    (:func:`~proxytune.engine.stacked_adapters.stack_adapters`): do not use it as a plain model afterwards.
     ``first_pair``: the index of the first pair in the ensemble (for the members' names); ``tokenizer``: the
     base's own tokenizer, given to every member (for the ensemble's shared-vocabulary check)."""
     read = [a if isinstance(a, Adapter) else read_adapter(a, f"expert_adapter {first_pair + i}")

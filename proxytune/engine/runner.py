@@ -21,7 +21,7 @@ from proxytune.engine.prompts import position_ids
 if TYPE_CHECKING:
     from proxytune.engine.members import LocalModel
 
-__all__ = ["ModelRunner", "to_device", "cache_argument", "forward_parameters", "position_limit", "text_config"]
+__all__ = ["ModelRunner", "forget_tail", "to_device", "cache_argument", "forward_parameters", "position_limit", "text_config"]
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -58,6 +58,23 @@ def position_limit(module: torch.nn.Module) -> Optional[int]:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+def forget_tail(mask: torch.Tensor, next_pos: torch.Tensor, cache, fed: int, kept: torch.Tensor):
+    """The rollback rule, for every runner: forget all but the first ``kept[r]`` (``[R]`` int64 on the mask's
+    device, ``0 <= kept[r] <= fed``) of the last ``fed`` tokens of each row. Their mask columns become holes (0)
+    and the row's next position moves back; trailing columns no row keeps are cropped from ``cache`` (a
+    transformers cache, cropped in place). Returns the new ``(mask [R, L'], next_pos [R])``. One host sync (the
+    crop length)."""
+    cols = torch.arange(fed, device=mask.device)
+    tail = (cols[None, :] < kept[:, None]).to(mask.dtype)
+    mask = torch.cat([mask[:, :-fed], mask[:, -fed:] * tail], dim=1)
+    next_pos = next_pos - (fed - kept)
+    drop = fed - int(kept.max())
+    if drop > 0:
+        mask = mask[:, :-drop]
+        cache.crop(-drop)  # a negative count removes that many tokens (every transformers release)
+    return mask, next_pos
 
 
 class ModelRunner:
@@ -129,17 +146,8 @@ class ModelRunner:
         tokens of each row: their mask columns become holes (0) and the row's next position moves back, so the
         row attends as if the forgotten tokens were never seen; trailing columns no row keeps are cropped from
         the cache. One host sync (the crop length)."""
-        if fed == 0:
-            return
-        kept = kept.to(self.device)
-        cols = torch.arange(fed, device=self.device)
-        tail = (cols[None, :] < kept[:, None]).to(self.mask.dtype)
-        self.mask = torch.cat([self.mask[:, :-fed], self.mask[:, -fed:] * tail], dim=1)
-        self.next_pos = self.next_pos - (fed - kept)
-        drop = fed - int(kept.max())
-        if drop > 0:
-            self.mask = self.mask[:, :-drop]
-            self.cache.crop(-drop)  # a negative count removes that many tokens (every transformers release)
+        if fed:
+            self.mask, self.next_pos = forget_tail(self.mask, self.next_pos, self.cache, fed, kept.to(self.device))
 
     def _forward(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.module(
