@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["next_logits64", "combine64", "combined64", "logprobs64"]
+__all__ = ["next_logits64", "combine64", "combined64", "logprobs64", "chi2_pvalue"]
 
 
 @torch.no_grad()
@@ -42,3 +42,25 @@ def combined64(models: Sequence, ids, weights: Sequence[float], vocab: Optional[
 def logprobs64(models: Sequence, ids, weights: Sequence[float], vocab: Optional[int] = None) -> torch.Tensor:
     """The proxy-tuned next-token log-probabilities ``[V]`` (float64, temperature 1, no filter) after ``ids``."""
     return combined64(models, ids, weights, vocab).log_softmax(-1)
+
+
+def chi2_pvalue(counts: dict, probs: dict, n: int) -> float:
+    """Chi-square p-value of ``counts`` against ``probs``, cells with expected count < 5 pooled into one (scipy:
+    imported here, so the module loads where scipy is missing, as in the vLLM venv)."""
+    from scipy.stats import chisquare
+
+    obs, exp, pool_o, pool_e = [], [], 0.0, 0.0
+    for cell, p in probs.items():
+        if p * n >= 5:
+            obs.append(counts.get(cell, 0))
+            exp.append(p * n)
+        else:
+            pool_o += counts.get(cell, 0)
+            pool_e += p * n
+    if pool_e == 0 and pool_o > 0:
+        return 0.0  # a cell of probability 0 was drawn
+    if pool_e > 0:
+        obs.append(pool_o)
+        exp.append(pool_e)
+    assert sum(counts.values()) == n and abs(sum(exp) - n) < 1e-6 * n
+    return float(chisquare(obs, exp).pvalue)

@@ -12,8 +12,8 @@ import math
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
+from oracle import chi2_pvalue
 from proxytune.noise import gumbel, stream_seed
 from proxytune.reference import combine_reference, keep_mask_reference
 from proxytune.remote.blocks import (ACCEPT_STREAM, DRAFT_STREAM, RESIDUAL_STREAM, next_block_size,
@@ -159,25 +159,6 @@ def _run_blocks(tables, k, n, *, weight, temperature, top_k, top_p, n_tokens=3, 
             last[j] = out[j][-1]
 
 
-def _chi2_p(counts: dict, probs: dict, n: int) -> float:
-    """Chi-square p-value of ``counts`` against ``probs``, cells with expected count < 5 pooled into one."""
-    obs, exp, pool_o, pool_e = [], [], 0.0, 0.0
-    for cell, p in probs.items():
-        if p * n >= 5:
-            obs.append(counts.get(cell, 0))
-            exp.append(p * n)
-        else:
-            pool_o += counts.get(cell, 0)
-            pool_e += p * n
-    if pool_e == 0 and pool_o > 0:
-        return 0.0  # a cell of probability 0 was drawn
-    if pool_e > 0:
-        obs.append(pool_o)
-        exp.append(pool_e)
-    assert sum(counts.values()) == n and abs(sum(exp) - n) < 1e-6 * n
-    return float(chisquare(obs, exp).pvalue)
-
-
 def _joint(p: torch.Tensor) -> dict:
     return {(x, y, z): float(p[START, x] * p[x, y] * p[y, z]) for x, y, z in itertools.product(range(V), repeat=3)}
 
@@ -199,10 +180,10 @@ def test_blocks_sample_the_target_exactly(cfg):
     for row in out:
         counts[tuple(row)] = counts.get(tuple(row), 0) + 1
     target = _joint(_target(tables, k, **kw))
-    assert _chi2_p(counts, target, N) > 1e-4
+    assert chi2_pvalue(counts, target, N) > 1e-4
     # the control: the draft's own law (the base's q, renormalised: no proxy-tuning) must be rejected
     q = torch.softmax(tables[0], dim=1)
-    assert _chi2_p(counts, _joint(q), N) < 1e-6
+    assert chi2_pvalue(counts, _joint(q), N) < 1e-6
     assert rounds < 3 * 2  # fewer requests than one per token for the slowest row... and bounded
 
 
@@ -285,4 +266,4 @@ def test_a_wrong_residual_is_caught(monkeypatch):
     counts: dict = {}
     for row in out:
         counts[tuple(row)] = counts.get(tuple(row), 0) + 1
-    assert _chi2_p(counts, _joint(_target(tables, k, **kw)), N) < 1e-4
+    assert chi2_pvalue(counts, _joint(_target(tables, k, **kw)), N) < 1e-4

@@ -11,11 +11,10 @@ import itertools
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from proxytune import ProxyTuner
 from proxytune.reference import keep_mask_reference
-from oracle import combine64
+from oracle import chi2_pvalue, combine64
 from tiny_models import tiny_model
 
 V = 6
@@ -52,25 +51,6 @@ def _joint(models, *, weight, temperature, top_k, top_p, draft_after_first=False
     return {(a, b, c): float(p1[a] * p2[a, b] * p3[i, c]) for i, (a, b) in enumerate(pairs) for c in range(V)}
 
 
-def _chi2_p(counts: dict, probs: dict, n: int) -> float:
-    """Chi-square p-value of ``counts`` against ``probs``, cells with expected count < 5 pooled into one."""
-    obs, exp, pool_o, pool_e = [], [], 0.0, 0.0
-    for cell, p in probs.items():
-        if p * n >= 5:
-            obs.append(counts.get(cell, 0))
-            exp.append(p * n)
-        else:
-            pool_o += counts.get(cell, 0)
-            pool_e += p * n
-    if pool_e == 0 and pool_o > 0:
-        return 0.0  # a cell of probability 0 was drawn
-    if pool_e > 0:
-        obs.append(pool_o)
-        exp.append(pool_e)
-    assert sum(counts.values()) == n and abs(sum(exp) - n) < 1e-6 * n
-    return float(chisquare(obs, exp).pvalue)
-
-
 CONFIGS = [  # (weight, temperature, top_k, top_p)
     (1.0, 1.0, 0, 1.0),  # no filter
     (0.5, 1.0, 0, 0.8),  # top-p: drafts outside the target's nucleus are forbidden
@@ -96,6 +76,6 @@ def test_speculative_first_tokens_follow_the_exact_distribution(trio, tok):
         counts: dict = {}
         for g in gens[c * N : (c + 1) * N]:
             counts[tuple(g.token_ids[:3])] = counts.get(tuple(g.token_ids[:3]), 0) + 1
-        assert _chi2_p(counts, _joint(trio, **kw), N) > 1e-3, CONFIGS[c]
+        assert chi2_pvalue(counts, _joint(trio, **kw), N) > 1e-3, CONFIGS[c]
         # the control: the same frequencies are far from what the drafts alone would give
-        assert _chi2_p(counts, _joint(trio, **kw, draft_after_first=True), N) < 1e-6, CONFIGS[c]
+        assert chi2_pvalue(counts, _joint(trio, **kw, draft_after_first=True), N) < 1e-6, CONFIGS[c]
