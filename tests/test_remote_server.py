@@ -16,8 +16,6 @@ import importlib.util
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -27,6 +25,7 @@ if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("httpx")
 
 import torch  # noqa: E402
 from tiny_models import save_tiny, tiny_tokenizer  # noqa: E402
+from vllm_server import start_server, stop_server  # noqa: E402
 
 from proxytune.remote.blocks import next_block_size, server_draft_seed, verify_block  # noqa: E402
 from proxytune.remote.client import CompletionsClient, RemoteError  # noqa: E402
@@ -34,7 +33,6 @@ from proxytune.remote.rows import dense_rows  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
-START_TIMEOUT_S = 300  # the server's own start: about 30-60 s on 2 busy cores
 REQUEST_TIMEOUT_S = 60
 V = 320
 WEIGHT = 0.3
@@ -47,66 +45,9 @@ FAMILY = {  # head_dim 32 (vLLM's CPU attention takes 32, 64, ...), as tests/tes
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _log_tail(path, n: int = 40) -> str:
-    try:
-        return "\n".join(open(path, errors="replace").read().splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-def _stop(proc) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-    try:  # the engine-core process it started, should it outlive the server (same process group, its PID)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def _start(model_dir, root, name="base", extra=()):
-    """``(proc, url, seconds to /health)`` of a vLLM OpenAI server for ``model_dir`` on a free loopback port."""
-    import urllib.request
-
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users run it: engine core in its own process
-    log = root / f"server-{port}.log"
-    cmd = [sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-           "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4", "--max-num-batched-tokens", "256",
-           "--max-logprobs", "-1", "--seed", "0", *extra]  # fmt: skip
-    t0 = time.monotonic()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = t0 + START_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{_log_tail(log)}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        return proc, url, time.monotonic() - t0
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer /health within {START_TIMEOUT_S} s:\n{_log_tail(log)}")
-            time.sleep(1)
-    except BaseException:
-        _stop(proc)
-        raise
+    """A server for the remote client: every log-probability allowed (``--max-logprobs -1``), seeded."""
+    return start_server(model_dir, root, name, ["--max-logprobs", "-1", "--seed", "0", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +64,7 @@ def server(family, tmp_path_factory):
     try:
         yield url
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +309,7 @@ def test_the_server_killed_mid_generation_is_one_clear_error(family, tmp_path_fa
         msg = str(e.value)
         assert msg.startswith(f"{url}/v1/completions: a completion failed after 3 attempts: ") and "\n" not in msg
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 # -- sampled blocks from the real server: exact in distribution ----------------------------------------------
@@ -400,7 +341,7 @@ def small(tmp_path_factory):
         with CompletionsClient(url, model="base", timeout=REQUEST_TIMEOUT_S, max_retries=1, max_concurrency=4) as c:
             yield c, {n: AutoModelForCausalLM.from_pretrained(root / n, dtype=torch.float32).eval() for n in models}
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 def _small_tables(models, weight):

@@ -6,11 +6,6 @@ concurrent requests. The server runs on 127.0.0.1 (a free port), started here an
 """
 
 import importlib.util
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,26 +15,13 @@ if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("openai"
     pytest.skip("vLLM or openai is not installed (build the venv with scripts/vllm_venv.sh)", allow_module_level=True)
 
 from test_vllm import combined_logprobs, make_dir, save_family  # noqa: E402
+from vllm_server import start_server, stop_server  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
-START_TIMEOUT_S = 300  # the server's own start: about 30-60 s on 2 busy cores
 REQUEST_TIMEOUT_S = 120
 WEIGHT = 0.5
 PROMPTS = ["hello world", "the quick brown fox jumps over", "a", "proxy tuning steers a large model with"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _log_tail(path, n: int = 40) -> str:
-    try:
-        return "\n".join(open(path, errors="replace").read().splitlines()[-n:])
-    except OSError:
-        return "(no log)"
 
 
 @pytest.fixture(scope="module")
@@ -50,48 +32,13 @@ def family(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(family, tmp_path_factory):
     """``(base_url, model directory)`` of a running server; stopped (SIGTERM, then SIGKILL) after the module."""
-    import urllib.request
-
     root = tmp_path_factory.mktemp("vllm_server")
     model_dir = make_dir(root / "pt", family["base"], [(family["expert"], family["anti"], WEIGHT)])
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users run it: engine core in its own process
-    log = root / "server.log"
-    cmd = [sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-           "--served-model-name", "proxy", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4", "--max-num-batched-tokens", "256",
-           "--max-logprobs", "5"]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url, _ = start_server(model_dir, root, "proxy", ["--max-logprobs", "5"])
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{_log_tail(log)}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer /health within {START_TIMEOUT_S} s:\n{_log_tail(log)}")
-            time.sleep(2)
         yield url, model_dir
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
-        try:  # the engine-core process it started, should it outlive the server (same process group, its PID)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
