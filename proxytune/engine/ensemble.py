@@ -11,8 +11,10 @@ every rule about the models lives here, once:
 * each member's prompt ids (:meth:`Ensemble.prompt_ids`) and the position room they leave
   (:meth:`Ensemble.room`, :func:`common_position_limit`).
 
-Members are :class:`~proxytune.engine.members.Member` s (today :class:`~proxytune.engine.members.LocalModel`);
-a new kind of member is a new member class, not a new path through the engine.
+Members are :class:`~proxytune.engine.members.Member` s (:class:`~proxytune.engine.members.LocalModel`, a
+served base :class:`~proxytune.engine.remote_base.RemoteModel`, LoRA pairs); a new kind of member is a new
+member class, not a new path through the engine. Each member joins once the shared vocabulary is known
+(:meth:`~proxytune.engine.members.Member.join`: a served base checks its server there).
 """
 
 from __future__ import annotations
@@ -92,14 +94,17 @@ class Ensemble:
         self.weights = [1.0] * self.n_pairs if weights is None else check_weights(weights, self.n_pairs)
         self.base, self.experts, self.anti_experts = base, experts, anti_experts
         self.members: list[Member] = in_order(base, experts, anti_experts)
-        self.device = base.device
+        # sampling runs on the base's device; a served base has none of its own: the first local member's
+        self.device = next((m.device for m in self.members if m.device is not None), torch.device("cpu"))
         if tokenizer is None:
             tokenizer = next((m.tokenizer for m in self.members if m.tokenizer is not None), None)
         if tokenizer is None:
             raise ValueError("no tokenizer: pass tokenizer=..., or load the base from a directory that has one")
         self.tokenizer = tokenizer
-        self.vocab_size = common_vocab_size(tokenizer, [m.width for m in self.members])
+        self.vocab_size = common_vocab_size(tokenizer, [m.width for m in self.members if m.width is not None])
         check_same_tokens(("the shared tokenizer", tokenizer), [(m.name, m.tokenizer) for m in self.members], self.vocab_size)
+        for m in self.members:
+            m.join(tokenizer, self.vocab_size, self.device)
         self.eos_token_ids = frozenset(self._eos(eos_token_ids))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_token_id = int(pad) if pad is not None else 0
@@ -122,17 +127,19 @@ class Ensemble:
             check_weights(weights, len(experts))
         check_bool(trust_remote_code, "trust_remote_code")
         dtype, device = parse_dtype(dtype), check_device(device, "device")
-        specs = [s if isinstance(s, ModelSpec) else ModelSpec(s) for s in in_order(base, experts, anti_experts)]
+        specs = [s if isinstance(s, (ModelSpec, Member)) else ModelSpec(s) for s in in_order(base, experts, anti_experts)]
         named = list(zip(role_names(len(experts)), specs))
         for name, spec in named:
-            check_spec(spec, name)
+            if not isinstance(spec, Member):
+                check_spec(spec, name)
         if isinstance(tokenizer, (str, os.PathLike)):  # before the models: a bad path fails at once
             tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         if progress and len(named) > 1:
             from tqdm.auto import tqdm
 
             named = tqdm(named, desc="loading models", unit="model", leave=False)
-        members = [load_model(spec, name, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+        members = [spec if isinstance(spec, Member) else  # a member made by the caller (a served base) as it is
+                   load_model(spec, name, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                               progress=progress) for name, spec in named]  # fmt: skip
         b, e, a = split_roles(members, len(experts))
         return cls(b, e, a, weights=weights, tokenizer=tokenizer, eos_token_ids=eos_token_ids)

@@ -4,9 +4,10 @@
 The interface (:class:`Member`) is all the engine reads of a model outside its own runner:
 
 * ``name`` (``"base"``, ``"expert 0"``, ``"anti-expert 0"``, ... for messages) and ``source`` (where it came from);
-* ``device``: where its logits land (sampling runs on the base's);
+* ``device``: where its logits land (sampling runs on the base's; a served base: the first local member's);
+* :meth:`Member.join`: told the shared tokenizer, vocabulary and device once the ensemble knows them;
 * ``width``: how many logits columns it produces (the common vocabulary is the smallest width and the
-  tokenizer's length);
+  tokenizer's length; None: as wide as the common vocabulary, a served base's rows);
 * ``tokenizer``: its own tokenizer for the shared-vocabulary check and its chat template, or None;
 * ``template``: a :class:`~proxytune.engine.prompts.PromptTemplate` or None, and :meth:`Member.template_ids`,
   its prefix and suffix ids;
@@ -58,6 +59,10 @@ class Member:
         if self.template is None:
             return None
         return self.template.token_ids(self.tokenizer or shared_tokenizer, self.name)
+
+    def join(self, tokenizer: Any, vocab_size: int, device: torch.device) -> None:
+        """Called once by the ensemble with the shared tokenizer, the common vocabulary and the sampling
+        device (a served base checks its server here); nothing by default."""
 
     def runner(self, use_cache: bool = True) -> ModelRunner:
         raise NotImplementedError(f"{type(self).__name__} cannot run a batch")

@@ -9,6 +9,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 
 from proxytune._rules import check_batch_size
+from proxytune.engine.base_draft_decoder import BaseDraftDecoder
 from proxytune.engine.decoder_pool import DecoderPool, DecoderStats
 from proxytune.engine.eager_decoder import EagerDecoder
 from proxytune.engine.ensemble import Ensemble
@@ -381,6 +382,9 @@ class ProxyTuner:
         if use_cache and speculative > 0:
             decoder = SpeculativeDecoder(runners, state, tokens, budgets=[r.budget - 1 for r in rows],
                                          draft_tokens=speculative, adaptive=self.speculative_adaptive, **kw)  # fmt: skip
+        elif use_cache and getattr(self.base, "drafts_blocks", False):  # a served base drafts, the small models verify
+            decoder = BaseDraftDecoder(runners, state, tokens, budgets=[r.budget - 1 for r in rows],
+                                       block=self.base.block, **kw)  # fmt: skip
         elif not use_cache or self.decode == "eager":
             decoder = EagerDecoder(runners, state, tokens, **kw)
         else:

@@ -243,6 +243,17 @@ class CompletionsClient:
     def _model(self) -> str:
         return self.model if self.model is not None else self.check_model()
 
+    def max_model_len(self) -> Optional[int]:
+        """The most positions (prompt and generated tokens) the served model takes, as ``/v1/models`` lists it
+        (vLLM's ``max_model_len``); None where the server does not say."""
+        name = self._model()
+        data = self._request("GET", "/v1/models", "listing the served models")
+        for m in (data or {}).get("data") or []:
+            value = m.get("max_model_len") if isinstance(m, dict) and m.get("id") == name else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
     def tokenize(self, text: str, add_special_tokens: bool = True) -> Optional[list[int]]:
         """The server's token ids for ``text`` (vLLM's ``POST /tokenize``); None where the server has no such
         endpoint (404)."""
@@ -278,13 +289,18 @@ class CompletionsClient:
         return self._parse_completion(self._request("POST", "/v1/completions", "a completion", body), logprobs)
 
     def complete_many(self, requests: Sequence[dict]) -> list[Completion]:
-        """:meth:`complete` for each dict of keyword arguments, concurrently (at most ``max_concurrency``
-        requests in flight); results in order. The first failure is raised after the others end."""
-        if len(requests) <= 1:
-            return [self.complete(**r) for r in requests]
+        """:meth:`complete` for each dict of keyword arguments, concurrently (:meth:`map`); results in order."""
+        return self.map(lambda r: self.complete(**r), requests)
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list:
+        """``[fn(x) for x in items]``, concurrently (at most ``max_concurrency`` in flight; ``fn`` makes requests
+        with this client); results in order. The first failure is raised after the others end."""
+        items = list(items)
+        if len(items) <= 1:
+            return [fn(x) for x in items]
         self._model()
-        with ThreadPoolExecutor(min(len(requests), self.max_concurrency), thread_name_prefix="proxytune-remote") as pool:
-            futures = [pool.submit(self.complete, **r) for r in requests]
+        with ThreadPoolExecutor(min(len(items), self.max_concurrency), thread_name_prefix="proxytune-remote") as pool:
+            futures = [pool.submit(fn, x) for x in items]
             return [f.result() for f in futures]
 
     def _parse_completion(self, data: dict, k: Optional[int]) -> Completion:
@@ -308,34 +324,57 @@ class CompletionsClient:
                               f"{len(tops)} top-k lists", url=endpoint)  # fmt: skip
         return Completion(tokens=tokens, logprobs=logprobs, top=tops, finish_reason=choice.get("finish_reason"))
 
+    def next_tops(self, ids: Sequence[int], count: int, *, logprobs: int = 20) -> list[dict[int, float]]:
+        """The top-``logprobs`` sets (``-1``: the whole vocabulary) of the next-token distributions after each
+        of the last ``count`` positions of ``ids`` (``1 <= count <= len(ids)``), in one request: the last one
+        from a generated token's top-k (greedy, its draw unused), the earlier ones from vLLM's
+        ``prompt_logprobs`` (the next given token removed where listed beyond the top k, as for a draw). For a
+        row's logits at its last ``count`` positions: speculative verification and scoring."""
+        if not 1 <= count <= len(ids):
+            raise ValueError(f"count must be in [1, {len(ids)}], got {count}")
+        extra = {"ignore_eos": True}
+        if count > 1:
+            extra["prompt_logprobs"] = int(logprobs)
+        body = self._body(list(ids), 1, logprobs, 0.0, None, extra)
+        data = self._request("POST", "/v1/completions", "a completion with prompt log-probs", body)
+        last = self._parse_completion(data, logprobs).top[0]
+        if count == 1:
+            return [last]
+        given = list(ids)[len(ids) - count + 1 :]
+        return [top for _, top in self._prompt_tops(data, len(ids), len(ids) - count + 1, given, int(logprobs))] + [last]
+
+    def _prompt_tops(self, data: dict, n_ids: int, first: int, given: Sequence[int], k: int):
+        """``(log-prob of the given token, top-k without it)`` at prompt positions ``first ..`` of an answer
+        with ``prompt_logprobs`` over ``n_ids`` prompt tokens."""
+        endpoint = self.url + "/v1/completions"
+        try:
+            plp = data["choices"][0].get("prompt_logprobs")
+        except (KeyError, IndexError, TypeError) as e:
+            raise RemoteError(f"{endpoint}: unexpected answer ({e!r})", url=endpoint) from e
+        if not isinstance(plp, list) or len(plp) != n_ids:
+            raise RemoteError(f"{endpoint}: the server gave no prompt_logprobs for {n_ids} prompt tokens, so it "
+                              "cannot score given tokens (vLLM can)", url=endpoint)  # fmt: skip
+        out = []
+        for pos, tok in zip(range(first, n_ids), given):
+            top = {}
+            for key, v in (plp[pos] or {}).items():
+                top[parse_token_key(key, endpoint)] = _logprob(v["logprob"] if isinstance(v, dict) else v)
+            if tok not in top:
+                raise RemoteError(f"{endpoint}: position {pos} lacks the given token {tok}", url=endpoint)
+            out.append((top[tok], _strip_extra(top, tok, k)))
+        return out
+
     def score(self, prompt_ids: Sequence[int], given_ids: Sequence[int], *, logprobs: int = 20) -> Scored:
         """The log-prob and the top ``logprobs`` of each of ``given_ids`` after ``prompt_ids`` (vLLM's
         ``prompt_logprobs``, which skips its prefix cache); one generated token is asked for and ignored.
         A server without ``prompt_logprobs`` gives a :class:`RemoteError`."""
         if not given_ids:
             return Scored(logprobs=[], top=[])
-        endpoint = self.url + "/v1/completions"
         ids = list(prompt_ids) + list(given_ids)
         body = self._body(ids, 1, None, 0.0, None, {"prompt_logprobs": int(logprobs)})
         data = self._request("POST", "/v1/completions", "scoring given tokens", body)
-        try:
-            plp = data["choices"][0].get("prompt_logprobs")
-        except (KeyError, IndexError, TypeError) as e:
-            raise RemoteError(f"{endpoint}: unexpected scoring answer ({e!r})", url=endpoint) from e
-        if not isinstance(plp, list) or len(plp) != len(ids):
-            raise RemoteError(f"{endpoint}: the server gave no prompt_logprobs for {len(ids)} prompt tokens, so it "
-                              "cannot score given tokens (vLLM can)", url=endpoint)  # fmt: skip
-        out = Scored(logprobs=[], top=[])
-        for pos, given in zip(range(len(prompt_ids), len(ids)), given_ids):
-            entries = plp[pos] or {}
-            top = {}
-            for key, v in entries.items():
-                top[parse_token_key(key, endpoint)] = _logprob(v["logprob"] if isinstance(v, dict) else v)
-            if given not in top:
-                raise RemoteError(f"{endpoint}: position {pos} lacks the given token {given}", url=endpoint)
-            out.logprobs.append(top[given])
-            out.top.append(_strip_extra(top, given, int(logprobs)))
-        return out
+        pairs = self._prompt_tops(data, len(ids), len(prompt_ids), list(given_ids), int(logprobs))
+        return Scored(logprobs=[lp for lp, _ in pairs], top=[top for _, top in pairs])
 
 
 PROBE_TEXTS = ("Hello, world! The quick brown fox jumps over the lazy dog.", " 12345 naïve café ∑ 日本語 🙂\n\tend")

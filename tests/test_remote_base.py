@@ -1,0 +1,227 @@
+"""A served base as an ensemble member (``proxytune.engine.remote_base``, ``base_draft_decoder``) against an
+in-process fake of vLLM's completions server backed by a tiny local model (tests/fake_completions.py): the
+whole vocabulary equals local proxy-tuning; top-k ``drop`` equals an independent loop; blocks equal one
+request per token for greedy rows in fewer requests and are exact in distribution for sampled rows; scoring;
+speculative decoding with the served base verifying; bad input. The real vLLM server: tests/test_remote_server.py."""
+
+import math
+import socket
+import time
+
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+
+from fake_completions import FakeCompletions  # noqa: E402
+from oracle import chi2_pvalue  # noqa: E402
+from proxytune import Ensemble, ProxyTuner, SamplingParams  # noqa: E402
+from proxytune.engine.members import LocalModel  # noqa: E402
+from proxytune.engine.remote_base import RemoteModel  # noqa: E402
+from proxytune.remote.client import RemoteError, RemoteUnreachable  # noqa: E402
+from proxytune.remote.rows import dense_rows  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+URL = "http://served.test:8000"
+PROMPTS = ["the cat sat on", "a dog and a", "one two three four five"]
+
+
+@pytest.fixture(scope="module")
+def llama(trios):
+    return trios["llama"]
+
+
+def _ensemble(llama, tok, weight=1.0, **remote):
+    base, expert, anti = llama
+    fake = FakeCompletions(base, tok, max_logprobs=-1)
+    member = RemoteModel(URL, logprobs=remote.pop("logprobs", 20), transport=fake.transport(), **remote)
+    e, a = LocalModel.adopt(expert, "expert 0"), LocalModel.adopt(anti, "anti-expert 0")
+    return Ensemble(member, [e], [a], weights=[weight], tokenizer=tok), fake
+
+
+def _local(llama, tok, weight=1.0):
+    return ProxyTuner(Ensemble.of_modules(*llama[:1], [llama[1]], [llama[2]], weights=[weight], tokenizer=tok))
+
+
+def ids(gens):
+    return [g.token_ids for g in gens]
+
+
+@pytest.mark.parametrize("block", [1, 3, "adaptive"])
+def test_the_whole_vocabulary_equals_local_proxy_tuning(llama, tok, block):
+    ens, fake = _ensemble(llama, tok, weight=0.8, logprobs="all", block=block)
+    remote = ProxyTuner(ens).generate(PROMPTS, max_new_tokens=12, temperature=0.0)
+    local = _local(llama, tok, 0.8).generate(PROMPTS, max_new_tokens=12, temperature=0.0)
+    assert ids(remote) == ids(local)
+    assert all(g.finish_reason == "length" and len(g.token_ids) == 12 for g in remote)
+
+
+def _independent_drop_loop(llama, tok, prompt, n, k, weight):
+    """One token per step: the base's top-k log-probs as a drop row plus weight * (expert - anti), argmax."""
+    base, expert, anti = llama
+    seq = tok(prompt).input_ids
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.tensor([seq])
+            lp = torch.log_softmax(base(x).logits[0, -1].float(), -1)
+            top = dict(zip(lp.topk(k).indices.tolist(), lp.topk(k).values.tolist()))
+            row = dense_rows([top], lp.shape[0], "drop")[0]
+            s = row + weight * (expert(x).logits[0, -1] - anti(x).logits[0, -1])
+            t = int(s.argmax())
+            out.append(t)
+            seq.append(t)
+    return out
+
+
+def test_top_k_drop_equals_an_independent_loop_and_blocks_need_fewer_requests(llama, tok):
+    k, n, w = 5, 16, 1.5
+    want = [_independent_drop_loop(llama, tok, p, n, k, w) for p in PROMPTS]
+    single, fake1 = _ensemble(llama, tok, weight=w, logprobs=k, block=1)
+    blocks, fake4 = _ensemble(llama, tok, weight=w, logprobs=k, block=4)
+    assert ids(ProxyTuner(single).generate(PROMPTS, max_new_tokens=n, temperature=0.0)) == want
+    assert ids(ProxyTuner(blocks).generate(PROMPTS, max_new_tokens=n, temperature=0.0)) == want
+    assert len(fake1.log) == len(PROMPTS) * n  # one request per token (the first from the prefill)
+    assert len(fake4.log) < len(fake1.log)
+    assert all(body["logprobs"] == k and body.get("ignore_eos") for body in fake4.log)
+    assert max(body["max_tokens"] for body in fake4.log) == 4
+
+
+def test_floor_gives_tokens_the_base_ranks_low_a_chance(llama, tok):
+    """Under floor an expert can promote a token outside the top k; under drop it cannot."""
+    big = 40.0
+    drop, _ = _ensemble(llama, tok, weight=big, logprobs=2, tail="drop")
+    floor, _ = _ensemble(llama, tok, weight=big, logprobs=2, tail="floor")
+    assert floor.base.block == 1
+    base, expert, anti = llama
+    x = tok(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        top2 = set(base(x).logits[0, -1].topk(2).indices.tolist())
+        shift = int((expert(x).logits[0, -1] - anti(x).logits[0, -1]).argmax())
+    first_drop = ProxyTuner(drop).generate(PROMPTS[0], max_new_tokens=1, temperature=0.0).token_ids[0]
+    first_floor = ProxyTuner(floor).generate(PROMPTS[0], max_new_tokens=1, temperature=0.0).token_ids[0]
+    assert first_drop in top2
+    if shift not in top2:
+        assert first_floor not in top2
+
+
+def test_a_seeded_run_repeats_and_stays_in_the_vocabulary(llama, tok):
+    ens, fake = _ensemble(llama, tok, logprobs=20, block="adaptive")
+    tuner = ProxyTuner(ens)
+    a = tuner.generate(PROMPTS, max_new_tokens=10, temperature=0.9, top_p=0.95, seed=7, return_logprobs=True)
+    b = tuner.generate(PROMPTS, max_new_tokens=10, temperature=0.9, top_p=0.95, seed=7, return_logprobs=True)
+    assert ids(a) == ids(b) and [g.logprobs for g in a] == [g.logprobs for g in b]
+    assert all(0 <= t < ens.vocab_size for g in a for t in g.token_ids)
+    assert all(math.isfinite(x) and x <= 0 for g in a for x in g.logprobs)
+    c = tuner.generate(PROMPTS, max_new_tokens=10, temperature=0.9, top_p=0.95, seed=8)
+    assert ids(c) != ids(a)
+    seeds = {body.get("seed") for body in fake.log if body["temperature"] == 1.0}
+    assert len(seeds) > len(PROMPTS)  # a fresh server seed per draft request
+
+
+N_ROWS = 600
+
+
+def _joint_target(llama, tok, prompt, weight, k):
+    """The exact joint law of the first two tokens under the top-k drop target: ``{(a, b): p}``."""
+    base, expert, anti = llama
+    seq = tok(prompt).input_ids
+
+    def p_next(prefix):
+        x = torch.tensor(prefix)
+        with torch.no_grad():
+            lp = torch.log_softmax(base(x).logits[:, -1].double(), -1)
+            s = lp + weight * (expert(x).logits[:, -1].double() - anti(x).logits[:, -1].double())
+        keep = torch.zeros_like(lp, dtype=torch.bool).scatter(1, lp.topk(k, dim=1).indices, True)
+        return torch.softmax(torch.where(keep, s, float("-inf")), -1)
+
+    p1 = p_next([seq])[0]
+    firsts = p1.nonzero()[:, 0].tolist()
+    p2 = p_next([seq + [a] for a in firsts])
+    return {(a, b): float(p1[a] * p2[i, b]) for i, a in enumerate(firsts) for b in p2[i].nonzero()[:, 0].tolist()}
+
+
+def test_sampled_blocks_are_exact_in_distribution(llama, tok):
+    """N_ROWS seeded rows of one prompt draw two tokens with base-drafted blocks (block 2: the second token
+    comes from a server draft verified by the local pair); their joint law is the top-k drop target's
+    (chi-square), and the base's own law is rejected (the control that must fail)."""
+    k, w = 3, 1.0
+    ens, _ = _ensemble(llama, tok, weight=w, logprobs=k, block=2)
+    params = [SamplingParams(max_new_tokens=2, temperature=1.0, seed=s) for s in range(N_ROWS)]
+    gens = ProxyTuner(ens).generate([PROMPTS[0]] * N_ROWS, params)
+    counts = {}
+    for g in gens:
+        counts[tuple(g.token_ids)] = counts.get(tuple(g.token_ids), 0) + 1
+    assert chi2_pvalue(counts, _joint_target(llama, tok, PROMPTS[0], w, k), N_ROWS) > 1e-3
+    assert chi2_pvalue(counts, _joint_target(llama, tok, PROMPTS[0], 0.0, k), N_ROWS) < 1e-6  # the control
+
+
+def test_speculative_decoding_with_a_served_verifier(llama, tok):
+    """The expert drafts, the served base verifies a whole block in one request (prompt_logprobs)."""
+    ens, fake = _ensemble(llama, tok, weight=0.8, logprobs="all", block=1)
+    got = ProxyTuner(ens, speculative_tokens=3).generate(PROMPTS, max_new_tokens=12, temperature=0.0)
+    assert ids(got) == ids(_local(llama, tok, 0.8).generate(PROMPTS, max_new_tokens=12, temperature=0.0))
+    assert any("prompt_logprobs" in body for body in fake.log)
+
+
+def test_score_equals_local_with_the_whole_vocabulary(llama, tok):
+    ens, _ = _ensemble(llama, tok, weight=0.8, logprobs="all")
+    conts = [" mat", " cat and", " six"]
+    remote = ProxyTuner(ens).score(PROMPTS, conts)
+    local = _local(llama, tok, 0.8).score(PROMPTS, conts)
+    for r, l in zip(remote, local):
+        assert r.token_ids == l.token_ids
+        assert r.logprob == pytest.approx(l.logprob, abs=1e-3)
+        assert r.is_greedy == l.is_greedy
+        assert r.token_logprobs == pytest.approx(l.token_logprobs, abs=1e-4)
+
+
+def test_static_decoding_is_refused_and_auto_is_eager(llama, tok):
+    ens, _ = _ensemble(llama, tok)
+    assert ProxyTuner(ens).decode == "eager"
+    with pytest.raises(ValueError, match="base is not a local model"):
+        ProxyTuner(ens, decode="static")
+
+
+def test_bad_arguments_are_named(llama, tok):
+    for kw, msg in [(dict(logprobs=0), "logprobs must be"), (dict(logprobs="some"), "logprobs must be"),
+                    (dict(tail="high"), "tail must be"), (dict(block=0), "block must be"),
+                    (dict(tail="floor", block=4), "tail='floor'")]:  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            RemoteModel(URL, **kw)
+    with pytest.raises(ValueError, match="url must start"):
+        RemoteModel("served.test:8000")
+
+
+def test_the_servers_refusals_are_named(llama, tok):
+    base, expert, anti = llama
+    fake = FakeCompletions(base, tok, max_logprobs=20)
+    e, a = LocalModel.adopt(expert, "expert 0"), LocalModel.adopt(anti, "anti-expert 0")
+    with pytest.raises(RemoteError, match="does not serve the model 'other'; it serves: base"):
+        Ensemble(RemoteModel(URL, "other", transport=fake.transport()), [e], [a], tokenizer=tok)
+    ens = Ensemble(RemoteModel(URL, logprobs=50, transport=fake.transport()), [e], [a], tokenizer=tok)
+    with pytest.raises(RemoteError, match="greater than max allowed: 20"):
+        ProxyTuner(ens).generate(PROMPTS[0], max_new_tokens=2)
+
+
+def test_another_tokenizer_is_refused_before_generating(llama, tok):
+    from tiny_models import tiny_tokenizer
+
+    base, expert, anti = llama
+    other = tiny_tokenizer(vocab_size=300, corpus=["zebra quartz " * 20, "xylophone jam " * 20])
+    fake = FakeCompletions(base, other)
+    e, a = LocalModel.adopt(expert, "expert 0"), LocalModel.adopt(anti, "anti-expert 0")
+    with pytest.raises(RemoteError, match="needs the same tokenizer"):
+        Ensemble(RemoteModel(URL, transport=fake.transport()), [e], [a], tokenizer=tok)
+    assert fake.log == []  # refused before any completion
+
+
+def test_a_dead_url_is_one_clear_error_within_seconds(llama, tok):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    e, a = LocalModel.adopt(llama[1], "expert 0"), LocalModel.adopt(llama[2], "anti-expert 0")
+    t0 = time.monotonic()
+    with pytest.raises(RemoteUnreachable, match=f"127.0.0.1:{port}.*cannot connect"):
+        Ensemble(RemoteModel(f"http://127.0.0.1:{port}", max_retries=1, timeout=5), [e], [a], tokenizer=tok)
+    assert time.monotonic() - t0 < 10
