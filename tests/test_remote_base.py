@@ -186,7 +186,7 @@ def test_static_decoding_is_refused_and_auto_is_eager(llama, tok):
 def test_bad_arguments_are_named(llama, tok):
     for kw, msg in [(dict(logprobs=0), "logprobs must be"), (dict(logprobs="some"), "logprobs must be"),
                     (dict(tail="high"), "tail must be"), (dict(block=0), "block must be"),
-                    (dict(tail="floor", block=4), "tail='floor'")]:  # fmt: skip
+                    (dict(tail="floor", block=4), "block=4 with tail=floor")]:  # fmt: skip
         with pytest.raises(ValueError, match=msg):
             RemoteModel(URL, **kw)
     with pytest.raises(ValueError, match="url must start"):

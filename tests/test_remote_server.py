@@ -416,3 +416,74 @@ def test_sampled_blocks_from_the_server_are_exact_in_distribution(small):
           f"{p_control:.3g} (the base's own law)")  # fmt: skip
     assert p_target > 1e-4
     assert p_control < 1e-6
+
+
+# -- the served base as an ensemble member: ProxyTuner, the CLI ---------------------------------------------
+
+
+def _served_tuner(server, hf, weight=WEIGHT, **remote):
+    from proxytune import Ensemble, ProxyTuner
+    from proxytune.engine.members import LocalModel
+    from proxytune.engine.remote_base import RemoteModel
+
+    models, tok = hf
+    member = RemoteModel(server, timeout=REQUEST_TIMEOUT_S, max_retries=1, **remote)
+    pair = [LocalModel.adopt(models["expert"], "expert 0")], [LocalModel.adopt(models["anti"], "anti-expert 0")]
+    return ProxyTuner(Ensemble(member, *pair, weights=[weight], tokenizer=tok)), member
+
+
+def _local_tuner(hf, weight=WEIGHT):
+    from proxytune import Ensemble, ProxyTuner
+
+    models, tok = hf
+    return ProxyTuner(Ensemble.of_modules(models["base"], [models["expert"]], [models["anti"]], weights=[weight],
+                                          tokenizer=tok))  # fmt: skip
+
+
+@pytest.mark.parametrize("block", [1, "adaptive"])
+def test_a_served_base_with_the_whole_vocabulary_equals_local_proxy_tuning(server, hf, block):
+    """ProxyTuner over the real server with logprobs=all: the greedy ids of the local ProxyTuner; blocks in
+    fewer requests than tokens."""
+    tuner, member = _served_tuner(server, hf, logprobs="all", block=block)
+    assert member.tokenizer_checked is True and member.position_limit == 256
+    before = member.client.requests
+    got = tuner.generate(PROMPTS, max_new_tokens=16, temperature=0.0)
+    requests = member.client.requests - before
+    want = _local_tuner(hf).generate(PROMPTS, max_new_tokens=16, temperature=0.0)
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    tokens = sum(len(g.token_ids) for g in got)
+    print(f"\nblock={block}: {requests} requests for {tokens} tokens")
+    assert requests == tokens if block == 1 else requests < tokens
+
+
+def test_a_served_base_verifies_expert_drafts_and_scores(server, hf):
+    """Speculative decoding with the served base verifying a block per request (prompt_logprobs) and
+    ``score``: the local ProxyTuner's ids and log-likelihoods (logprobs=all)."""
+    tuner, _ = _served_tuner(server, hf, logprobs="all", block=1)
+    local = _local_tuner(hf)
+    got = tuner.generate(PROMPTS, max_new_tokens=12, temperature=0.0, speculative_tokens=3)
+    assert [g.token_ids for g in got] == [g.token_ids for g in local.generate(PROMPTS, max_new_tokens=12, temperature=0.0)]
+    conts = [" the end", " over it", " b", " its small"]
+    for r, l in zip(tuner.score(PROMPTS, conts), local.score(PROMPTS, conts)):
+        assert r.token_ids == l.token_ids and r.is_greedy == l.is_greedy
+        assert r.token_logprobs == pytest.approx(l.token_logprobs, abs=2e-3)
+
+
+def test_the_cli_generates_with_a_served_base(server, family, capsys):
+    """``proxytune generate --base-url``: the JSON lines of ``--base`` with the same model, for logprobs all."""
+    import json
+
+    from proxytune.cli import main
+
+    common = ["--expert", family["expert"], "--anti-expert", family["anti"], "--alpha", str(WEIGHT), "--prompt",
+              PROMPTS[1], "--prompt", PROMPTS[3], "--max-new-tokens", "10", "--temperature", "0", "--format", "jsonl",
+              "--quiet"]  # fmt: skip
+    assert main(["generate", "--base-url", server, "--base-logprobs", "all", *common]) == 0
+    served = [json.loads(x)["token_ids"] for x in capsys.readouterr().out.splitlines()]
+    assert main(["generate", "--base", family["base"], *common]) == 0
+    local = [json.loads(x)["token_ids"] for x in capsys.readouterr().out.splitlines()]
+    assert served == local and len(served) == 2
+    assert main(["generate", "--base-url", server, "--base-model", "llama-70b", *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("proxytune: error: ") and "does not serve the model 'llama-70b'; it serves: base" in err
+    assert "\n" not in err

@@ -44,6 +44,7 @@ def _out_of_memory(e: BaseException) -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The ``proxytune`` command. Bad input: one line ``proxytune: error: ...`` on stderr and exit status 2."""
     from proxytune.backends import BackendUnavailableError
+    from proxytune.remote.client import RemoteError  # a served base that failed or refused: its URL, one line
 
     try:
         args = _parser().parse_args(argv)
@@ -58,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, ValueError):
             pass
         return 1
-    except (CliError, ValueError, TypeError, OSError, BackendUnavailableError, MemoryError) as e:
+    except (CliError, ValueError, TypeError, OSError, BackendUnavailableError, MemoryError, RemoteError) as e:
         message = str(e) or type(e).__name__
     except RuntimeError as e:
         if not _out_of_memory(e):

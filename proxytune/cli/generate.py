@@ -10,7 +10,7 @@ import sys
 
 from proxytune.cli.args import COUNT, INT32, INTEGER, NUMBER, POSITIVE, TOKENS, CliError, Once, integer, nonempty, text
 from proxytune.cli.io import Output, read_prompts
-from proxytune.cli.models import add_model_flags, check_devices_and_backend, load_tuner, pairs
+from proxytune.cli.models import add_model_flags, check_base, check_devices_and_backend, load_tuner, pairs
 
 __all__ = ["add_generate_parser", "sampling_params"]
 
@@ -38,6 +38,7 @@ def sampling_params(args: argparse.Namespace, n_pairs: int):
 
 
 def _generate(args: argparse.Namespace) -> int:
+    check_base(args)
     experts, antis, weights = pairs(args)
     params = sampling_params(args, len(experts))
     jsonl = args.format == "jsonl"

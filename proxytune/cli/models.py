@@ -7,15 +7,17 @@ import argparse
 from typing import Optional
 
 from proxytune.cli.args import ALPHA, CliError, Once, dtype, nonempty, one_line, text
+from proxytune.engine.remote_base import check_block, check_logprobs, check_tail_choice
 
-__all__ = ["add_model_flags", "pairs", "check_devices_and_backend", "load_tuner"]
+__all__ = ["add_model_flags", "check_base", "pairs", "check_devices_and_backend", "load_tuner"]
 
 
 def add_model_flags(p: argparse.ArgumentParser, *, loading: bool = True) -> None:
     """The models' flags (``loading``: also devices, dtype, templates and the backend, which only the commands
     that load the models take)."""
     model = nonempty("a directory or hub id")
-    p.add_argument("--base", required=True, type=model, action=Once, help="the base model (directory or hub id)")
+    p.add_argument("--base", required=not loading, type=model, action=Once,
+                   help="the base model (directory or hub id)" + ("; or --base-url" if loading else ""))  # fmt: skip
     p.add_argument("--expert", action="append", type=model, help="a tuned small model; repeat for several pairs")
     p.add_argument("--anti-expert", action="append", type=model, help="the expert's untuned counterpart; one per --expert")
     p.add_argument("--alpha", type=ALPHA, action="append",
@@ -32,6 +34,55 @@ def add_model_flags(p: argparse.ArgumentParser, *, loading: bool = True) -> None
     p.add_argument("--dtype", default=None, type=dtype,
                    help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on GPU)")  # fmt: skip
     p.add_argument("--backend", default="auto", help="op backend (auto, reference, cpu, triton)")
+    served = p.add_argument_group("a served base, instead of --base (an OpenAI-compatible completions server such as "
+                                  "vLLM; API key from PROXYTUNE_API_KEY or OPENAI_API_KEY)")  # fmt: skip
+    served.add_argument("--base-url", type=nonempty("a URL"), action=Once, help="the server, e.g. http://host:8000")
+    served.add_argument("--base-model", type=nonempty("a model name"), action=Once,
+                        help="the served model's name (default: the one the server serves)")  # fmt: skip
+    served.add_argument("--base-logprobs", type=_remote_rule(check_logprobs, "--base-logprobs"), action=Once,
+                        metavar="K|all", help="top-k log-probs per position, or all (the whole vocabulary: equals a "
+                        "local base; the server needs --max-logprobs -1); default 20")  # fmt: skip
+    served.add_argument("--base-tail", type=_remote_rule(check_tail_choice, "--base-tail"), action=Once,
+                        metavar="drop|floor", help="tokens outside the top k: drop (cannot be drawn; default) or "
+                        "floor (the smallest returned log-prob)")  # fmt: skip
+    served.add_argument("--base-block", type=_remote_rule(lambda v, name: check_block(v, "drop", name), "--base-block"),
+                        action=Once, metavar="N|adaptive", help="tokens the server drafts per request, verified by "
+                        "the local pair (1: one request per token); default adaptive (4 up to 16; 1 with floor)")  # fmt: skip
+
+
+def _remote_rule(check, flag: str):
+    """An argparse ``type=`` for a served-base flag by the engine's own rule (``engine/remote_base.py``)."""
+
+    def parse(value: str):
+        try:
+            return check(value, flag)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(flag + " ")) from None
+
+    parse.__name__ = "value"
+    return parse
+
+
+def check_base(args: argparse.Namespace) -> None:
+    """Exactly one base: ``--base`` or ``--base-url``; the served base's flags only with ``--base-url``, and
+    ``--base-block`` by the tail rule (checked before anything loads)."""
+    url = getattr(args, "base_url", None)
+    if args.base is None and url is None:
+        raise CliError(f"{args.command} needs a base: --base (a model) or --base-url (a served model)")
+    if args.base is not None and url is not None:
+        raise CliError("--base and --base-url: give one base (a model, or a server's)")
+    served = [f for f in ("--base-model", "--base-logprobs", "--base-tail", "--base-block")
+              if getattr(args, f[2:].replace("-", "_"), None) is not None]  # fmt: skip
+    if url is None and served:
+        raise CliError(f"{served[0]} needs --base-url (it applies to a served base)")
+    if url is not None and args.base_device is not None:
+        raise CliError("--base-device applies to a local --base; a served base runs on its server")
+    if url is not None:
+        tail = "all" if args.base_logprobs == "all" else (args.base_tail or "drop")
+        try:
+            check_block(args.base_block, tail, "--base-block", "--base-tail")
+        except ValueError as e:
+            raise CliError(str(e)) from None
 
 
 def pairs(args: argparse.Namespace, *, required: bool = False) -> tuple[list[str], list[str], list[float]]:
@@ -97,8 +148,15 @@ def load_tuner(args: argparse.Namespace, experts, antis, weights, progress: bool
 
         hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     small_device = args.expert_device or args.device
+    base = ModelSpec(args.base, device=args.base_device or args.device)
+    if getattr(args, "base_url", None) is not None:  # a served base: asked for its models before anything loads
+        from proxytune.engine.remote_base import RemoteModel
+
+        base = RemoteModel(args.base_url, args.base_model, logprobs=args.base_logprobs or 20,
+                           tail=args.base_tail or "drop", block=args.base_block)  # fmt: skip
+        base.connect()
     return ProxyTuner(
-        ModelSpec(args.base, device=args.base_device or args.device),
+        base,
         [ModelSpec(e, device=small_device, template=args.expert_template) for e in experts],
         [ModelSpec(a, device=small_device) for a in antis],
         weights=weights, tokenizer=args.tokenizer, dtype=args.dtype, trust_remote_code=args.trust_remote_code,

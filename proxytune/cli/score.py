@@ -8,12 +8,13 @@ import sys
 
 from proxytune.cli.args import POSITIVE, CliError, Once, nonempty
 from proxytune.cli.io import Output, read_pairs
-from proxytune.cli.models import add_model_flags, check_devices_and_backend, load_tuner, pairs
+from proxytune.cli.models import add_model_flags, check_base, check_devices_and_backend, load_tuner, pairs
 
 __all__ = ["add_score_parser"]
 
 
 def _score(args: argparse.Namespace) -> int:
+    check_base(args)
     experts, antis, weights = pairs(args)
     check_devices_and_backend(args)
     if args.input is None and sys.stdin.isatty():

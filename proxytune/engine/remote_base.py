@@ -28,31 +28,51 @@ import torch
 from proxytune.engine.members import Member
 from proxytune.remote.rows import check_tail, dense_rows
 
-__all__ = ["RemoteModel", "RemoteRunner", "MAX_BLOCK", "FIRST_BLOCK"]
+__all__ = ["RemoteModel", "RemoteRunner", "MAX_BLOCK", "FIRST_BLOCK", "check_logprobs", "check_tail_choice", "check_block"]
 
 FIRST_BLOCK, MAX_BLOCK = 4, 16  # block="adaptive": each row starts at 4 drafts and grows to at most 16
 
 
-def _check_logprobs(logprobs: Any) -> Union[int, str]:
+def _integer(value: Any) -> Optional[int]:
+    """An integer given as one or as decimal text (command lines, lm-eval's model args), else None."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return None
+
+
+def check_logprobs(logprobs: Any, name: str = "logprobs") -> Union[int, str]:
+    """The top ``k`` asked per position: an integer >= 1 (or its text) or ``"all"``."""
     if logprobs == "all":
         return "all"
-    if isinstance(logprobs, bool) or not isinstance(logprobs, numbers.Integral) or logprobs < 1:
-        raise ValueError(f"logprobs must be an integer >= 1 or 'all', got {logprobs!r}")
-    return int(logprobs)
+    k = _integer(logprobs)
+    if k is None or k < 1:
+        raise ValueError(f"{name} must be an integer >= 1 or 'all', got {logprobs!r}")
+    return k
 
 
-def _check_block(block: Any, tail: str) -> Union[int, str]:
-    """The block rule: None -> ``"adaptive"`` (``1`` under ``floor``), an integer >= 1, or ``"adaptive"``;
-    blocks of more than one token need the draft's law outside the top k under ``floor``, which no server gives."""
+def check_tail_choice(tail: Any, name: str = "tail") -> str:
+    """``"drop"`` or ``"floor"`` (the tail rules a caller picks; ``"all"`` follows from ``logprobs="all"``)."""
+    if tail not in ("drop", "floor"):
+        raise ValueError(f"{name} must be 'drop' or 'floor', got {tail!r}")
+    return tail
+
+
+def check_block(block: Any, tail: str, name: str = "block", tail_name: str = "tail") -> Union[int, str]:
+    """The block rule: None -> ``"adaptive"`` (``1`` under ``floor``), an integer >= 1 (or its text), or
+    ``"adaptive"``; under ``floor`` only 1: a drafted block would need the draft's law outside the top k,
+    which no server gives."""
     if block is None:
         return 1 if tail == "floor" else "adaptive"
-    if block != "adaptive" and (isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1):
-        raise ValueError(f"block must be an integer >= 1 or 'adaptive', got {block!r}")
-    if tail == "floor" and block != 1:
-        raise ValueError(f"block={block!r} with tail='floor': a drafted block is verified against the base's law "
-                         "outside its top k, which no server returns, so 'floor' asks one token per request; "
-                         "use block=1 or tail='drop'")  # fmt: skip
-    return block if block == "adaptive" else int(block)
+    n = None if block == "adaptive" else _integer(block)
+    if block != "adaptive" and (n is None or n < 1):
+        raise ValueError(f"{name} must be an integer >= 1 or 'adaptive', got {block!r}")
+    if tail == "floor" and n != 1:
+        raise ValueError(f"{name}={block} with {tail_name}=floor: a drafted block is verified against the base's law "
+                         f"outside its top k, which no server returns, so floor asks one token per request; use "
+                         f"{name}=1 or {tail_name}=drop")  # fmt: skip
+    return "adaptive" if n is None else n
 
 
 class RemoteModel(Member):
@@ -90,11 +110,9 @@ class RemoteModel(Member):
                  name: str = "base"):  # fmt: skip
         from proxytune.remote.client import CompletionsClient
 
-        self.logprobs = _check_logprobs(logprobs)
-        if tail not in ("drop", "floor"):
-            raise ValueError(f"tail must be 'drop' or 'floor', got {tail!r}")
-        self.tail = check_tail("all" if self.logprobs == "all" else tail)
-        self.block = _check_block(block, self.tail)
+        self.logprobs = check_logprobs(logprobs)
+        self.tail = check_tail("all" if self.logprobs == "all" else check_tail_choice(tail))
+        self.block = check_block(block, self.tail)
         self.client = CompletionsClient(url, model, api_key, timeout=timeout, max_retries=max_retries,
                                         transport=transport)  # fmt: skip
         self.name, self.source = name, f"{self.client.url} ({model or 'its served model'})"
@@ -102,6 +120,7 @@ class RemoteModel(Member):
         self.vocab_size: Optional[int] = None
         self._limit: Optional[int] = None
         self.tokenizer_checked: Optional[bool] = None
+        self._connected = False
 
     def __repr__(self) -> str:
         return (f"RemoteModel({self.client.url!r}, model={self.client.model!r}, logprobs={self.logprobs!r}, "
@@ -121,6 +140,16 @@ class RemoteModel(Member):
     def position_limit(self) -> Optional[int]:
         return self._limit
 
+    def connect(self) -> None:
+        """Ask the server once for its models: the name checked (the list it serves, if not) and the position
+        limit read. Entry points call it before loading the local models, so a wrong URL fails in seconds."""
+        if self._connected:
+            return
+        self.client.check_model()
+        self.source = f"{self.client.url} ({self.client.model})"
+        self._limit = self.client.max_model_len()
+        self._connected = True
+
     def join(self, tokenizer: Any, vocab_size: int, device: torch.device) -> None:
         """Called by the ensemble: check the served model's name (the list the server serves, if not), read
         its position limit and check its tokenizer against the shared one (``/tokenize``; one warning where
@@ -128,9 +157,7 @@ class RemoteModel(Member):
         :class:`~proxytune.remote.client.RemoteUnreachable`)."""
         from proxytune.remote.client import check_same_tokenizer
 
-        self.client.check_model()
-        self.source = f"{self.client.url} ({self.client.model})"
-        self._limit = self.client.max_model_len()
+        self.connect()
         self.tokenizer_checked = check_same_tokenizer(self.client, tokenizer)
         self.vocab_size = vocab_size
         self.width = len(tokenizer)  # the served model's tokenizer is the shared one (checked above, or warned)
