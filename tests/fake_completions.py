@@ -97,3 +97,49 @@ class FakeCompletions:
             choice["prompt_logprobs"] = plp
         return httpx.Response(200, json={"id": "cmpl-fake", "object": "text_completion", "model": self.name,
                                          "choices": [choice]})  # fmt: skip
+
+
+class Served:
+    """A :class:`FakeCompletions` on a real loopback HTTP port (for the command line and lm-eval, which make
+    their own client): ``url``; :meth:`close` stops it. Use as a context manager."""
+
+    def __init__(self, fake: FakeCompletions):
+        import http.server
+
+        handler = fake
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, method):
+                body = self.rfile.read(int(self.headers.get("content-length") or 0)) if method == "POST" else b""
+                request = httpx.Request(method, f"http://fake{self.path}", content=body)
+                r = handler(request)
+                self.send_response(r.status_code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            def do_GET(self):
+                self._answer("GET")
+
+            def do_POST(self):
+                self._answer("POST")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

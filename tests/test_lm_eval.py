@@ -195,7 +195,7 @@ def dirs(tmp_path_factory):
 def bad_model_args(d):
     trio = f"base={d['base']},expert={d['expert']},anti_expert={d['anti']}"
     cases = [
-        ("", "base= is required"),
+        ("", "base= (a model directory or hub id) or base_url= (a served model) is required"),
         (f"base={d['base']},expert={d['expert']}", "1 expert(s) but 0 anti_expert(s)"),
         ("base=/nowhere/base", "base: no such directory: /nowhere/base"),
         (f"base={d['base']},expert=/nowhere/e,anti_expert={d['anti']}", "expert 0: no such directory"),

@@ -13,7 +13,9 @@ So ``lm_eval --model proxytune`` cannot find the model by itself; these do:
 - Python: ``import proxytune.integrations.lm_eval`` then ``lm_eval.simple_evaluate(model="proxytune", ...)``,
   or pass ``ProxyTuneLM(...)`` itself as the model; ``TaskManager(include_path=TASKS_DIR)`` finds the tasks.
 
-Model args: ``base=``, ``expert=``, ``anti_expert=`` (several pairs: ``expert=E1|E2,anti_expert=A1|A2``),
+Model args: ``base=`` or ``base_url=`` (a served base, ``docs/remote.md``; with ``base_model=``,
+``base_logprobs=`` (``K`` or ``all``), ``base_tail=`` (``drop``/``floor``), ``base_block=`` (``N`` or
+``adaptive``), as the command line's ``--base-*`` flags), ``expert=``, ``anti_expert=`` (several pairs: ``expert=E1|E2,anti_expert=A1|A2``),
 ``weights=`` (one for all pairs, or ``1.0|0.5``), ``dtype=`` (float32, bfloat16, float16; default as
 ``ProxyTuner``), ``tokenizer=``, ``expert_template=`` (e.g. ``chat``), ``max_gen_toks=`` (default 256),
 ``max_length=`` (default: the smallest position limit of the models, less the longest template),
@@ -145,25 +147,37 @@ class ProxyTuneLM(LM):
         backend: str = "auto",
         trust_remote_code: bool = False,
         tuner: Any = None,
+        base_url: Optional[str] = None,
+        base_model: Optional[str] = None,
+        base_logprobs: Any = None,
+        base_tail: Optional[str] = None,
+        base_block: Any = None,
         **unknown: Any,
     ):
+        from proxytune.remote.client import RemoteError
+
         super().__init__()
+        served = dict(base_url=base_url, base_model=base_model, base_logprobs=base_logprobs, base_tail=base_tail,
+                      base_block=base_block)  # fmt: skip
         try:
             self._init(base, expert, anti_expert, weights, dtype, device, batch_size, tokenizer, expert_template,
-                       max_gen_toks, max_length, backend, trust_remote_code, tuner, unknown)  # fmt: skip
+                       max_gen_toks, max_length, backend, trust_remote_code, tuner, served, unknown)  # fmt: skip
         except BackendUnavailableError as e:
             raise ProxyTuneLMError(f"proxytune model args: backend: {e}") from None
+        except RemoteError as e:  # the served base failed or refused (its URL and the server's words)
+            raise ProxyTuneLMError(f"proxytune model args: base_url: {e}") from None
         except (ValueError, TypeError) as e:  # one clear error naming the argument, without the chain
             raise _error("proxytune model args", e) from None
 
     def _init(self, base, expert, anti_expert, weights, dtype, device, batch_size, tokenizer, expert_template,
-              max_gen_toks, max_length, backend, trust_remote_code, tuner, unknown) -> None:  # fmt: skip
+              max_gen_toks, max_length, backend, trust_remote_code, tuner, served, unknown) -> None:  # fmt: skip
         if unknown:
             raise ValueError(
-                f"unknown {', '.join(sorted(unknown))}; known: base, expert, anti_expert, weights, dtype, tokenizer, "
-                "expert_template, max_gen_toks, max_length, backend, trust_remote_code (and lm-eval's --device, "
-                "--batch_size)"
+                f"unknown {', '.join(sorted(unknown))}; known: base, base_url, base_model, base_logprobs, base_tail, "
+                "base_block, expert, anti_expert, weights, dtype, tokenizer, expert_template, max_gen_toks, "
+                "max_length, backend, trust_remote_code (and lm-eval's --device, --batch_size)"
             )
+        base = self._served_base(base, **served)
         if isinstance(batch_size, str) and batch_size.strip().isdigit():
             batch_size = int(batch_size)
         try:
@@ -176,17 +190,38 @@ class ProxyTuneLM(LM):
             tuner = self._build(base, expert, anti_expert, weights, dtype, device, tokenizer, expert_template, backend,
                                 parse_bool(trust_remote_code, "trust_remote_code"))  # fmt: skip
         elif base is not None or expert is not None or anti_expert is not None:
-            raise ValueError("give tuner= or base= (with expert= / anti_expert=), not both")
+            raise ValueError("give tuner= or base= / base_url= (with expert= / anti_expert=), not both")
         self.tuner = tuner
         self._device = tuner.device
         self._max_length = max_length or self._model_max_length()
+
+    @staticmethod
+    def _served_base(base, base_url, base_model, base_logprobs, base_tail, base_block):
+        """``base``, or the served base of ``base_url=`` (its options by the engine's rules, the server asked for
+        its models before anything loads); the ``base_*`` options only with ``base_url=``."""
+        given = [k for k, v in (("base_model", base_model), ("base_logprobs", base_logprobs), ("base_tail", base_tail),
+                                ("base_block", base_block)) if v is not None]  # fmt: skip
+        if base_url is None:
+            if given:
+                raise ValueError(f"{given[0]} needs base_url= (it applies to a served base)")
+            return base
+        if base is not None:
+            raise ValueError("give base= (a model) or base_url= (a served model), not both")
+        from proxytune.engine.remote_base import RemoteModel, check_block, check_logprobs, check_tail_choice
+
+        logprobs = check_logprobs(20 if base_logprobs is None else base_logprobs, "base_logprobs")
+        tail = check_tail_choice(base_tail or "drop", "base_tail")
+        block = check_block(base_block, "all" if logprobs == "all" else tail, "base_block", "base_tail")
+        member = RemoteModel(str(base_url), base_model, logprobs=logprobs, tail=tail, block=block)
+        member.connect()
+        return member
 
     @staticmethod
     def _build(base, expert, anti_expert, weights, dtype, device, tokenizer, expert_template, backend, trust_remote_code):
         from proxytune.engine import ModelSpec, ProxyTuner
 
         if base is None:
-            raise ValueError("base= is required (a model directory or hub id)")
+            raise ValueError("base= (a model directory or hub id) or base_url= (a served model) is required")
         experts, antis = _split(expert), _split(anti_expert)
         if len(experts) != len(antis):
             raise ValueError(f"got {len(experts)} expert(s) but {len(antis)} anti_expert(s); "
