@@ -117,3 +117,40 @@ def test_lm_eval_base_url(dirs, served):
                           (dict(base_url=_dead_url()), "base_url: http://127.0.0.1")]:  # fmt: skip
         with pytest.raises(ProxyTuneLMError, match=message):
             ProxyTuneLM(expert=dirs["expert"], anti_expert=dirs["anti"], **args)
+
+
+def test_the_python_api_takes_a_served_base_by_url(dirs, served):
+    from proxytune import ProxyTuner, RemoteModel
+
+    tuner = ProxyTuner(RemoteModel(served.url, logprobs="all"), dirs["expert"], dirs["anti"], weights=0.7, device="cpu")
+    local = ProxyTuner(dirs["base"], dirs["expert"], dirs["anti"], weights=0.7, device="cpu")
+    prompts = ["the cat", "one two three"]
+    got = tuner.generate(prompts, max_new_tokens=8, temperature=0.0)
+    assert [g.token_ids for g in got] == [g.token_ids for g in local.generate(prompts, max_new_tokens=8, temperature=0.0)]
+    assert "RemoteModel" not in repr(tuner) and served.url in repr(tuner)
+
+
+def test_a_server_lost_mid_generation_is_one_clear_error(dirs):
+    """The server answers a few completions, then the connection is refused for good: generation stops with one
+    RemoteUnreachable naming the URL after the bounded retries; the CLI prints it as one line (exit 2)."""
+    import httpx
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from proxytune import ProxyTuner, RemoteModel
+    from proxytune.remote.client import RemoteUnreachable
+
+    base = AutoModelForCausalLM.from_pretrained(dirs["base"], dtype="float32")
+    fake = FakeCompletions(base, AutoTokenizer.from_pretrained(dirs["base"]))
+
+    def flaky(request):
+        if request.url.path == "/v1/completions" and len(fake.log) >= 3:
+            raise httpx.ConnectError("Connection refused", request=request)
+        return fake(request)
+
+    member = RemoteModel("http://lost.test:8000", block=2, max_retries=2, transport=httpx.MockTransport(flaky))
+    member.client._sleep = lambda s: None  # no real waiting between the retries
+    tuner = ProxyTuner(member, dirs["expert"], dirs["anti"], device="cpu")
+    with pytest.raises(RemoteUnreachable, match=r"^http://lost.test:8000/v1/completions: a completion failed after 3 "
+                                                r"attempts: cannot connect \(Connection refused\)$"):  # fmt: skip
+        tuner.generate(["the cat"], max_new_tokens=20, temperature=0.0)
+    assert len(fake.log) == 3

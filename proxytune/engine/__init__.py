@@ -3,7 +3,8 @@
 * ``ensemble.py``: :class:`Ensemble`, the models in their roles (the one model order, pair weights, shared
   vocabulary, position room, templates), built once by ``Ensemble.load``; ``members.py``: what a member
   provides (:class:`~proxytune.engine.members.Member`) and the local Hugging Face model (``LocalModel``);
-  ``loading.py`` model and tokenizer loading, ``vocabulary.py`` the shared-vocabulary check.
+  ``loading.py`` model and tokenizer loading, ``vocabulary.py`` the shared-vocabulary check;
+  ``remote_base.py`` a base served over HTTP (``RemoteModel``), and ``base_draft_decoder.py`` its blocks.
 * ``tuner.py``: :class:`ProxyTuner`, the façade (requests, batching, prefill and the first token, the choice
   of decoder); ``requests.py``: what a request is and gets back (``SamplingParams``, ``TokenEvent``,
   ``Generation``, a decoding ``Row``); ``prompts.py`` templates and left padding, ``stopping.py`` incremental
@@ -20,6 +21,7 @@
 from proxytune.engine.ensemble import Ensemble
 from proxytune.engine.loading import ModelLoadError, ModelSpec
 from proxytune.engine.prompts import PromptTemplate
+from proxytune.engine.remote_base import RemoteModel
 from proxytune.engine.score import Score
 from proxytune.engine.requests import Generation, SamplingParams, TokenEvent
 from proxytune.engine.tuner import ProxyTuner
@@ -27,5 +29,5 @@ from proxytune.engine.vocabulary import VocabularyMismatchError
 
 __all__ = [
     "ProxyTuner", "Ensemble", "SamplingParams", "Generation", "TokenEvent", "ModelSpec", "PromptTemplate",
-    "VocabularyMismatchError", "ModelLoadError", "Score",
+    "VocabularyMismatchError", "ModelLoadError", "Score", "RemoteModel",
 ]  # fmt: skip

@@ -27,7 +27,9 @@ class ProxyTuner:
 
     Parameters
     ----------
-    base : hub id, local directory, ``PreTrainedModel``, :class:`ModelSpec`, or an :class:`Ensemble`
+    base : hub id, local directory, ``PreTrainedModel``, :class:`ModelSpec`, a served model
+        (:class:`~proxytune.engine.remote_base.RemoteModel`: a server's top-k log-probs, ``docs/remote.md``),
+        or an :class:`Ensemble`
         The (large) model to steer; an :class:`~proxytune.engine.ensemble.Ensemble` (built by
         :meth:`Ensemble.load <proxytune.engine.ensemble.Ensemble.load>`) brings the pairs, weights and tokenizer
         with it, and the model arguments below are then not given. Everything about the models (their roles
