@@ -92,6 +92,8 @@ class RemoteModel(Member):
         acceptance); default ``"adaptive"``, and ``1`` under ``floor`` (the only size it allows)
     api_key : bearer token; default the environment's ``PROXYTUNE_API_KEY``, else ``OPENAI_API_KEY``
     timeout, max_retries : per request (see :class:`~proxytune.remote.client.CompletionsClient`)
+    max_concurrency : the most requests in flight (a batch's rows are concurrent requests; the server batches
+        them)
     device : where its rows land (default: the ensemble's sampling device, the first local member's)
     transport : an ``httpx`` transport (tests)
 
@@ -106,15 +108,15 @@ class RemoteModel(Member):
 
     def __init__(self, url: str, model: Optional[str] = None, *, logprobs: Union[int, str] = 20, tail: str = "drop",
                  block: Union[None, int, str] = None, api_key: Optional[str] = None, timeout: float = 60.0,
-                 max_retries: int = 3, device: Union[str, torch.device, None] = None, transport: Any = None,
-                 name: str = "base"):  # fmt: skip
+                 max_retries: int = 3, max_concurrency: int = 16, device: Union[str, torch.device, None] = None,
+                 transport: Any = None, name: str = "base"):  # fmt: skip
         from proxytune.remote.client import CompletionsClient
 
         self.logprobs = check_logprobs(logprobs)
         self.tail = check_tail("all" if self.logprobs == "all" else check_tail_choice(tail))
         self.block = check_block(block, self.tail)
         self.client = CompletionsClient(url, model, api_key, timeout=timeout, max_retries=max_retries,
-                                        transport=transport)  # fmt: skip
+                                        max_concurrency=max_concurrency, transport=transport)  # fmt: skip
         self.name, self.source = name, f"{self.client.url} ({model or 'its served model'})"
         self.device = torch.device(device) if device is not None else None
         self.vocab_size: Optional[int] = None
@@ -125,6 +127,10 @@ class RemoteModel(Member):
     def __repr__(self) -> str:
         return (f"RemoteModel({self.client.url!r}, model={self.client.model!r}, logprobs={self.logprobs!r}, "
                 f"tail={self.tail!r}, block={self.block!r})")  # fmt: skip
+
+    def close(self) -> None:
+        """Close the HTTP connections (the member cannot run afterwards)."""
+        self.client.close()
 
     @property
     def k(self) -> int:
