@@ -99,14 +99,15 @@ class FakeCompletions:
                                          "choices": [choice]})  # fmt: skip
 
 
-class Served:
-    """A :class:`FakeCompletions` on a real loopback HTTP port (for the command line and lm-eval, which make
-    their own client): ``url``; :meth:`close` stops it. Use as a context manager."""
+class Loopback:
+    """An HTTP server on a free loopback port answering every request with ``handler(httpx.Request)``: an
+    ``httpx.Response``, or None to drop the connection without an answer (fault injection). For the command
+    line and lm-eval, which make their own clients, and for proxies in front of a real server. ``url``;
+    :meth:`close` stops it; a context manager."""
 
-    def __init__(self, fake: FakeCompletions):
+    def __init__(self, handler):
         import http.server
-
-        handler = fake
+        import socket
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -114,8 +115,12 @@ class Served:
 
             def _answer(self, method):
                 body = self.rfile.read(int(self.headers.get("content-length") or 0)) if method == "POST" else b""
-                request = httpx.Request(method, f"http://fake{self.path}", content=body)
-                r = handler(request)
+                r = handler(httpx.Request(method, f"http://loopback{self.path}", content=body,
+                                          headers={"content-type": "application/json"}))  # fmt: skip
+                if r is None:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 self.send_response(r.status_code)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(r.content)))

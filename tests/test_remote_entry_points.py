@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("httpx")
 
-from fake_completions import FakeCompletions, Served  # noqa: E402
+from fake_completions import FakeCompletions, Loopback  # noqa: E402
 from tiny_models import save_trio  # noqa: E402
 
 from proxytune.cli import main  # noqa: E402
@@ -28,7 +28,7 @@ def served(dirs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(dirs["base"], dtype="float32")
-    with Served(FakeCompletions(base, AutoTokenizer.from_pretrained(dirs["base"]), max_logprobs=-1)) as s:
+    with Loopback(FakeCompletions(base, AutoTokenizer.from_pretrained(dirs["base"]), max_logprobs=-1)) as s:
         yield s
 
 

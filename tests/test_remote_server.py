@@ -15,7 +15,6 @@ requests; the server killed mid-generation is one clear error.
 import importlib.util
 import os
 import signal
-import socket
 import time
 
 import pytest
@@ -206,63 +205,31 @@ class _FaultyProxy:
     """A loopback HTTP proxy in front of the server that injects faults into ``/v1/completions``: each request
     takes the next action of ``script`` (``503`` / ``429``: that status without asking the server; ``"drop"``:
     close the connection without an answer; ``"lost"``: forward to the server, then drop the answer), then
-    forwards. Threads, stopped by :meth:`close`."""
+    forwards. On :class:`fake_completions.Loopback`; stopped by :meth:`close`."""
 
     def __init__(self, upstream: str, script):
-        import http.server
-        import threading
-
         import httpx
 
-        proxy = self
+        from fake_completions import Loopback
+
         self.script, self.log, self._up = list(script), [], httpx.Client(base_url=upstream, timeout=REQUEST_TIMEOUT_S)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+        def relay(request):
+            path = request.url.path
+            action = self.script.pop(0) if path == "/v1/completions" and self.script else "forward"
+            self.log.append((path, action))
+            if action in (503, 429):
+                return httpx.Response(action, json={"error": {"message": "injected", "type": "x", "code": action}})
+            if action == "drop":
+                return None
+            r = self._up.request(request.method, path, content=request.content, headers={"content-type": "application/json"})
+            return None if action == "lost" else httpx.Response(r.status_code, content=r.content)  # lost: done, unanswered
 
-            def _relay(self, method):
-                body = self.rfile.read(int(self.headers.get("content-length") or 0)) if method == "POST" else None
-                action = proxy.script.pop(0) if self.path == "/v1/completions" and proxy.script else "forward"
-                proxy.log.append((self.path, action))
-                if action in (503, 429):
-                    payload = b'{"error": {"message": "injected", "type": "x", "code": %d}}' % action
-                    self.send_response(action)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
-                if action == "drop":
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                r = proxy._up.request(method, self.path, content=body, headers={"content-type": "application/json"})
-                if action == "lost":  # the server did the work; the answer never arrives
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                self.send_response(r.status_code)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(r.content)))
-                self.end_headers()
-                self.wfile.write(r.content)
-
-            def do_GET(self):
-                self._relay("GET")
-
-            def do_POST(self):
-                self._relay("POST")
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-        self._thread.start()
+        self._loopback = Loopback(relay)
+        self.url = self._loopback.url
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(timeout=10)
+        self._loopback.close()
         self._up.close()
 
 
