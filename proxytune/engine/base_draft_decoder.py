@@ -1,13 +1,15 @@
 """The base-drafted block decoder: a served base drafts, the local small models verify (``docs/semantics.md``
 section 8, "Blocks drafted by the base"; the math is :func:`proxytune.remote.blocks.verify_block`).
 
-One :meth:`BaseDraftDecoder.launch` is one round for every slot:
+The decoder starts at the prompts: the first round's request draws each row's first tokens (no one-token
+request first). One :meth:`BaseDraftDecoder.launch` is one round for every slot:
 
 1. one request per row (concurrent): ``n_r`` tokens continuing the row, drawn by the server from the base
    itself (temperature 1, no filters, a seed derived from the row's; greedy rows draft greedily), with the
    top-k rows of their positions (:meth:`~proxytune.engine.remote_base.RemoteRunner.draft`);
 2. the experts and anti-experts are fed ``[last token, d_1 .. d_{n-1}]`` in one forward each (``extend``):
-   their logits at the positions that predict ``d_1 .. d_n``;
+   their logits at the positions that predict ``d_1 .. d_n`` (the first round: their prefill logits, then
+   ``d_1 .. d_{n-1}``);
 3. :func:`~proxytune.remote.blocks.verify_block` keeps the drafts the proxy-tuned target accepts and, at the
    first rejection, draws the residual (greedy rows: the target's argmax), so every token is distributed
    exactly as with one request per token;
@@ -35,15 +37,17 @@ __all__ = ["BaseDraftDecoder"]
 
 
 class BaseDraftDecoder(EagerDecoder):
-    """Rounds of base-drafted blocks over prefilled runners: the base's a
-    :class:`~proxytune.engine.remote_base.RemoteRunner`, then the experts' and anti-experts'.
+    """Rounds of base-drafted blocks from the prompt on: the base's runner a
+    :class:`~proxytune.engine.remote_base.RemoteRunner` holding the prompts (:meth:`~proxytune.engine.remote_base.
+    RemoteRunner.start`), the experts' and anti-experts' runners prefilled.
 
     Parameters
     ----------
-    runners : the base's, the experts', then the anti-experts' runners, prefilled
-    state : the rows' sampler state (``step`` already counts the first token)
-    tokens : the first drawn token of each row ``[B]`` int64 on the sampler's device
-    budgets : tokens each row may still draw (its budget minus the first token)
+    runners : the base's, the experts', then the anti-experts' runners
+    state : the rows' sampler state (``step`` 0: no token drawn yet)
+    first : the experts' then the anti-experts' prefill logits ``[B, W]`` (the positions that predict each row's
+        first token)
+    budgets : tokens each row may draw (at least 1)
     block : drafts per request (an integer >= 1) or ``"adaptive"``
     vocab_size, backend, return_logprobs : as for the eager decoder (the target is the op's, in the reference
         arithmetic of :func:`~proxytune.remote.blocks.verify_block`)
@@ -51,12 +55,15 @@ class BaseDraftDecoder(EagerDecoder):
 
     pipelined = False
 
-    def __init__(self, runners: Sequence[Union[RemoteRunner, ModelRunner]], state: SamplerState, tokens: torch.Tensor, *,
-                 budgets: Sequence[int], block: Union[int, str], vocab_size: int, backend: str,
-                 return_logprobs: bool):  # fmt: skip
+    def __init__(self, runners: Sequence[Union[RemoteRunner, ModelRunner]], state: SamplerState,
+                 first: Sequence[torch.Tensor], *, budgets: Sequence[int], block: Union[int, str], vocab_size: int,
+                 backend: str, return_logprobs: bool):  # fmt: skip
         if not isinstance(runners[0], RemoteRunner):
             raise TypeError("base-drafted blocks need a served base (RemoteModel)")
-        super().__init__(runners, state, tokens, vocab_size=vocab_size, backend=backend, return_logprobs=return_logprobs)
+        self.runners, self.state, self.tokens = list(runners), state, None  # no last token before the first round
+        self.vocab_size, self.backend, self.return_logprobs = vocab_size, backend, return_logprobs
+        self.slots = len(budgets)
+        self.first: Optional[list[torch.Tensor]] = [to_device(x, state.step.device) for x in first]
         self.adaptive = block == "adaptive"
         self.max_size = MAX_BLOCK if self.adaptive else int(block)
         self.size = [FIRST_BLOCK if self.adaptive else int(block)] * self.slots
@@ -64,10 +71,32 @@ class BaseDraftDecoder(EagerDecoder):
         self.requests = self.drafted = self.accepted = self.tokens_out = 0  # totals over slots, for measurements
 
     def move(self, live: list[int]) -> int:
-        super().move(live)
+        idx = torch.tensor(live, dtype=torch.int64, device=self.state.step.device)
+        for runner in self.runners:
+            runner.select(idx)
+        self.state.select(idx, live)
+        if self.tokens is not None:
+            self.tokens = self.tokens[idx]
+        if self.first is not None:
+            self.first = [x[idx] for x in self.first]
         self.remaining = [self.remaining[j] for j in live]
         self.size = [self.size[j] for j in live]
+        self.slots = len(live)
         return self.slots
+
+    def _small_logits(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        """The small models' logits ``[B, n, W]`` at the positions that predict ``d_1 .. d_n``, and how many
+        tokens each was fed: ``[last, d_1 .. d_{n-1}]`` in one forward, or in the first round the prefill's
+        logits and ``[d_1 .. d_{n-1}]``."""
+        dev, n = self.state.step.device, ids.shape[1]
+        if self.first is None:
+            fed = torch.cat([self.tokens[:, None], ids[:, : n - 1]], dim=1)
+            return [to_device(r.extend(fed), dev) for r in self.runners[1:]], n
+        first, self.first = self.first, None
+        if n == 1:
+            return [x[:, None] for x in first], 0
+        rest = [to_device(r.extend(ids[:, : n - 1]), dev) for r in self.runners[1:]]
+        return [torch.cat([x[:, None], y], dim=1) for x, y in zip(first, rest)], n - 1
 
     def launch(self) -> Optional[Chunk]:
         """One draft-and-verify round for every slot (the four phases of the module docstring)."""
@@ -78,22 +107,22 @@ class BaseDraftDecoder(EagerDecoder):
         sizes = [max(1, min(s, r)) for s, r in zip(self.size, self.remaining)]
         sampled = st.sampled if st.sampled is not None else tuple((st.temperature > 0).tolist())
         seeds = [server_draft_seed(s, t) for s, t in zip(st.seed.tolist(), st.step.tolist())]
-        base.append([[t] for t in self.tokens.tolist()])
+        pending = self.tokens is not None  # the last drawn token, fed to no model yet
+        if pending:
+            base.append([[t] for t in self.tokens.tolist()])
         ids, lengths, rows = base.draft(sizes, sampled, seeds)
         ids, lengths, rows = to_device(ids, dev), to_device(lengths, dev), to_device(rows, dev)
-        n = ids.shape[1]
-        fed = torch.cat([self.tokens[:, None], ids[:, : n - 1]], dim=1)  # position i predicts d_{i+1}
-        small = [to_device(r.extend(fed), dev) for r in self.runners[1:]]
+        small, fed = self._small_logits(ids)
         p = st.weights.shape[0]
         verdict = verify_block(ids, rows, small[:p], small[p:], st.weights, temperature=st.temperature,
                                top_k=st.top_k, top_p=st.top_p, min_p=st.min_p, seed=st.seed, step=st.step,
                                lengths=lengths)  # fmt: skip
         new = verdict.tokens(ids)  # the round's host sync
         accepted, got = verdict.accepted.tolist(), lengths.tolist()
-        kept = [a + 1 if a < g else a for a, g in zip(accepted, got)]  # the last token, then the kept drafts but the last
-        kept_t = torch.tensor(kept, dtype=torch.int64, device=dev)
-        for runner in self.runners[1:]:
-            runner.rollback(n, kept_t)
+        if fed:  # the small models keep the pending token and the drafts before the new last token
+            kept = torch.tensor([min(a, g - 1) + pending for a, g in zip(accepted, got)], dtype=torch.int64, device=dev)
+            for runner in self.runners[1:]:
+                runner.rollback(fed, kept)
         base.append([t[:-1] for t in new])
         self.tokens = torch.tensor([t[-1] for t in new], dtype=torch.int64, device=dev)
         st.step += torch.tensor([len(t) for t in new], dtype=torch.int64, device=dev)

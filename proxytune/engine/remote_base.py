@@ -215,7 +215,7 @@ def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
 class RemoteRunner:
     """The rows of one batch for a :class:`RemoteModel`: each row's token ids on the host (the server keeps
     the rest: its prefix cache makes a request that repeats a prefix cheap). The methods of
-    :class:`~proxytune.engine.runner.ModelRunner`, plus :meth:`draft` and :meth:`append`."""
+    :class:`~proxytune.engine.runner.ModelRunner`, plus :meth:`start`, :meth:`draft` and :meth:`append`."""
 
     def __init__(self, member: RemoteModel):
         self.member = member
@@ -224,8 +224,12 @@ class RemoteRunner:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The left-padded prompts ``[B, L]``; the rows of the next position ``[B, V]``."""
-        self.ids = _unpadded(input_ids, attention_mask)
+        self.start(input_ids, attention_mask)
         return self.member.next_rows(self.ids)[:, 0]
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Take the left-padded prompts ``[B, L]`` without a request (the first block's request starts there)."""
+        self.ids = _unpadded(input_ids, attention_mask)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row ``[B]``; the rows of the next position ``[B, V]``."""

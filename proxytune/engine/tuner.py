@@ -351,7 +351,8 @@ class ProxyTuner:
     def _run_batch(self, requests, return_logprobs: bool, use_cache: bool, speculative: int = 0):
         """Yield ``(TokenEvent, Row)`` for every token of every request in this batch: prefill, the first token,
         then the decode loop (:func:`proxytune.engine.loop.run_decode_loop`) over this tuner's decoder (the
-        speculative one with ``speculative`` drafts, when there is a cache)."""
+        speculative one with ``speculative`` drafts, when there is a cache). A served base that drafts blocks
+        draws the first tokens too: its decoder starts at the prompt (no one-token request first)."""
         rows, inputs = [], []
         for index, prompt, p in requests:
             context, per_model = self.ensemble.prompt_ids(index, prompt)
@@ -367,11 +368,17 @@ class ProxyTuner:
             return
         rows, inputs = [rows[j] for j in live], [inputs[j] for j in live]
         runners = [m.runner(use_cache) for m in self.models]
-        logits = [
-            runner.prefill(*left_pad([x[k] for x in inputs], self.pad_token_id, runner.device))
-            for k, runner in enumerate(runners)
-        ]
+        padded = [left_pad([x[k] for x in inputs], self.pad_token_id, r.device) for k, r in enumerate(runners)]
         state = SamplerState.for_requests([r.params for r in rows], [r.seed for r in rows], self.weights, self.device)
+        kw = dict(vocab_size=self.vocab_size, backend=self.backend, return_logprobs=return_logprobs)
+        if use_cache and speculative == 0 and getattr(self.base, "drafts_blocks", False):
+            # a served base drafts from the prompt on (its first request draws the first tokens), the small models verify
+            runners[0].start(*padded[0])
+            small = [r.prefill(*x) for r, x in zip(runners[1:], padded[1:])]
+            decoder = BaseDraftDecoder(runners, state, small, budgets=[r.budget for r in rows], block=self.base.block, **kw)
+            yield from run_decode_loop(decoder, rows, self.eos_token_ids, set())
+            return
+        logits = [runner.prefill(*x) for runner, x in zip(runners, padded)]
         tokens, logprobs = state.sample(logits, vocab_size=self.vocab_size, backend=self.backend,
                                         return_logprobs=return_logprobs, validate=True)  # fmt: skip
         state.step += 1
@@ -380,13 +387,9 @@ class ProxyTuner:
         yield from emit(rows, lambda: first, self.eos_token_ids, finished)
         if len(finished) == len(rows):
             return
-        kw = dict(vocab_size=self.vocab_size, backend=self.backend, return_logprobs=return_logprobs)
         if use_cache and speculative > 0:
             decoder = SpeculativeDecoder(runners, state, tokens, budgets=[r.budget - 1 for r in rows],
                                          draft_tokens=speculative, adaptive=self.speculative_adaptive, **kw)  # fmt: skip
-        elif use_cache and getattr(self.base, "drafts_blocks", False):  # a served base drafts, the small models verify
-            decoder = BaseDraftDecoder(runners, state, tokens, budgets=[r.budget - 1 for r in rows],
-                                       block=self.base.block, **kw)  # fmt: skip
         elif not use_cache or self.decode == "eager":
             decoder = EagerDecoder(runners, state, tokens, **kw)
         else:
