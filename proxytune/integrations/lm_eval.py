@@ -197,8 +197,10 @@ class ProxyTuneLM(LM):
         antis = pair_anti_experts([False] * len(models) + [True] * len(adapters), _split(anti_expert),
                                   experts_name="expert(s)", adapters_name="expert_adapter(s)",
                                   anti_name="anti_expert(s)")  # fmt: skip
-        experts = [ModelSpec(e, template=expert_template) for e in models] + [
-            ModelSpec(adapter=a, template=expert_template) for a in adapters]  # the engine refuses a template there
+        from proxytune.engine.adapters import read_adapter
+
+        experts = [ModelSpec(e, template=expert_template) for e in models] + [  # the engine refuses an adapter's template
+            ModelSpec(adapter=read_adapter(a, "expert_adapter"), template=expert_template) for a in adapters]
         ws = None
         if weights is not None:
             values = _split(weights)
