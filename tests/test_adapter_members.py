@@ -14,23 +14,9 @@ peft = pytest.importorskip("peft")
 from proxytune import Ensemble, ProxyTuner, SamplingParams  # noqa: E402
 from proxytune.engine.adapter_members import adapter_pairs  # noqa: E402
 from proxytune.engine.members import LocalModel  # noqa: E402
-from tiny_models import PROMPTS, tiny_model  # noqa: E402
+from tiny_models import LORA_ADAPTERS, PROMPTS, save_lora_adapter, tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def make_adapter(base, directory, seed: int, r: int, targets, recorded: str) -> str:
-    torch.manual_seed(seed)
-    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0,
-                             init_lora_weights=False, task_type="CAUSAL_LM")  # fmt: skip
-    model = peft.get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    model.peft_config["default"].base_model_name_or_path = recorded
-    model.save_pretrained(directory, safe_serialization=True)
-    return str(directory)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +26,7 @@ def family(tmp_path_factory):
     small = tiny_model("llama", seed=1)
     small.save_pretrained(root / "small")
     rec = str(root / "small")
-    dirs = [make_adapter(small, root / "a", 2, 4, ("q_proj", "v_proj", "down_proj"), rec),
-            make_adapter(small, root / "b", 3, 8, ("k_proj", "o_proj", "gate_proj", "up_proj"), rec)]  # fmt: skip
+    dirs = [save_lora_adapter(small, root / name, seed, r, targets, rec) for name, (seed, r, targets) in zip("ab", LORA_ADAPTERS)]
     merged = [peft.PeftModel.from_pretrained(copy.deepcopy(small), d).merge_and_unload().eval() for d in dirs]
     return {"big": big, "small": small, "small_dir": str(root / "small"), "dirs": dirs, "merged": merged}
 
@@ -84,11 +69,15 @@ def test_score_equals_the_merged_two_model_path(family, tok):
         assert g.token_logprobs == pytest.approx(w.token_logprobs, abs=1e-4)
 
 
-def test_static_decoding_is_refused_for_now(family, tok):
+@pytest.mark.parametrize("decode", ["static", "graph"])
+def test_static_and_graph_decoding_are_refused_naming_the_lora_pair(family, tok, decode):
     experts, antis = adapter_pairs(copy.deepcopy(family["small"]), family["dirs"][:1], anti_source=family["small_dir"])
     ensemble = Ensemble(LocalModel.adopt(family["big"], "base"), experts, antis, tokenizer=tok)
-    with pytest.raises(ValueError, match="decode='static' is not possible: expert 0 is not a local model"):
-        ProxyTuner(ensemble, decode="static")
+    with pytest.raises(ValueError, match=f"decode='{decode}' is not possible: expert 0 \\(.*/a\\) is one half of "
+                                         "LoRA pair 0, which runs as one stacked forward .* in the eager decoders"):
+        ProxyTuner(ensemble, decode=decode)
+    auto = ProxyTuner(ensemble)  # auto picks the eager decoder, and says why
+    assert auto.decode == "eager" and "LoRA pair 0" in auto.decode_reason
 
 
 @pytest.mark.parametrize("n", [1, 2], ids=["one adapter", "two adapters"])
@@ -128,7 +117,7 @@ def test_an_anti_expert_that_is_not_the_adapters_base_is_refused(family, tok):
     from proxytune.engine.adapters import AdapterError
 
     other = tiny_model("llama", seed=7)
-    with pytest.raises(AdapterError, match="anti_expert .* is not the base of expert_adapter 0"):
+    with pytest.raises(AdapterError, match="anti_expert some/other-model is not the base of expert_adapter 0"):
         adapter_pairs(other, family["dirs"][:1], anti_source="some/other-model")
 
 
@@ -174,7 +163,7 @@ def test_load_adapter_pairs_loads_the_recorded_base(family, tok, tmp_path):
     experts, antis = load_adapter_pairs(family["dirs"], family["small_dir"], mixed="peft")
     peft_way = ProxyTuner(Ensemble(LocalModel.adopt(family["big"], "base"), experts, antis)).generate(PROMPTS, params)
     assert experts[0].group.mixed == "peft" and [g.token_ids for g in peft_way] == [w.token_ids for w in want]
-    elsewhere = make_adapter(family["small"], tmp_path / "elsewhere", 9, 4, ("q_proj",), "someone/not-here")
+    elsewhere = save_lora_adapter(family["small"], tmp_path / "elsewhere", 9, 4, ("q_proj",), "someone/not-here")
     with pytest.raises(AdapterError, match="anti_expert: not given, and the adapters' recorded base 'someone/not-here'"):
         load_adapter_pairs([elsewhere])
 
@@ -190,3 +179,93 @@ def test_load_adapter_pairs_takes_a_peft_models_own_base(family, tok):
     got = ProxyTuner(Ensemble(LocalModel.adopt(family["big"], "base"), experts, antis, tokenizer=tok)).generate(PROMPTS, params)
     _, two = tuners(family, tok, 2)
     assert [g.token_ids for g in got] == [w.token_ids for w in two.generate(PROMPTS, params)]
+
+
+# ------------------------------------------------------------------ adapters as experts through Ensemble.load
+
+
+def loaded_tuner(family, tok, experts, antis, **kwargs):
+    """A ProxyTuner built by Ensemble.load over a copy of the large base (load_model moves a model in place)."""
+    return ProxyTuner(copy.deepcopy(family["big"]), experts, antis, tokenizer=tok, dtype="float32", device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("n", [1, 2], ids=["one adapter", "two adapters"])
+def test_model_spec_adapters_equal_the_merged_two_model_path(family, tok, n):
+    """``ModelSpec(adapter=D)`` experts with the anti-expert named, left out (None, or no list: the recorded
+    base) or both: one group over one loaded base, the members in the model order, the merged two-model path's
+    greedy tokens (left-padded batch, per-row weights)."""
+    from proxytune.engine.adapter_members import AdapterMember
+    from proxytune.engine.ensemble import role_names
+    from proxytune.engine.loading import ModelSpec
+
+    _, two = tuners(family, tok, n)
+    weights = [[1.0], [0.5], [2.0], [1.5]] if n == 1 else [[1.0, 0.5], [0.25, 1.5], [2.0, 0.0], [0.75, 0.75]]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=8, weights=w) for w in weights]
+    want = [g.token_ids for g in two.generate(PROMPTS, params)]
+    experts = [ModelSpec(adapter=d) for d in family["dirs"][:n]]
+    for antis in ([family["small_dir"]] * n, None, (), [None, family["small_dir"]][:n]):
+        tuner = loaded_tuner(family, tok, experts, antis)
+        pair_members = tuner.experts + tuner.anti_experts
+        assert all(isinstance(m, AdapterMember) for m in pair_members) and len({id(m.group) for m in pair_members}) == 1
+        assert [m.name for m in tuner.models] == role_names(n) and tuner.decode == "eager"
+        assert [g.token_ids for g in tuner.generate(PROMPTS, params)] == want, antis
+
+
+def test_adapter_and_model_experts_mix_and_groups_follow_the_anti_expert(family, tok, tmp_path):
+    """An adapter expert beside an ordinary one (anti-experts one per pair, or one per ordinary expert); two
+    adapters over two copies of their base (other directories, same weights) are two groups."""
+    from proxytune.engine.loading import ModelSpec
+
+    _, two = tuners(family, tok, 2)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, weights=[1.0, 0.5])
+    want = [g.token_ids for g in two.generate(PROMPTS, params)]
+    for antis in ([family["small_dir"], family["small"]], [family["small"]]):
+        tuner = loaded_tuner(family, tok, [ModelSpec(adapter=family["dirs"][0]), family["merged"][1]], antis)
+        assert type(tuner.experts[0]).__name__ == "AdapterMember" and isinstance(tuner.experts[1], LocalModel)
+        assert [g.token_ids for g in tuner.generate(PROMPTS, params)] == want
+    copy_dir = tmp_path / "small-copy"
+    family["small"].save_pretrained(copy_dir)  # not the recorded base's directory: its weights are compared
+    tuner = loaded_tuner(family, tok, [ModelSpec(adapter=d) for d in family["dirs"]], [family["small_dir"], copy_dir])
+    assert tuner.experts[0].group is not tuner.experts[1].group
+    assert [g.token_ids for g in tuner.generate(PROMPTS, params)] == want
+
+
+def test_a_peft_model_as_an_expert_runs_over_its_own_base(family, tok):
+    from proxytune.engine.adapters import AdapterError
+
+    _, two = tuners(family, tok, 1)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    want = [g.token_ids for g in two.generate(PROMPTS, params)]
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(family["small"]), family["dirs"][0])
+    tuner = loaded_tuner(family, tok, [model], None)
+    assert tuner.experts[0].group.model is model
+    assert [g.token_ids for g in tuner.generate(PROMPTS, params)] == want
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(family["small"]), family["dirs"][0])
+    with pytest.raises(AdapterError, match="anti-expert 0 .* is not the base of expert 0 <PeftModel adapter 'default'>"):
+        loaded_tuner(family, tok, [model], [tiny_model("llama", seed=7)])
+
+
+def test_bad_adapter_experts_are_clear_errors(family, tok, tmp_path):
+    """Each names the argument: before any model loads for the spec and pairing errors; an anti-expert that is
+    not the adapter's base (same config, other weights) when it has loaded."""
+    from proxytune.engine.loading import ModelSpec
+
+    d0, d1, small = family["dirs"][0], family["dirs"][1], family["small_dir"]
+    other = tmp_path / "other"
+    tiny_model("llama", seed=7).save_pretrained(other)
+    cases = [
+        ([ModelSpec(small, adapter=d0)], [small], "expert 0: give model= or adapter=, not both"),
+        ([ModelSpec(adapter=tmp_path / "nowhere")], None, "expert 0: no such adapter directory"),
+        ([ModelSpec(adapter=d0, template="chat")], None, "expert 0: a LoRA adapter takes no template"),
+        ([family["merged"][0]], None, "anti-experts: pair 0 has no anti-expert"),
+        ([ModelSpec(adapter=d0), ModelSpec(adapter=d1)], [small] * 3,
+         "got 0 experts and 2 adapter experts but 3 anti-experts; give one per pair, or one per ordinary expert"),
+        ([ModelSpec(adapter=d0)], [ModelSpec(adapter=d1)], "anti-expert 0: an anti-expert is a model, not an adapter"),
+        ([ModelSpec(adapter=d0)], [ModelSpec(small, template="chat")], "anti-expert 0: the base of a LoRA adapter .* no template"),
+        ([ModelSpec(adapter=d0)], [str(other)], f"anti-expert 0 {other} is not the base of expert 0 {d0} .*different weights"),
+    ]  # fmt: skip
+    for experts, antis, message in cases:
+        with pytest.raises(ValueError, match=message):
+            loaded_tuner(family, tok, experts, antis)
+    with pytest.raises(ValueError, match="base: adapter= is for experts only"):
+        ProxyTuner(ModelSpec(adapter=d0), tokenizer=tok)

@@ -362,7 +362,11 @@ def test_peft_is_imported_only_when_an_adapter_is_used():
     import subprocess
     import sys
 
-    code = "import sys, proxytune, proxytune.engine, proxytune.engine.adapters; print('peft' in sys.modules)"
+    code = ("import sys, proxytune, proxytune.engine, proxytune.engine.adapters, proxytune.engine.adapter_experts, "
+            "proxytune.engine.adapter_members, proxytune.cli.models; from proxytune.cli import _parser; "
+            "from proxytune.engine.adapter_experts import is_adapter, pair_anti_experts; _parser(); "
+            "assert not is_adapter('some/model') and pair_anti_experts([False], ['a']) == ['a']; "
+            "print('peft' in sys.modules)")  # Ensemble.load asks is_adapter of every expert
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

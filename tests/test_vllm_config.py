@@ -106,7 +106,7 @@ def test_different_vocabularies_are_refused(models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--expert", "E"], "got 1 --expert but 0 --anti-expert; give them in pairs"),
+    (["--expert", "E"], "got 1 --expert but 0 --anti-expert; they come in pairs"),
     ([], "needs at least one --expert and --anti-expert pair"),
     (["--expert", "E", "--expert", "E", "--anti-expert", "A"], "got 2 --expert but 1 --anti-expert"),
     (["--expert", "E", "--anti-expert", "A", "--alpha", "1", "--alpha", "2"], "--alpha: give one for all pairs or one per pair (1), got 2"),

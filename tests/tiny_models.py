@@ -108,3 +108,49 @@ def save_trio(root, kinds=("llama", "llama", "llama")) -> dict[str, str]:
 def trio_args(command: str, dirs: dict[str, str], *extra: str) -> list[str]:
     """``proxytune COMMAND`` over a :func:`save_trio`, quiet."""
     return [command, "--base", dirs["base"], "--expert", dirs["expert"], "--anti-expert", dirs["anti"], "-q", *extra]
+
+
+def save_lora_adapter(small, directory, seed: int, r: int, targets, recorded: str) -> str:
+    """A LoRA adapter made by PEFT on a copy of ``small`` (rank ``r`` on ``targets``, random non-zero ``B`` so
+    it matters), recording ``recorded`` as its base, saved to ``directory`` (safetensors)."""
+    import copy
+
+    import peft
+
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0,
+                             init_lora_weights=False, task_type="CAUSAL_LM")  # fmt: skip
+    model = peft.get_peft_model(copy.deepcopy(small), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.peft_config["default"].base_model_name_or_path = recorded
+    model.save_pretrained(directory, safe_serialization=True)
+    return str(directory)
+
+
+LORA_ADAPTERS = ((2, 4, ("q_proj", "v_proj", "down_proj")), (3, 8, ("k_proj", "o_proj", "gate_proj", "up_proj")))
+
+
+def save_lora_family(root) -> dict:
+    """On disk under ``root``, with the tiny tokenizer: a large base ``"big"`` (Llama, hidden 64), a small base
+    ``"small"``, two LoRA adapters on it recording it as their base (``"adapters"``, seeds and shapes
+    :data:`LORA_ADAPTERS`), and each merged into a copy of it (``"merged"``: the two-model path's experts)."""
+    import copy
+
+    import peft
+
+    big, small = tiny_model("llama", seed=0, hidden=64), tiny_model("llama", seed=1)
+    out = {"big": os.path.join(root, "big"), "small": os.path.join(root, "small"), "adapters": [], "merged": []}
+    for name, model in (("big", big), ("small", small)):
+        model.save_pretrained(out[name])
+        tiny_tokenizer().save_pretrained(out[name])
+    for i, (seed, r, targets) in enumerate(LORA_ADAPTERS):
+        d = save_lora_adapter(small, os.path.join(root, f"lora{i}"), seed, r, targets, out["small"])
+        merged = peft.PeftModel.from_pretrained(copy.deepcopy(small), d).merge_and_unload()
+        out["adapters"].append(d)
+        out["merged"].append(os.path.join(root, f"merged{i}"))
+        merged.save_pretrained(out["merged"][-1])
+        tiny_tokenizer().save_pretrained(out["merged"][-1])
+    return out

@@ -18,8 +18,12 @@ def add_model_flags(p: argparse.ArgumentParser, *, loading: bool = True) -> None
     model = nonempty("a directory or hub id")
     p.add_argument("--base", required=not loading, type=model, action=Once,
                    help="the base model (directory or hub id)" + ("; or --base-url" if loading else ""))  # fmt: skip
-    p.add_argument("--expert", action="append", type=model, help="a tuned small model; repeat for several pairs")
-    p.add_argument("--anti-expert", action="append", type=model, help="the expert's untuned counterpart; one per --expert")
+    p.add_argument("--expert", action=PairFlag, type=model, help="a tuned small model; repeat for several pairs")
+    p.add_argument("--expert-adapter", action=PairFlag, type=model, metavar="DIR",
+                   help="a LoRA adapter (PEFT directory) as an expert: its base, with and without it, in one forward; "
+                        "repeatable; its --anti-expert may be left out (the adapter's recorded base)")  # fmt: skip
+    p.add_argument("--anti-expert", action="append", type=model,
+                   help="the expert's untuned counterpart: one per pair in order, or one per --expert only")  # fmt: skip
     p.add_argument("--alpha", type=ALPHA, action="append",
                    help="weight of (expert - anti-expert): one for all pairs or one per pair (default 1.0)")  # fmt: skip
     p.add_argument("--tokenizer", default=None, type=model, action=Once, help="the shared tokenizer (default: the base's)")
@@ -85,20 +89,52 @@ def check_base(args: argparse.Namespace) -> None:
             raise CliError(str(e)) from None
 
 
-def pairs(args: argparse.Namespace, *, required: bool = False) -> tuple[list[str], list[str], list[float]]:
-    """``(experts, anti_experts, one weight per pair)`` from the flags, checked before anything loads."""
-    experts, antis = args.expert or [], args.anti_expert or []
-    if required and not experts:
+class PairFlag(argparse._AppendAction):
+    """``--expert`` / ``--expert-adapter``: appended to its own list and, tagged, to ``args.pair_flags`` (the
+    pairs in command-line order, which ``--anti-expert`` and ``--alpha`` follow)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        namespace.pair_flags = (getattr(namespace, "pair_flags", None) or []) + [(self.dest, values)]
+
+
+def pairs(args: argparse.Namespace, *, required: bool = False) -> tuple[list, list[str], list[float]]:
+    """``(experts, anti_experts, one weight per pair)`` from the flags, checked before anything loads: an
+    expert is a model's directory or hub id, or an :class:`~proxytune.engine.adapters.Adapter` read from
+    ``--expert-adapter`` (its anti-expert, when not given, the adapter's recorded base found here). The
+    anti-experts pair up by the ensemble's rule (:func:`~proxytune.engine.adapter_experts.pair_anti_experts`)."""
+    order = getattr(args, "pair_flags", None) or []
+    adapters = [dest == "expert_adapter" for dest, _ in order]
+    if required and not order:
         raise CliError(f"{args.command} needs at least one --expert and --anti-expert pair")
-    if len(experts) != len(antis):
-        raise CliError(f"got {len(experts)} --expert but {len(antis)} --anti-expert; give them in pairs")
+    from proxytune.engine.adapter_experts import pair_anti_experts
+
+    try:
+        antis = pair_anti_experts(adapters, args.anti_expert or [], experts_name="--expert",
+                                  adapters_name="--expert-adapter", anti_name="--anti-expert")  # fmt: skip
+    except ValueError as e:
+        raise CliError(str(e)) from None
     for flag, value in (("--alpha", args.alpha), ("--expert-template", getattr(args, "expert_template", None))):
-        if value is not None and not experts:
+        if value is not None and not order:
             raise CliError(f"{flag} needs --expert and --anti-expert (it applies to the expert pairs)")
     alphas = args.alpha or [1.0]
-    if len(alphas) not in (1, len(experts)):
-        raise CliError(f"--alpha: give one for all pairs or one per pair ({len(experts)}), got {len(alphas)}")
-    return experts, antis, alphas * len(experts) if len(alphas) == 1 else alphas
+    if len(alphas) not in (1, len(order)):
+        raise CliError(f"--alpha: give one for all pairs or one per pair ({len(order)}), got {len(alphas)}")
+    experts = [value for _, value in order]
+    if any(adapters):
+        experts, antis = _read_adapters(experts, antis, adapters)
+    return experts, antis, alphas * len(order) if len(alphas) == 1 else alphas
+
+
+def _read_adapters(experts: list, antis: list, adapters: list[bool]) -> tuple[list, list]:
+    """Each ``--expert-adapter`` read (its files and config checked), and its anti-expert, when not given, the
+    adapter's recorded base found on this machine: errors name the flags."""
+    from proxytune.engine.adapter_members import recorded_base_of
+    from proxytune.engine.adapters import read_adapter
+
+    experts = [read_adapter(e, "--expert-adapter") if a else e for e, a in zip(experts, adapters)]
+    antis = [recorded_base_of([e], "--anti-expert") if x is None else x for e, x in zip(experts, antis)]
+    return experts, antis
 
 
 def _check_device(flag: str, value: Optional[str]):
@@ -157,7 +193,8 @@ def load_tuner(args: argparse.Namespace, experts, antis, weights, progress: bool
         base.connect()
     return ProxyTuner(
         base,
-        [ModelSpec(e, device=small_device, template=args.expert_template) for e in experts],
+        [ModelSpec(e, device=small_device, template=args.expert_template) if isinstance(e, str)  # an adapter:
+         else ModelSpec(adapter=e, device=small_device, template=args.expert_template) for e in experts],  # read
         [ModelSpec(a, device=small_device) for a in antis],
         weights=weights, tokenizer=args.tokenizer, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
         backend=args.backend, progress=progress, **options,

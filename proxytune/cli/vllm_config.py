@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import argparse
 
-from proxytune.cli.args import Once, nonempty
+from proxytune.cli.args import CliError, Once, nonempty
 from proxytune.cli.models import add_model_flags, pairs
 
 __all__ = ["add_vllm_config_parser"]
 
 
 def _vllm_config(args: argparse.Namespace) -> int:
+    from proxytune.integrations.vllm.config import adapter_refusal, write_model_dir
+
+    if args.expert_adapter:
+        raise CliError(str(adapter_refusal(f"--expert-adapter {args.expert_adapter[0]}")))
     experts, antis, weights = pairs(args, required=True)
-    from proxytune.integrations.vllm.config import write_model_dir
 
     block = write_model_dir(  # its errors (VllmConfigError, vocabulary, loading) are ValueErrors: one line each
         args.output, args.base, experts, antis, weights,

@@ -16,8 +16,8 @@ for all rows (every view forgets what the rows did not keep), a row move (``sele
 
 Checks that cost a host sync: a token tensor that is not the logged one is compared by value (in speculative
 rounds; an eager step feeds every view the same tensor, and that is never compared), and the ``kept`` counts
-of a rollback. The members have no ``module``, so the static and CUDA-graph decoders refuse them by the
-ensemble's rule (eager and speculative only, for now).
+of a rollback. The members have no ``module``: the static and CUDA-graph decoders refuse them, saying why
+(:attr:`AdapterMember.eager_only`), and ``decode="auto"`` picks the eager decoder.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from proxytune.engine.stacked_adapters import StackedAdapterRunner, stack_adapte
 from proxytune.engine.members import Member, logits_width
 from proxytune.engine.runner import position_limit
 
-__all__ = ["AdapterGroup", "AdapterMember", "adapter_pairs", "load_adapter_pairs"]
+__all__ = ["AdapterGroup", "AdapterMember", "adapter_pairs", "load_adapter_pairs", "recorded_base_of"]
 
 
 class _Batch:
@@ -216,6 +216,13 @@ class AdapterMember(Member):
     def position_limit(self) -> Optional[int]:
         return self.group.position_limit
 
+    @property
+    def eager_only(self) -> str:
+        pair = self.name.split()[-1]
+        return (f"{self.name} ({self.source}) is one half of LoRA pair {pair}, which runs as one stacked forward "
+                f"over the adapter's base model in the eager decoders (decode='auto' or 'eager'; speculative "
+                f"decoding works too)")  # fmt: skip
+
     def runner(self, use_cache: bool = True) -> _ViewRunner:
         if not use_cache:
             raise ValueError(f"{self.name}: a LoRA adapter pair decodes with its KV cache (use_cache=False is not supported)")
@@ -226,61 +233,72 @@ class AdapterMember(Member):
 
 
 def adapter_pairs(anti_module: Any, adapters: Sequence[Any], *, anti_source: Optional[str] = None,
-                  names: Optional[Sequence[str]] = None, mixed: str = "auto", first_pair: int = 0,
-                  tokenizer: Any = None) -> tuple[list[AdapterMember], list[AdapterMember]]:  # fmt: skip
+                  names: Optional[Sequence[str]] = None, mixed: str = "auto", pairs: Optional[Sequence[int]] = None,
+                  tokenizer: Any = None, anti_argument: str = "anti_expert") -> tuple[list[AdapterMember], list[AdapterMember]]:  # fmt: skip
     """``(experts, anti_experts)``: one pair per adapter (a directory, a ``PeftModel`` or an :class:`Adapter`)
     over ``anti_module`` (named ``anti_source`` by the user, for the base check), every pair one view of a
     single stacked forward. Each adapter is checked against the anti-expert first
-    (:func:`~proxytune.engine.adapters.check_adapter`). ``anti_module`` is wrapped in place
-    (:func:`~proxytune.engine.stacked_adapters.stack_adapters`): do not use it as a plain model afterwards.
-    ``first_pair``: the index of the first pair in the ensemble (for the members' names); ``tokenizer``: the
-    base's own tokenizer, given to every member (for the ensemble's shared-vocabulary check)."""
-    read = [a if isinstance(a, Adapter) else read_adapter(a, f"expert_adapter {first_pair + i}")
-            for i, a in enumerate(adapters)]  # fmt: skip
+    (:func:`~proxytune.engine.adapters.check_adapter`; ``anti_argument`` names the anti-expert in its errors).
+    ``anti_module`` is wrapped in place (:func:`~proxytune.engine.stacked_adapters.stack_adapters`): do not use
+    it as a plain model afterwards. ``pairs``: each adapter's pair index in the ensemble (for the members'
+    names; default ``0, 1, ...``); ``tokenizer``: the base's own tokenizer, given to every member (for the
+    ensemble's shared-vocabulary check)."""
+    pairs = list(pairs) if pairs is not None else list(range(len(adapters)))
+    if len(pairs) != len(adapters):
+        raise ValueError(f"pairs: one pair index per adapter ({len(adapters)}), got {len(pairs)}")
+    read = [a if isinstance(a, Adapter) else read_adapter(a, f"expert_adapter {p}") for p, a in zip(pairs, adapters)]
     for a in read:
         own = a.peft_model.get_base_model() if a.peft_model is not None else None
-        check_adapter(a, anti_module if anti_module is not None else own, anti_source)
+        check_adapter(a, anti_module if anti_module is not None else own, anti_source, anti_argument)
     model, names = stack_adapters(anti_module, read, names)
     group = AdapterGroup(model, names, mixed)
-    experts = [AdapterMember(group, g, f"expert {first_pair + g}", a.source) for g, a in enumerate(read)]
-    antis = [AdapterMember(group, len(read), f"anti-expert {first_pair + g}", anti_source or "the adapters' base")
-             for g in range(len(read))]  # fmt: skip
+    experts = [AdapterMember(group, g, f"expert {p}", a.source) for g, (p, a) in enumerate(zip(pairs, read))]
+    antis = [AdapterMember(group, len(read), f"anti-expert {p}", anti_source or "the adapters' base") for p in pairs]
     for m in experts + antis:
         m.tokenizer = tokenizer
     return experts, antis
 
 
-def load_adapter_pairs(adapters: Sequence[Any], anti_expert: Any = None, *, dtype: Any = None, device: Any = None,
-                       trust_remote_code: bool = False, mixed: str = "auto", first_pair: int = 0,
-                       progress: bool = False) -> tuple[list[AdapterMember], list[AdapterMember]]:  # fmt: skip
-    """:func:`adapter_pairs` with the anti-expert loaded: ``anti_expert`` (a directory, a hub id, a
-    ``ModelSpec`` or a loaded model), or, when it is None, the adapters' recorded base (every adapter must
-    record the same one, found on this machine by :func:`~proxytune.engine.adapters.recorded_base_path`).
-    Loaded by the engine's :func:`~proxytune.engine.loading.load_model` (safetensors only, its own tokenizer,
-    the default dtype and device rules); the entry point ``Ensemble.load`` will call this for adapter experts."""
+def recorded_base_of(adapters: Sequence[Adapter], argument: str = "anti_expert") -> str:
+    """The directory of the adapters' recorded base on this machine (every adapter must record the same one,
+    found by :func:`~proxytune.engine.adapters.recorded_base_path`): the anti-expert when none is named.
+    :class:`~proxytune.engine.adapters.AdapterError` naming ``argument`` otherwise."""
     from proxytune.engine.adapters import AdapterError, recorded_base_path
-    from proxytune.engine.loading import ModelSpec, load_model
 
-    read = [a if isinstance(a, Adapter) else read_adapter(a, f"expert_adapter {first_pair + i}")
-            for i, a in enumerate(adapters)]  # fmt: skip
+    found = {recorded_base_path(a) for a in adapters}
+    recorded = sorted({str(a.recorded_base) for a in adapters})
+    if None in found or len(found) != 1:
+        raise AdapterError(f"{argument}: not given, and the adapters' recorded base "
+                           + (f"{recorded[0]!r} is not on this machine" if len(recorded) == 1 and None in found
+                              else f"is not one model found here ({', '.join(recorded)})")
+                           + "; name the anti-expert (the adapters' base)")  # fmt: skip
+    return found.pop()
+
+
+def load_adapter_pairs(adapters: Sequence[Any], anti_expert: Any = None, *, dtype: Any = None, device: Any = None,
+                       trust_remote_code: bool = False, mixed: str = "auto", pairs: Optional[Sequence[int]] = None,
+                       progress: bool = False, anti_argument: str = "anti_expert",
+                       ) -> tuple[list[AdapterMember], list[AdapterMember]]:  # fmt: skip
+    """:func:`adapter_pairs` with the anti-expert loaded: ``anti_expert`` (a directory, a hub id, a
+    ``ModelSpec`` or a loaded model), or, when it is None, the adapters' recorded base
+    (:func:`recorded_base_of`) or, for adapters inside a ``PeftModel``, that model's own base. Loaded by the
+    engine's :func:`~proxytune.engine.loading.load_model` (safetensors only, its own tokenizer, the default
+    dtype and device rules). ``Ensemble.load`` calls this once per group of adapter experts that share an
+    anti-expert (:mod:`proxytune.engine.adapter_experts`)."""
+    from proxytune.engine.adapters import AdapterError
+    from proxytune.engine.loading import ModelSpec, check_device, load_model, parse_dtype
+
+    pairs = list(pairs) if pairs is not None else list(range(len(adapters)))
+    read = [a if isinstance(a, Adapter) else read_adapter(a, f"expert_adapter {p}") for p, a in zip(pairs, adapters)]
     if not read:
         raise AdapterError("expert_adapter: no adapters given")
     if anti_expert is None and all(a.peft_model is not None for a in read):  # their base is in hand
-        return adapter_pairs(None, read, mixed=mixed, first_pair=first_pair, names=[a.peft_name for a in read])
+        return adapter_pairs(None, read, mixed=mixed, pairs=pairs, names=[a.peft_name for a in read])
     if anti_expert is None:
-        found = {recorded_base_path(a) for a in read}
-        recorded = sorted({str(a.recorded_base) for a in read})
-        if None in found or len(found) != 1:
-            raise AdapterError("anti_expert: not given, and the adapters' recorded base "
-                               + (f"{recorded[0]!r} is not on this machine" if len(recorded) == 1 and None in found
-                                  else f"is not one model found here ({', '.join(recorded)})")
-                               + "; name the anti-expert (the adapters' base)")  # fmt: skip
-        anti_expert = found.pop()
+        anti_expert = recorded_base_of(read, anti_argument)
     spec = anti_expert if isinstance(anti_expert, ModelSpec) else ModelSpec(anti_expert)
-    from proxytune.engine.loading import check_device, parse_dtype
-
-    member = load_model(spec, f"anti-expert {first_pair}", dtype=parse_dtype(dtype), device=check_device(device),
+    member = load_model(spec, f"anti-expert {pairs[0]}", dtype=parse_dtype(dtype), device=check_device(device),
                         trust_remote_code=trust_remote_code, progress=progress)  # fmt: skip
     source = spec.model if isinstance(spec.model, (str, os.PathLike)) else None
     return adapter_pairs(member.module, read, anti_source=os.fspath(source) if source is not None else None,
-                         mixed=mixed, first_pair=first_pair, tokenizer=member.tokenizer)  # fmt: skip
+                         mixed=mixed, pairs=pairs, tokenizer=member.tokenizer, anti_argument=anti_argument)  # fmt: skip

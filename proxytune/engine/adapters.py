@@ -1,8 +1,9 @@
 """LoRA experts: a PEFT adapter and its base model as one pair, run as one stacked forward over shared weights.
 
 Proxy-tuning with a LoRA adapter needs no second small model: the expert is base + adapter and the
-anti-expert is exactly the adapter's base. This module holds the two halves of that (issue 25's groundwork;
-the ensemble member that uses them comes with the engine wiring):
+anti-expert is exactly the adapter's base. This module reads and checks adapters; the stacked forward is
+:mod:`proxytune.engine.stacked_adapters`, the ensemble members :mod:`proxytune.engine.adapter_members`, and
+``Ensemble.load``'s adapter experts :mod:`proxytune.engine.adapter_experts`.
 
 **Reading and checking an adapter** (:func:`read_adapter`, :func:`check_adapter`). An adapter is a directory
 with ``adapter_config.json`` (a LoRA config) and ``adapter_model.safetensors`` (pickled ``.bin`` weights are

@@ -118,30 +118,44 @@ class Ensemble:
              eos_token_ids: Optional[Sequence[int]] = None, trust_remote_code: bool = False,
              progress: bool = False) -> "Ensemble":  # fmt: skip
         """The ensemble of models given as hub ids, directories, ``PreTrainedModel`` s or ``ModelSpec`` s
-        (see :class:`~proxytune.ProxyTuner` for the arguments). Every cheap check (pairs, weights, paths,
-        dtypes, devices, a tokenizer path) runs before the first model loads."""
+        (see :class:`~proxytune.ProxyTuner` for the arguments); an expert may be a LoRA adapter
+        (``ModelSpec(adapter=...)``, a ``PeftModel``), its anti-expert then None (the adapter's recorded base)
+        or its base model, and adapters over one base share one stacked forward
+        (:mod:`proxytune.engine.adapter_experts`). Every cheap check (pairs, weights, paths, adapters, dtypes,
+        devices, a tokenizer path) runs before the first model loads."""
+        from proxytune.engine.adapter_experts import is_adapter, load_adapter_groups, pair_anti_experts, plan_adapter_pair
         from proxytune.engine.loading import ModelSpec, check_device, check_spec, load_model, load_tokenizer, parse_dtype
 
-        experts, anti_experts = check_pairs(experts, anti_experts)
+        experts = as_list(experts)
+        adapters = [is_adapter(e) for e in experts]
+        anti_experts = pair_anti_experts(adapters, anti_experts)
         if weights is not None:
             check_weights(weights, len(experts))
         check_bool(trust_remote_code, "trust_remote_code")
         dtype, device = parse_dtype(dtype), check_device(device, "device")
-        specs = [s if isinstance(s, (ModelSpec, Member)) else ModelSpec(s) for s in in_order(base, experts, anti_experts)]
-        named = list(zip(role_names(len(experts)), specs))
+        names = role_names(len(experts))
+        given = in_order(base, experts, anti_experts)
+        is_pair_half = in_order(False, adapters, adapters)  # an adapter pair's members load as its group
+        named = [(name, s if isinstance(s, (ModelSpec, Member)) else ModelSpec(s))
+                 for name, s, half in zip(names, given, is_pair_half) if not half]  # fmt: skip
         for name, spec in named:
-            if not isinstance(spec, Member):
+            if not isinstance(spec, Member):  # a member made by the caller (a served base) is taken as it is
                 check_spec(spec, name)
+        planned = [plan_adapter_pair(i, e, a, dtype=dtype, device=device)
+                   for i, (e, a, adapter) in enumerate(zip(experts, anti_experts, adapters)) if adapter]  # fmt: skip
         if isinstance(tokenizer, (str, os.PathLike)):  # before the models: a bad path fails at once
             tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         if progress and len(named) > 1:
             from tqdm.auto import tqdm
 
             named = tqdm(named, desc="loading models", unit="model", leave=False)
-        members = [spec if isinstance(spec, Member) else  # a member made by the caller (a served base) as it is
+        members = {name: spec if isinstance(spec, Member) else
                    load_model(spec, name, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                              progress=progress) for name, spec in named]  # fmt: skip
-        b, e, a = split_roles(members, len(experts))
+                              progress=progress) for name, spec in named}  # fmt: skip
+        for i, (expert, anti) in load_adapter_groups(planned, dtype=dtype, device=device,
+                                                     trust_remote_code=trust_remote_code, progress=progress).items():
+            members[f"expert {i}"], members[f"anti-expert {i}"] = expert, anti
+        b, e, a = split_roles([members[name] for name in names], len(experts))
         return cls(b, e, a, weights=weights, tokenizer=tokenizer, eos_token_ids=eos_token_ids)
 
     @classmethod

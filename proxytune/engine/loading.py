@@ -40,7 +40,14 @@ class ModelSpec:
     Parameters
     ----------
     model : str, os.PathLike or transformers.PreTrainedModel
-        A hub id (``"org/name"``), a local directory, or an already-loaded causal LM.
+        A hub id (``"org/name"``), a local directory, or an already-loaded causal LM. None for an adapter.
+    adapter : str, os.PathLike, peft.PeftModel or :class:`~proxytune.engine.adapters.Adapter`, optional
+        An expert given as a LoRA adapter (a PEFT directory with ``adapter_config.json`` and
+        ``adapter_model.safetensors``, or a loaded ``PeftModel``'s active adapter) instead of ``model``: the pair
+        is the adapter's base with and without the adapter, run as one stacked forward (``docs/lora.md``). Its
+        anti-expert is the entry at the same index of ``anti_experts``, or None: the adapter's recorded base
+        found on this machine. Experts only; ``dtype`` and ``device`` apply to the base model when the
+        anti-expert names none; no ``template`` or ``tokenizer`` (the pair shares its base's prompt ids).
     dtype : torch.dtype or str, optional
         ``"float32"``, ``"bfloat16"``, ``"float16"`` (or a torch dtype). Default: the tuner's ``dtype``.
     device : str or torch.device, optional
@@ -53,11 +60,12 @@ class ModelSpec:
         model's directory or hub id; none for a model object that does not come from a local directory.
     """
 
-    model: Any
+    model: Any = None
     dtype: Union[torch.dtype, str, None] = None
     device: Union[str, torch.device, None] = None
     template: Union[None, str, "PromptTemplate"] = None
     tokenizer: Any = None
+    adapter: Any = None
 
 
 LoadedModel = LocalModel  # the name before members.py: a local Hugging Face model
@@ -162,7 +170,12 @@ def hub_hint(source: str, kwargs: dict) -> str:
 
 def check_spec(spec: ModelSpec, name: str) -> None:
     """The cheap checks of one spec (paths exist, dtype and device make sense), run for every model before
-    the slow loading starts, so a typo in the last path fails at once."""
+    the slow loading starts, so a typo in the last path fails at once. (An expert's ``adapter=`` spec is
+    checked by :func:`proxytune.engine.adapter_experts.plan_adapter_pair`.)"""
+    if spec.adapter is not None:
+        raise ModelLoadError(f"{name}: adapter= is for experts only (a LoRA adapter's base is its anti-expert)")
+    if spec.model is None:
+        raise ModelLoadError(f"{name}: no model given (a hub id, a directory or a PreTrainedModel)")
     if isinstance(spec.model, (str, os.PathLike)):
         resolve_source(spec.model, name)
     parse_dtype(spec.dtype, f"{name}: dtype")

@@ -18,7 +18,7 @@ The interface (:class:`Member`) is all the engine reads of a model outside its o
   (cache row moves), each with its cache; and :meth:`Member.score_logits`, the logits of the last ``keep``
   positions of a left-padded batch without a cache (``ProxyTuner.score``).
 * ``module``: the ``torch.nn.Module``, only for the static and CUDA-graph decoders (None where there is
-  none: such a member runs in the eager decoders only).
+  none: such a member runs in the eager decoders only, for the reason :attr:`Member.eager_only` gives).
 
 A new kind of member (a base served over HTTP that returns top-k log-probabilities, a LoRA adapter sharing
 its anti-expert's weights) is one new subclass implementing these; the ensemble, the decoders and scoring
@@ -53,6 +53,12 @@ class Member:
     def position_limit(self) -> Optional[int]:
         """The most positions this member takes, prompt and new tokens together (None: no limit)."""
         return None
+
+    @property
+    def eager_only(self) -> Optional[str]:
+        """Why this member runs in the eager decoders only (None: it has a module the static step may take);
+        the static and CUDA-graph decoders refuse it with this reason."""
+        return f"{self.name} is not a local model" if self.module is None else None
 
     def template_ids(self, shared_tokenizer: Any) -> Optional[tuple[list[int], list[int]]]:
         """The template's prefix and suffix ids (None: no template), by this member's tokenizer if it has one."""

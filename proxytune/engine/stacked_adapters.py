@@ -26,6 +26,7 @@ from __future__ import annotations
 
 __all__ = ["stack_adapters", "StackedLogits", "StackedAdapterRunner", "GroupSlices", "slices_apply"]
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -76,7 +77,9 @@ def stack_adapters(anti_module: Any, adapters: Sequence[Adapter], names: Optiona
             continue
         config = _peft_config(a)
         if model is None:
-            model = PeftModel(base, config, adapter_name=name)
+            with warnings.catch_warnings():  # PEFT asks transformers a deprecated question: not the user's concern
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                model = PeftModel(base, config, adapter_name=name)
         else:
             model.add_adapter(name, config)
         result = set_peft_model_state_dict(model, a.weights, adapter_name=name)

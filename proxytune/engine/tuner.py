@@ -173,8 +173,8 @@ class ProxyTuner:
             raise ValueError(f"decode must be 'auto', 'eager', 'static' or 'graph', got {decode!r}")
         if decode == "eager":
             return "eager", None
-        local = next((m for m in self.models if m.module is None), None)
-        reason, caveat = (f"{local.name} is not a local model", None) if local is not None else \
+        eager_only = next((m.eager_only for m in self.models if m.eager_only is not None), None)
+        reason, caveat = (eager_only, None) if eager_only is not None else \
             static_support([m.module for m in self.models], [m.name for m in self.models])  # fmt: skip
         cuda = self.device.type == "cuda"
         if decode == "auto":

@@ -16,6 +16,8 @@ So ``lm_eval --model proxytune`` cannot find the model by itself; these do:
 Model args: ``base=`` or ``base_url=`` (a served base, ``docs/remote.md``; with ``base_model=``,
 ``base_logprobs=`` (``K`` or ``all``), ``base_tail=`` (``drop``/``floor``), ``base_block=`` (``N`` or
 ``adaptive``), as the command line's ``--base-*`` flags), ``expert=``, ``anti_expert=`` (several pairs: ``expert=E1|E2,anti_expert=A1|A2``),
+``expert_adapter=`` (LoRA adapter directories as experts, ``D1|D2``, after the ``expert=`` models; their
+anti-experts follow in ``anti_expert=``, or are left out: the adapters' recorded bases; ``docs/lora.md``),
 ``weights=`` (one for all pairs, or ``1.0|0.5``), ``dtype=`` (float32, bfloat16, float16; default as
 ``ProxyTuner``), ``tokenizer=``, ``expert_template=`` (e.g. ``chat``), ``max_gen_toks=`` (default 256),
 ``max_length=`` (default: the smallest position limit of the models, less the longest template),
@@ -135,6 +137,7 @@ class ProxyTuneLM(LM):
         base: Any = None,
         expert: Any = None,
         anti_expert: Any = None,
+        expert_adapter: Any = None,
         weights: Any = None,
         dtype: Optional[str] = None,
         device: Optional[str] = None,
@@ -160,8 +163,8 @@ class ProxyTuneLM(LM):
         served = dict(base_url=base_url, base_model=base_model, base_logprobs=base_logprobs, base_tail=base_tail,
                       base_block=base_block)  # fmt: skip
         try:
-            self._init(base, expert, anti_expert, weights, dtype, device, batch_size, tokenizer, expert_template,
-                       max_gen_toks, max_length, backend, trust_remote_code, tuner, served, unknown)  # fmt: skip
+            self._init(base, expert, anti_expert, expert_adapter, weights, dtype, device, batch_size, tokenizer,
+                       expert_template, max_gen_toks, max_length, backend, trust_remote_code, tuner, served, unknown)  # fmt: skip
         except BackendUnavailableError as e:
             raise ProxyTuneLMError(f"proxytune model args: backend: {e}") from None
         except RemoteError as e:  # the served base failed or refused (its URL and the server's words)
@@ -169,13 +172,13 @@ class ProxyTuneLM(LM):
         except (ValueError, TypeError) as e:  # one clear error naming the argument, without the chain
             raise _error("proxytune model args", e) from None
 
-    def _init(self, base, expert, anti_expert, weights, dtype, device, batch_size, tokenizer, expert_template,
-              max_gen_toks, max_length, backend, trust_remote_code, tuner, served, unknown) -> None:  # fmt: skip
+    def _init(self, base, expert, anti_expert, expert_adapter, weights, dtype, device, batch_size, tokenizer,
+              expert_template, max_gen_toks, max_length, backend, trust_remote_code, tuner, served, unknown) -> None:  # fmt: skip
         if unknown:
             raise ValueError(
                 f"unknown {', '.join(sorted(unknown))}; known: base, base_url, base_model, base_logprobs, base_tail, "
-                "base_block, expert, anti_expert, weights, dtype, tokenizer, expert_template, max_gen_toks, "
-                "max_length, backend, trust_remote_code (and lm-eval's --device, --batch_size)"
+                "base_block, expert, anti_expert, expert_adapter, weights, dtype, tokenizer, expert_template, "
+                "max_gen_toks, max_length, backend, trust_remote_code (and lm-eval's --device, --batch_size)"
             )
         base = self._served_base(base, **served)
         if isinstance(batch_size, str) and batch_size.strip().isdigit():
@@ -187,10 +190,10 @@ class ProxyTuneLM(LM):
         self.max_gen_toks = _integer(max_gen_toks, "max_gen_toks", 1)
         max_length = None if max_length is None else _integer(max_length, "max_length", 1)
         if tuner is None:
-            tuner = self._build(base, expert, anti_expert, weights, dtype, device, tokenizer, expert_template, backend,
-                                parse_bool(trust_remote_code, "trust_remote_code"))  # fmt: skip
-        elif base is not None or expert is not None or anti_expert is not None:
-            raise ValueError("give tuner= or base= / base_url= (with expert= / anti_expert=), not both")
+            tuner = self._build(base, expert, anti_expert, expert_adapter, weights, dtype, device, tokenizer,
+                                expert_template, backend, parse_bool(trust_remote_code, "trust_remote_code"))  # fmt: skip
+        elif base is not None or expert is not None or anti_expert is not None or expert_adapter is not None:
+            raise ValueError("give tuner= or base= / base_url= (with expert= / anti_expert= / expert_adapter=), not both")
         self.tuner = tuner
         self._device = tuner.device
         self._max_length = max_length or self._model_max_length()
@@ -217,15 +220,21 @@ class ProxyTuneLM(LM):
         return member
 
     @staticmethod
-    def _build(base, expert, anti_expert, weights, dtype, device, tokenizer, expert_template, backend, trust_remote_code):
+    def _build(base, expert, anti_expert, expert_adapter, weights, dtype, device, tokenizer, expert_template, backend,
+               trust_remote_code):  # fmt: skip
         from proxytune.engine import ModelSpec, ProxyTuner
+        from proxytune.engine.adapter_experts import pair_anti_experts
 
         if base is None:
             raise ValueError("base= (a model directory or hub id) or base_url= (a served model) is required")
-        experts, antis = _split(expert), _split(anti_expert)
-        if len(experts) != len(antis):
-            raise ValueError(f"got {len(experts)} expert(s) but {len(antis)} anti_expert(s); "
-                             "give them in pairs (several: expert=E1|E2,anti_expert=A1|A2)")  # fmt: skip
+        models, adapters = _split(expert), _split(expert_adapter)
+        antis = pair_anti_experts([False] * len(models) + [True] * len(adapters), _split(anti_expert),
+                                  experts_name="expert(s)", adapters_name="expert_adapter(s)",
+                                  anti_name="anti_expert(s)")  # fmt: skip
+        from proxytune.engine.adapters import read_adapter
+
+        experts = [ModelSpec(e, template=expert_template) for e in models] + [  # the engine refuses an adapter's template
+            ModelSpec(adapter=read_adapter(a, "expert_adapter"), template=expert_template) for a in adapters]
         ws = None
         if weights is not None:
             values = _split(weights)
@@ -233,7 +242,7 @@ class ProxyTuneLM(LM):
                                len(experts))  # fmt: skip
         dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
         return ProxyTuner(
-            base, [ModelSpec(e, template=expert_template) for e in experts], antis, weights=ws, tokenizer=tokenizer,
+            base, experts, antis, weights=ws, tokenizer=tokenizer,
             dtype=dtype, device=check_device(device, "device"), backend=backend, trust_remote_code=trust_remote_code,
             progress=True,
         )  # fmt: skip

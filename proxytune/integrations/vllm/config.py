@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 
 from proxytune._rules import check_bool, check_weights
 
-__all__ = ["ARCHITECTURE", "VllmConfigError", "ModelInfo", "kv_page_units", "check_kv_layouts", "write_model_dir"]
+__all__ = ["ARCHITECTURE", "VllmConfigError", "adapter_refusal", "ModelInfo", "kv_page_units", "check_kv_layouts", "write_model_dir"]
 
 ARCHITECTURE = "ProxyTunedForCausalLM"
 FORMAT = 1
@@ -37,6 +37,22 @@ WEIGHTS_TENSOR = "proxytune.pair_weights"
 
 class VllmConfigError(ValueError):
     """The checkpoints cannot be served together by the vLLM plugin (the message says which and why)."""
+
+
+def adapter_refusal(what: str) -> VllmConfigError:
+    """The one reason the plugin takes no LoRA adapter as an expert (``what``: the flag or role and its value).
+
+    vLLM's own LoRA support applies an adapter per request to the served model as a whole (a ``LoRARequest``
+    selects it for every token of the request), through layers vLLM swaps into that model; inside the
+    proxy-tuned model the expert and anti-expert are sub-models fed the same tokens of the same request, and
+    vLLM has no way to apply an adapter to the expert's sub-model only. A merged adapter is an ordinary
+    checkpoint, which the plugin serves."""
+    return VllmConfigError(
+        f"{what}: the vLLM plugin cannot take a LoRA adapter as an expert: vLLM applies a LoRA adapter per "
+        "request to the whole served model, not to the expert inside the proxy-tuned model alone; merge it into "
+        "its base (PeftModel.merge_and_unload(), then save_pretrained) and give that directory as --expert, with "
+        "the adapter's base as --anti-expert"
+    )
 
 
 @dataclass
@@ -196,6 +212,8 @@ def write_model_dir(
     out = Path(output)
 
     def source(role: str, s: str) -> str:
+        if (Path(s) / "adapter_config.json").is_file() and not (Path(s) / "config.json").is_file():
+            raise adapter_refusal(f"the {role} ({s})")
         r = resolve_source(s, role)
         return str(Path(r).absolute()) if Path(r).is_dir() else r
 
