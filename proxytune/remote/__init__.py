@@ -1,5 +1,6 @@
-"""A served base (issue 24): an OpenAI-compatible completions server gives the base's top-k log-probs, the
-small models run locally (``docs/semantics.md``, section 8).
+"""A served base's transport and math (``docs/remote.md``; the rule: ``docs/semantics.md``, section 8): an
+OpenAI-compatible completions server gives the base's top-k log-probs, the small models run locally. The
+ensemble member is :class:`proxytune.RemoteModel` (``engine/remote_base.py``), which uses these:
 
 * :mod:`proxytune.remote.client`: :class:`CompletionsClient` over httpx (the ``remote`` extra), :class:`RemoteError`;
 * :mod:`proxytune.remote.rows`: the top-k set as a dense row for the op, by the tail rule (``drop``/``floor``/``all``);
