@@ -74,26 +74,30 @@ def wait_for_quiet(limit_s: float = 180.0, threshold: float = 2.5) -> dict:
     return {"before_wait": first, "after_wait": load(), "waited_s": round(time.monotonic() - t0, 1)}
 
 
-def served_tuner(url, small, tok, logprobs, tail, block, weight=1.0):
+def served_tuner(url, small, tok, logprobs, tail, block, weight=1.0, concurrency=16):
     from proxytune import Ensemble, ProxyTuner
     from proxytune.engine.members import LocalModel
     from proxytune.engine.remote_base import RemoteModel
 
-    member = RemoteModel(url, "large-base", logprobs=logprobs, tail=tail, block=block, timeout=120, max_retries=1)
+    member = RemoteModel(url, "large-base", logprobs=logprobs, tail=tail, block=block, timeout=120, max_retries=1,
+                         max_concurrency=concurrency)  # fmt: skip
     pair = [LocalModel.adopt(small["expert"], "expert 0")], [LocalModel.adopt(small["anti"], "anti-expert 0")]
     return ProxyTuner(Ensemble(member, *pair, weights=[weight], tokenizer=tok)), member
 
 
-def timed_generate(tuner, member, prompts, batch_size, temperature, seed=None):
-    """The evaluation's answer call (``answer``'s arguments) timed, with tokens and requests counted."""
+def timed_generate(tuner, member, prompts, batch_size, temperature, seed=None, max_new_tokens=None, stop=("\n",)):
+    """The evaluation's answer call (``answer``'s arguments) timed, with tokens and requests counted; a sampled
+    run gives row ``i`` the seed ``seed + i``."""
+    from proxytune import SamplingParams
     from proxytune.tinyworld.evaluation import MAX_NEW_TOKENS
 
+    params = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens or MAX_NEW_TOKENS, stop=tuple(stop),
+                             seed=None if seed is None else seed + i) for i in range(len(prompts))]  # fmt: skip
     before = member.client.requests if member is not None else 0
     t0 = time.perf_counter()
     gens = []
     for s in range(0, len(prompts), batch_size):
-        gens += tuner.generate(prompts[s:s + batch_size], temperature=temperature, max_new_tokens=MAX_NEW_TOKENS,
-                               stop=["\n"], batch_size=batch_size, seed=seed)  # fmt: skip
+        gens += tuner.generate(prompts[s:s + batch_size], params[s:s + batch_size], batch_size=batch_size)
     seconds = time.perf_counter() - t0
     tokens = sum(len(g.token_ids) for g in gens)
     requests = member.client.requests - before if member is not None else None
@@ -115,6 +119,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sampled", action="store_true", help="skip the sampled (temperature 1.0) timing runs")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--report-only", metavar="JSON", help="rewrite the .md next to a saved JSON, run nothing")
+    ap.add_argument("--timing-only", metavar="JSON", help="keep a saved JSON's exact-match part, run the timing again")
+    ap.add_argument("--long-tokens", type=int, default=48,
+                    help="the long-generation timing: new tokens per row, no stop string (0: skip)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.report_only:
         with open(args.report_only) as f:
@@ -155,6 +162,15 @@ def main(argv=None) -> int:
     record: dict = {"command": command, "server_args": extra, "server_up_s": round(up_s, 1), "batch_size": bs,
                     "max_new_tokens": MAX_NEW_TOKENS, "weight": 1.0, "n_questions": len(questions)}  # fmt: skip
     try:
+        if args.timing_only:
+            with open(args.timing_only) as f:
+                saved = json.load(f)
+            for key in ("exact_match", "outputs", "correct", "n_questions"):
+                record[key] = saved[key]
+            record["exact_match_run"] = {k: saved[k] for k in ("command", "server_args", "load_start", "run_wall_s")}
+            outputs = saved["outputs"]
+            timing_part(args, record, url, small, tok, local, prompts, outputs, bs)
+            return finish(args, record, load_start, t_run, vllm, torch, transformers)
         # ---- 1. exact match -------------------------------------------------------------------------------
         outputs, seconds, requests = {}, {}, {}
         r = evaluate(limit=args.limit, tuners={LOCAL: local}, batch_size=bs)
@@ -187,32 +203,15 @@ def main(argv=None) -> int:
         record["outputs"] = outputs
         record["correct"] = {lab: em.correct(lab) for lab in outputs}
 
-        # ---- 2. requests per token and tokens/s ------------------------------------------------------------
-        tq = prompts[: args.timing_limit]
-        record["timing_questions"] = len(tq)
-        record["load_timing"] = wait_for_quiet()
-        print(f"load before timing: {record['load_timing']}", flush=True)
-        timing = []
-        temps = [(0.0, None)] + ([] if args.no_sampled else [(1.0, SEED)])
-        for temp, seed in temps:
-            res = timed_generate(local, None, tq, bs, temp, seed)
-            timing.append({"system": LOCAL, "block": "-", "temperature": temp, "seed": seed, **res})
-            print(f"T={temp} {LOCAL}: {res['tokens_per_s']} tok/s", flush=True)
-            for block in BLOCKS:
-                tuner, member = served_tuner(url, small, tok, 20, "drop", block)
-                res = timed_generate(tuner, member, tq, bs, temp, seed)
-                timing.append({"system": "served k=20 drop", "block": block, "temperature": temp, "seed": seed, **res})
-                print(f"T={temp} block={block}: {res['tokens_per_s']} tok/s, {res['requests_per_token']} req/token",
-                      flush=True)  # fmt: skip
-        for t in timing:  # greedy texts equal across blocks (a check), not stored per run
-            texts = t.pop("texts")
-            if t["temperature"] == 0.0 and t["system"] != LOCAL:
-                t["same_texts_as_exact_match_run"] = texts == outputs["served k=20 drop"][: len(tq)]
-        record["timing"] = timing
-        record["load_after"] = load()
+        timing_part(args, record, url, small, tok, local, prompts, outputs, bs)
     finally:
         stop_server(proc)
 
+    return finish(args, record, load_start, t_run, vllm, torch, transformers)
+
+
+def finish(args, record, load_start, t_run, vllm, torch, transformers) -> int:
+    """Versions, machine and run time into ``record``; the table printed and both files written."""
     record["load_start"] = load_start
     record["run_wall_s"] = round(time.monotonic() - t_run, 1)
     record["versions"] = {"vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
@@ -230,38 +229,78 @@ def main(argv=None) -> int:
     return 0
 
 
+def timing_part(args, record, url, small, tok, local, prompts, outputs, bs) -> None:
+    """Part 2: requests per token and tokens/s for every block against the local ProxyTuner (rows of a batch
+    all in flight: ``max_concurrency`` = the batch), greedy and sampled; then greedy without a stop string for
+    ``--long-tokens`` tokens (longer continuations, where the base's drafts are accepted longer)."""
+    tq = prompts[: args.timing_limit]
+    record["timing_questions"] = len(tq)
+    record["load_timing"] = wait_for_quiet()
+    print(f"load before timing: {record['load_timing']}", flush=True)
+    timing = []
+    runs = [(0.0, None, None, ("\n",))] + ([] if args.no_sampled else [(1.0, SEED, None, ("\n",))])
+    if args.long_tokens:
+        runs.append((0.0, None, args.long_tokens, ()))
+    for temp, seed, n_new, stop in runs:
+        qs = tq if n_new is None else tq[: bs]  # the long run: one batch
+        res = timed_generate(local, None, qs, bs, temp, seed, n_new, stop)
+        timing.append({"system": LOCAL, "block": "-", "temperature": temp, "seed": seed, "new_tokens": n_new,
+                       "questions": len(qs), **res})  # fmt: skip
+        print(f"T={temp} new={n_new} {LOCAL}: {res['tokens_per_s']} tok/s", flush=True)
+        for block in BLOCKS:
+            tuner, member = served_tuner(url, small, tok, 20, "drop", block, concurrency=bs)
+            res = timed_generate(tuner, member, qs, bs, temp, seed, n_new, stop)
+            timing.append({"system": "served k=20 drop", "block": block, "temperature": temp, "seed": seed,
+                           "new_tokens": n_new, "questions": len(qs), **res})  # fmt: skip
+            print(f"T={temp} new={n_new} block={block}: {res['tokens_per_s']} tok/s, {res['requests_per_token']} "
+                  "req/token", flush=True)  # fmt: skip
+            member.close()
+    for t in timing:  # greedy texts equal across blocks (a check), not stored per run
+        texts = t.pop("texts")
+        if t["temperature"] == 0.0 and t["system"] != LOCAL and t["new_tokens"] is None:
+            t["same_texts_as_exact_match_run"] = texts == outputs["served k=20 drop"][: len(tq)]
+    record["timing"] = timing
+    record["load_after"] = load()
+
+
 def report(rec: dict) -> str:
     n = rec["n_questions"]
+    em_run = rec.get("exact_match_run")  # set where the timing was run again over a saved exact-match part
     lines = [f"# tinyworld, large base served by vLLM, small pair local ({n} held-out questions)", "",
-             f"    $ {rec['command']}", "",
-             f"vLLM {rec['versions']['vllm']}, torch {rec['versions']['torch']}, transformers "
-             f"{rec['versions']['transformers']}; {rec['machine']['cpu']}, {rec['machine']['cores']} cores; "
-             f"server args {' '.join(rec['server_args'])}; batch {rec['batch_size']} prompts; weight 1.0; "
-             f"run {rec['run_wall_s']} s; load average (1, 5, 15 min) at start {rec['load_start']}, "
-             f"before timing {rec['load_timing']['after_wait']}, after {rec['load_after']}.", "",
-             "## Exact match (greedy, 95% bootstrap intervals over questions, 10,000 resamples, seed 0)", "",
-             "| system | logprobs | tail | block | exact match | 95% interval | in format | same answer as local | requests | s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"    $ {rec['command']}", ""]  # fmt: skip
+    if em_run:
+        lines += [f"(the timing part; the exact-match part is from `{em_run['command']}`, server args "
+                  f"{' '.join(em_run['server_args'])}, run {em_run['run_wall_s']} s, load at start "
+                  f"{em_run['load_start']})", ""]  # fmt: skip
+    lines += [f"vLLM {rec['versions']['vllm']}, torch {rec['versions']['torch']}, transformers "
+              f"{rec['versions']['transformers']}; {rec['machine']['cpu']}, {rec['machine']['cores']} cores; "
+              f"server args {' '.join(rec['server_args'])}; batch {rec['batch_size']} prompts; weight 1.0; "
+              f"run {rec['run_wall_s']} s; load average (1, 5, 15 min) at start {rec['load_start']}, "
+              f"before timing {rec['load_timing']['after_wait']}, after {rec['load_after']}.", "",
+              "## Exact match (greedy, 95% bootstrap intervals over questions, 10,000 resamples, seed 0)", "",
+              "| system | logprobs | tail | block | exact match | 95% interval | in format | same answer as local | requests | s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for lab, e in rec["exact_match"].items():
         lo, hi = e["exact_match_ci95"]
         lines.append(f"| {lab} | {e['logprobs']} | {e['tail']} | {e['block']} | {100 * e['exact_match']:.1f}% | "
                      f"[{100 * lo:.1f}, {100 * hi:.1f}] | {100 * e['in_format']:.1f}% | "
                      f"{100 * e['agreement_with_local']:.1f}% | {e['requests'] if e['requests'] is not None else '-'} | "
                      f"{e['seconds']} |")  # fmt: skip
-    lines += ["", f"## Requests per generated token and tokens/s (wall), logprobs 20, tail drop, "
-                  f"{rec['timing_questions']} questions, batch {rec['batch_size']}", "",
-              "| system | block | temperature | tokens | requests | requests/token | s | tokens/s |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", f"## Requests per generated token and tokens/s (wall), logprobs 20, tail drop, batch {rec['batch_size']}",
+              "", "| system | block | temperature | new tokens | questions | tokens | requests | requests/token | s | tokens/s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for t in rec["timing"]:
-        lines.append(f"| {t['system']} | {t['block']} | {t['temperature']}{' (seed %d)' % t['seed'] if t['seed'] is not None else ''} "
-                     f"| {t['tokens']} | {t['requests'] if t['requests'] is not None else '-'} | "
+        new = t.get("new_tokens") or f"answer (<= {rec['max_new_tokens']}, stop at newline)"
+        seed = f" (seeds {t['seed']}+i)" if t["seed"] is not None else ""
+        lines.append(f"| {t['system']} | {t['block']} | {t['temperature']}{seed} | {new} | "
+                     f"{t.get('questions', rec['timing_questions'])} | {t['tokens']} | "
+                     f"{t['requests'] if t['requests'] is not None else '-'} | "
                      f"{t['requests_per_token'] if t['requests_per_token'] is not None else '-'} | {t['seconds']} | "
                      f"{t['tokens_per_s']} |")  # fmt: skip
-    lines += ["", "Notes: the rows of a batch are concurrent requests, at most 16 in flight (the client's default "
-              "`max_concurrency`; `RemoteModel` does not expose it); the sampled runs give every row the same seed "
-              "(`seed=` override). A row's first token always costs one request of its own (the prefill), so with "
-              "answers of about 4-5 tokens requests/token cannot fall much below about 0.45 whatever the block. "
-              "Greedy texts of every block size equal the exact-match run's (`same_texts_as_exact_match_run`)."]  # fmt: skip
+    lines += ["", "Notes: every row of a batch is in flight at once (`max_concurrency` = the batch). A drafting "
+              "row's first request drafts from the prompt (no request for the first token alone); with `block=1` "
+              "every token is one request. Greedy texts of every block size equal the exact-match run's "
+              "(`same_texts_as_exact_match_run` in the JSON)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
