@@ -269,3 +269,22 @@ def test_bad_adapter_experts_are_clear_errors(family, tok, tmp_path):
             loaded_tuner(family, tok, experts, antis)
     with pytest.raises(ValueError, match="base: adapter= is for experts only"):
         ProxyTuner(ModelSpec(adapter=d0), tokenizer=tok)
+
+
+def test_a_model_object_an_adapter_runs_over_cannot_also_be_a_plain_member(family, tok):
+    """PEFT wraps an adapter pair's base model in place: the same object as another role would run with the
+    adapter on, so it is refused before anything loads, naming both roles (a directory, loaded twice, is fine)."""
+    from proxytune.engine.loading import ModelLoadError, ModelSpec
+
+    small = copy.deepcopy(family["small"])
+    adapter = ModelSpec(adapter=family["dirs"][0])
+    with pytest.raises(ModelLoadError, match="anti-expert 0: the same model object is also the anti-expert 1"):
+        loaded_tuner(family, tok, [adapter, family["merged"][1]], [small, small])
+    with pytest.raises(ModelLoadError, match="anti-expert 0: the same model object is also the base"):
+        ProxyTuner(small, [adapter], [small], tokenizer=tok)
+    peft_expert = peft.PeftModel.from_pretrained(copy.deepcopy(family["small"]), family["dirs"][0])
+    with pytest.raises(ModelLoadError, match="anti-expert 0: the same model object is also the anti-expert 1"):
+        loaded_tuner(family, tok, [peft_expert, family["merged"][1]], [None, peft_expert.get_base_model()])
+    assert not any("lora" in n for n, _ in small.named_modules())  # refused before PEFT touched it
+    tuner = loaded_tuner(family, tok, [adapter, family["merged"][1]], [family["small_dir"], family["small_dir"]])
+    assert tuner.anti_experts[1].module is not tuner.anti_experts[0].group.model.get_base_model()

@@ -48,6 +48,8 @@ def make_adapter(base, directory, seed: int, r: int = 4, targets=("q_proj", "v_p
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.2)  # large enough that the adapter moves the logits well past ATOL
+            elif "modules_to_save" in name:  # a whole trained module (a copy of the base's): moved too
+                p.add_(torch.randn_like(p), alpha=0.2)
     if recorded_base is not None:
         model.peft_config["default"].base_model_name_or_path = recorded_base
     model.save_pretrained(directory, safe_serialization=True)
@@ -356,6 +358,24 @@ def test_an_embedding_lora_runs_peft_mixed_batches(base, tmp_path):
     got = runner.prefill(ids, mask)
     torch.testing.assert_close(got.experts[0], runner_of(merged(base, d)).prefill(ids, mask), atol=ATOL, rtol=0)
     torch.testing.assert_close(got.anti, runner_of(base).prefill(ids, mask), atol=ATOL, rtol=0)
+
+
+def test_an_adapter_with_a_whole_trained_module_runs_peft_mixed_batches(base, tmp_path):
+    """``modules_to_save`` (here the head): PEFT's wrapper picks the trained copy by the active adapter, not by
+    row, so "slices" would run it on the base rows too: auto picks PEFT's mixed batch, "slices" refuses; the
+    base rows get the base's own head."""
+    d = make_adapter(base, tmp_path / "head", seed=16, targets=("q_proj",), modules_to_save=["lm_head"])
+    model, names = stack_adapters(copy.deepcopy(base), [read_adapter(d)])
+    with pytest.raises(AdapterError, match="mixed='slices' needs plain LoRA .*no modules_to_save"):
+        StackedAdapterRunner(model, names, mixed="slices")
+    runner = StackedAdapterRunner(model, names)
+    assert runner.mixed == "peft"
+    ids, mask = left_padded(17, [4, 2])
+    got = runner.prefill(ids, mask)
+    base_rows = runner_of(base).prefill(ids, mask)
+    torch.testing.assert_close(got.experts[0], runner_of(merged(base, d)).prefill(ids, mask), atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.anti, base_rows, atol=ATOL, rtol=0)
+    assert (got.experts[0] - base_rows).abs().max() > 100 * ATOL
 
 
 def test_peft_is_imported_only_when_an_adapter_is_used():

@@ -30,7 +30,8 @@ from proxytune.engine.adapters import Adapter, check_base, read_adapter
 from proxytune.engine.loading import ModelLoadError, ModelSpec, check_device, check_spec, parse_dtype, resolve_source
 from proxytune.engine.requests import as_list
 
-__all__ = ["is_adapter", "pair_anti_experts", "AdapterPair", "plan_adapter_pair", "load_adapter_groups"]
+__all__ = ["is_adapter", "pair_anti_experts", "AdapterPair", "plan_adapter_pair", "check_not_shared",
+           "load_adapter_groups"]
 
 
 def _is_peft_model(x: Any) -> bool:
@@ -118,6 +119,35 @@ def plan_adapter_pair(index: int, expert: Any, anti_expert: Any, *, dtype: Any =
         source = os.path.realpath(source) if Path(source).is_dir() else source
         return AdapterPair(index, adapter, anti, ("source", source, *where))
     return AdapterPair(index, adapter, anti, ("module", id(anti.model), *where))
+
+
+def _wrapped(pair: AdapterPair) -> list:
+    """The model objects a pair's stacked forward runs over (PEFT puts its layers into them): a ``PeftModel``
+    and its base, or a loaded anti-expert module; [] where the anti-expert is loaded from a path."""
+    if pair.adapter.peft_model is not None:
+        return [pair.adapter.peft_model, pair.adapter.peft_model.get_base_model()]
+    if pair.anti is not None and not isinstance(pair.anti.model, (str, os.PathLike)):
+        return [pair.anti.model]
+    return []
+
+
+def check_not_shared(pairs: Sequence[AdapterPair], others: Sequence[tuple[str, Any]]) -> None:
+    """A model object an adapter pair runs over must not also be one of ``others`` (``(role name, model or
+    spec)``, the ensemble's plain members): PEFT wraps it in place, so as a plain member it would run with an
+    adapter on. ``ModelLoadError`` naming both roles."""
+    plain: dict[int, str] = {}
+    for name, given in others:
+        model = given.model if isinstance(given, ModelSpec) else getattr(given, "module", given)
+        if not isinstance(model, (str, os.PathLike)) and model is not None:
+            plain.setdefault(id(model), name)
+    for p in pairs:
+        for module in _wrapped(p):
+            if id(module) in plain:
+                raise ModelLoadError(
+                    f"anti-expert {p.index}: the same model object is also the {plain[id(module)]}; LoRA pair "
+                    f"{p.index} runs its adapter over that model, wrapped in place, so it cannot also run as a plain "
+                    f"model: give the {plain[id(module)]} its own copy, or its directory"
+                )
 
 
 def _source(spec: ModelSpec) -> Optional[str]:

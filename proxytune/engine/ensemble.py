@@ -123,7 +123,8 @@ class Ensemble:
         or its base model, and adapters over one base share one stacked forward
         (:mod:`proxytune.engine.adapter_experts`). Every cheap check (pairs, weights, paths, adapters, dtypes,
         devices, a tokenizer path) runs before the first model loads."""
-        from proxytune.engine.adapter_experts import is_adapter, load_adapter_groups, pair_anti_experts, plan_adapter_pair
+        from proxytune.engine.adapter_experts import (check_not_shared, is_adapter, load_adapter_groups,
+                                                      pair_anti_experts, plan_adapter_pair)  # fmt: skip
         from proxytune.engine.loading import ModelSpec, check_device, check_spec, load_model, load_tokenizer, parse_dtype
 
         experts = as_list(experts)
@@ -143,6 +144,7 @@ class Ensemble:
                 check_spec(spec, name)
         planned = [plan_adapter_pair(i, e, a, dtype=dtype, device=device)
                    for i, (e, a, adapter) in enumerate(zip(experts, anti_experts, adapters)) if adapter]  # fmt: skip
+        check_not_shared(planned, named)
         if isinstance(tokenizer, (str, os.PathLike)):  # before the models: a bad path fails at once
             tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         if progress and len(named) > 1:

@@ -16,7 +16,7 @@ in Python and gathers and scatters the rows of each adapter), and ``"slices"`` (
 layer's base output for all rows, then for group ``g`` the low-rank product on the contiguous rows
 ``g * B .. g * B + B - 1`` added in place (views: no gathers, no Python lists, no host-to-device index copies,
 so nothing in it stops a CUDA graph). "slices" covers plain LoRA on linear layers; an adapter with LoRA on an
-embedding or a LoRA variant (DoRA, aLoRA, ...) runs "peft".
+embedding, a LoRA variant (DoRA, aLoRA, ...) or whole trained modules (``modules_to_save``) runs "peft".
 
 Adapters are read and checked by :mod:`proxytune.engine.adapters`; ``peft`` is imported only when an adapter
 is used.
@@ -104,11 +104,16 @@ def _peft_config(a: Adapter):
 
 def slices_apply(peft_model: Any, names: Sequence[str]) -> bool:
     """Whether :class:`GroupSlices` can run ``names``' adapters: every LoRA layer that holds one of them is a
-    linear LoRA layer without a variant (DoRA, aLoRA, ...) and without a LoRA bias."""
+    linear LoRA layer without a variant (DoRA, aLoRA, ...) and without a LoRA bias, and none of them trains a
+    whole module or token rows (``modules_to_save``, ``trainable_token_indices``: PEFT's wrappers pick those by
+    the active adapter, not by row; PEFT's mixed batch picks them per row)."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear
+    from peft.utils.other import AuxiliaryTrainingWrapper
 
     for m in peft_model.modules():
+        if isinstance(m, AuxiliaryTrainingWrapper) and any(n in m._get_available_adapters() for n in names):
+            return False
         if not isinstance(m, LoraLayer):
             continue
         held = [n for n in names if n in m.lora_A or n in getattr(m, "lora_embedding_A", {})]
@@ -213,7 +218,7 @@ class StackedAdapterRunner:
         can_slice = slices_apply(peft_model, names)
         if mixed == "slices" and not can_slice:
             raise AdapterError("expert_adapter: mixed='slices' needs plain LoRA on linear layers (no embedding "
-                               "LoRA, no DoRA or other variant); use mixed='peft'")  # fmt: skip
+                               "LoRA, no DoRA or other variant, no modules_to_save); use mixed='peft'")  # fmt: skip
         self.mixed = "slices" if mixed == "auto" and can_slice else "peft" if mixed == "auto" else mixed
         self._slices = GroupSlices.of(peft_model) if self.mixed == "slices" else None
         self.model = peft_model
