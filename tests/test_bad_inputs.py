@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import proxytune
-from proxytune import ProxyTuner, SamplingParams
+from proxytune import ProxyTuner
 from tiny_models import PROMPTS, tiny_trio
 
 

@@ -11,7 +11,6 @@ import stat
 import sys
 
 import pytest
-import torch
 
 import proxytune.engine
 import proxytune.tinyworld.evaluation

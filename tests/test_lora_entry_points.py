@@ -85,6 +85,11 @@ def test_bad_adapter_flags_are_one_line_naming_the_flag(lora, capsys, tmp_path):
     assert "--expert-adapter" in error_of(capsys, [*gen, "--expert-adapter", big])  # a model, not an adapter
     assert "got 0 --expert and 1 --expert-adapter but 2 --anti-expert" in error_of(
         capsys, [*gen, "--expert-adapter", a0, "--anti-expert", small, "--anti-expert", small])
+    # one --anti-expert per --expert beside an adapter: each after its --expert, else a forgotten one would pair
+    # the rest silently with the wrong experts
+    m1 = lora["merged"][1]
+    assert error_of(capsys, [*gen, "--expert-adapter", a0, "--anti-expert", small, "--expert", m1]).startswith(
+        f"--anti-expert {small}: given before --expert {m1}, the expert it pairs with")
     # an anti-expert that is not the adapter's base: the same config, other weights
     other = tmp_path / "other"
     tiny_model("llama", seed=7).save_pretrained(other)

@@ -189,8 +189,9 @@ def test_bad_arguments_are_named(llama, tok):
                     (dict(tail="floor", block=4), "block=4 with tail=floor")]:  # fmt: skip
         with pytest.raises(ValueError, match=msg):
             RemoteModel(URL, **kw)
-    with pytest.raises(ValueError, match="url must start"):
-        RemoteModel("served.test:8000")
+    for url in ("served.test:8000", "ftp://served.test", "http://", "http://served.test:port"):
+        with pytest.raises(ValueError, match="url must be an http:// or https:// address with a host"):
+            RemoteModel(url)
 
 
 def test_the_servers_refusals_are_named(llama, tok):
@@ -225,3 +226,57 @@ def test_a_dead_url_is_one_clear_error_within_seconds(llama, tok):
     with pytest.raises(RemoteUnreachable, match=f"127.0.0.1:{port}.*cannot connect"):
         Ensemble(RemoteModel(f"http://127.0.0.1:{port}", max_retries=1, timeout=5), [e], [a], tokenizer=tok)
     assert time.monotonic() - t0 < 10
+
+
+def test_the_position_limit_leaves_the_servers_one_generated_position(llama, tok):
+    """Every request asks for at least one position past what it sends, so the served base takes
+    max_model_len - 1 fed positions: scoring to exactly max_model_len tokens works, one more is refused up
+    front (not the server's 400); generation stops at the limit without a refused request."""
+    base, expert, anti = llama
+    fake = FakeCompletions(base, tok, max_logprobs=-1, max_model_len=12)
+    member = RemoteModel(URL, logprobs="all", transport=fake.transport())
+    e, a = LocalModel.adopt(expert, "expert 0"), LocalModel.adopt(anti, "anti-expert 0")
+    tuner = ProxyTuner(Ensemble(member, [e], [a], tokenizer=tok, eos_token_ids=[]))  # no EOS: runs to the limit
+    assert member.position_limit == 11
+    prompt = tok("one two three four").input_ids[:5]  # ids: scored as given
+    cont = list(range(5, 5 + 12 - len(prompt)))
+    assert len(tuner.score([prompt], [cont])[0].token_logprobs) == len(cont)  # 11 sent, the 12th from the generated position
+    with pytest.raises(ValueError, match="base takes at most 11"):
+        tuner.score([prompt], [cont + [5]])
+    got = tuner.generate(prompt, max_new_tokens=64, temperature=0.0)
+    assert len(prompt) + len(got.token_ids) == 11 and got.finish_reason == "length"
+
+
+def test_every_draw_is_asked_without_penalties(llama, tok):
+    """A server fills the fields a request leaves out from the model's generation_config (vLLM's default), and a
+    penalised draw is not the law of the raw log-probs the blocks are verified with: every request says so."""
+    ens, fake = _ensemble(llama, tok, logprobs=20, block=4)
+    ProxyTuner(ens).generate(PROMPTS[:2], max_new_tokens=6, temperature=1.0, seed=3)
+    assert fake.log and all(b["repetition_penalty"] == 1.0 and b["presence_penalty"] == 0.0
+                            and b["frequency_penalty"] == 0.0 for b in fake.log)  # fmt: skip
+
+
+def test_a_server_that_breaks_the_protocol_is_a_remote_error(llama, tok):
+    """A completion with no tokens (a block must give at least one) or too few prompt positions: a RemoteError
+    naming the URL (the command line prints it as one line), not a crash."""
+    import httpx
+
+    base, expert, anti = llama
+    fake = FakeCompletions(base, tok, max_logprobs=-1)
+
+    def empty(request: httpx.Request) -> httpx.Response:
+        r = fake(request)
+        if request.url.path != "/v1/completions":
+            return r
+        data = r.json()
+        lp = data["choices"][0]["logprobs"]
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            lp[key] = []
+        data["choices"][0].pop("prompt_logprobs", None)
+        return httpx.Response(200, json=data)
+
+    e, a = LocalModel.adopt(expert, "expert 0"), LocalModel.adopt(anti, "anti-expert 0")
+    for block in (4, 1):
+        member = RemoteModel(URL, logprobs="all", block=block, transport=httpx.MockTransport(empty))
+        with pytest.raises(RemoteError, match="served.test:8000"):
+            ProxyTuner(Ensemble(member, [e], [a], tokenizer=tok)).generate(PROMPTS[0], max_new_tokens=4, seed=1)

@@ -236,7 +236,7 @@ def test_score_reads_prompt_logprobs():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="url must start with http"):
+    with pytest.raises(ValueError, match="url must be an http:// or https:// address"):
         CompletionsClient("127.0.0.1:8000")
     with pytest.raises(ValueError, match="max_retries"):
         CompletionsClient(URL, max_retries=-1)

@@ -5,6 +5,7 @@ bad flag one line, exit 2."""
 
 import json
 import socket
+import time
 
 import pytest
 
@@ -76,6 +77,8 @@ def test_score_with_a_served_base_equals_the_local_base(dirs, served, capsys, tm
     (["--base-url", "URL", "--base-tail", "floor", "--base-block", "4"], "--base-block=4 with --base-tail=floor"),
     (["--base-url", "URL", "--base-device", "cpu"], "--base-device applies to a local --base"),
     (["--base-url", "URL", "--base-model", "other"], "does not serve the model 'other'; it serves: base"),
+    (["--base-url", "ftp://host"], "--base-url must be an http:// or https:// address with a host"),
+    (["--base-url", "http://"], "--base-url must be an http:// or https:// address with a host"),
     (["--base-url", "URL", "--base-logprobs", "all", "--base-model", "base"], None),
 ])  # fmt: skip
 def test_bad_flags_are_one_line_exit_2(dirs, served, capsys, flags, message):
@@ -114,9 +117,14 @@ def test_lm_eval_base_url(dirs, served):
                           (dict(base=dirs["base"], base_tail="floor"), "base_tail needs base_url="),
                           (dict(base_url=served.url, base_logprobs="x"), "base_logprobs must be"),
                           (dict(base_url=served.url, base_tail="floor", base_block="8"), "base_block=8 with base_tail=floor"),
+                          (dict(base_url="ftp://host"), "base_url must be an http:// or https:// address"),
                           (dict(base_url=_dead_url()), "base_url: http://127.0.0.1")]:  # fmt: skip
         with pytest.raises(ProxyTuneLMError, match=message):
             ProxyTuneLM(expert=dirs["expert"], anti_expert=dirs["anti"], **args)
+    t0 = time.monotonic()  # refused before the server is asked (a dead URL would take seconds of retries)
+    with pytest.raises(ProxyTuneLMError, match="give tuner= or base= / base_url="):
+        ProxyTuneLM(tuner=local.tuner, base_url=_dead_url())
+    assert time.monotonic() - t0 < 1
 
 
 def test_the_python_api_takes_a_served_base_by_url(dirs, served):

@@ -8,6 +8,7 @@ from typing import Optional
 
 from proxytune.cli.args import ALPHA, CliError, Once, dtype, nonempty, one_line, text
 from proxytune.engine.remote_base import check_block, check_logprobs, check_tail_choice
+from proxytune.remote.client import check_url
 
 __all__ = ["add_model_flags", "check_base", "pairs", "check_devices_and_backend", "load_tuner"]
 
@@ -22,8 +23,9 @@ def add_model_flags(p: argparse.ArgumentParser, *, loading: bool = True) -> None
     p.add_argument("--expert-adapter", action=PairFlag, type=model, metavar="DIR",
                    help="a LoRA adapter (PEFT directory) as an expert: its base, with and without it, in one forward; "
                         "repeatable; its --anti-expert may be left out (the adapter's recorded base)")  # fmt: skip
-    p.add_argument("--anti-expert", action="append", type=model,
-                   help="the expert's untuned counterpart: one per pair in order, or one per --expert only")  # fmt: skip
+    p.add_argument("--anti-expert", action=AntiFlag, type=model,
+                   help="the expert's untuned counterpart: one per pair in order, or one per --expert only, each "
+                        "after its --expert")  # fmt: skip
     p.add_argument("--alpha", type=ALPHA, action="append",
                    help="weight of (expert - anti-expert): one for all pairs or one per pair (default 1.0)")  # fmt: skip
     p.add_argument("--tokenizer", default=None, type=model, action=Once, help="the shared tokenizer (default: the base's)")
@@ -40,7 +42,8 @@ def add_model_flags(p: argparse.ArgumentParser, *, loading: bool = True) -> None
     p.add_argument("--backend", default="auto", help="op backend (auto, reference, cpu, triton)")
     served = p.add_argument_group("a served base, instead of --base (an OpenAI-compatible completions server such as "
                                   "vLLM; API key from PROXYTUNE_API_KEY or OPENAI_API_KEY)")  # fmt: skip
-    served.add_argument("--base-url", type=nonempty("a URL"), action=Once, help="the server, e.g. http://host:8000")
+    served.add_argument("--base-url", type=_remote_rule(check_url, "--base-url"), action=Once,
+                        help="the server, e.g. http://host:8000")  # fmt: skip
     served.add_argument("--base-model", type=nonempty("a model name"), action=Once,
                         help="the served model's name (default: the one the server serves)")  # fmt: skip
     served.add_argument("--base-logprobs", type=_remote_rule(check_logprobs, "--base-logprobs"), action=Once,
@@ -55,7 +58,8 @@ def add_model_flags(p: argparse.ArgumentParser, *, loading: bool = True) -> None
 
 
 def _remote_rule(check, flag: str):
-    """An argparse ``type=`` for a served-base flag by the engine's own rule (``engine/remote_base.py``)."""
+    """An argparse ``type=`` for a served-base flag by the engine's own rule (``engine/remote_base.py``, the
+    client's ``check_url``)."""
 
     def parse(value: str):
         try:
@@ -98,6 +102,29 @@ class PairFlag(argparse._AppendAction):
         namespace.pair_flags = (getattr(namespace, "pair_flags", None) or []) + [(self.dest, values)]
 
 
+class AntiFlag(argparse._AppendAction):
+    """``--anti-expert``: appended, and how many pair flags came before it to ``args.anti_after``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        namespace.anti_after = (getattr(namespace, "anti_after", None) or []) + [len(getattr(namespace, "pair_flags", None) or [])]
+
+
+def _check_short_form(order: list, adapters: list[bool], anti: list, after: list[int]) -> None:
+    """With ``--expert-adapter`` in the command and one ``--anti-expert`` per ``--expert`` only (the adapters
+    take their recorded bases), the k-th ``--anti-expert`` pairs with the k-th ``--expert``: it must come after
+    it, or a forgotten anti-expert would pair the others silently with the wrong experts."""
+    if not any(adapters) or len(anti) == len(order) or len(anti) != len(order) - sum(adapters):
+        return
+    plain = [j for j, a in enumerate(adapters) if not a]
+    for k, (j, seen) in enumerate(zip(plain, after)):
+        if seen <= j:
+            raise CliError(f"--anti-expert {anti[k]}: given before --expert {order[j][1]}, the expert it pairs with "
+                           "(with --expert-adapter, one --anti-expert per --expert pairs each with an --expert "
+                           "before it; the adapters take their recorded bases): move it after its --expert, or "
+                           "give one --anti-expert per pair")  # fmt: skip
+
+
 def pairs(args: argparse.Namespace, *, required: bool = False) -> tuple[list, list[str], list[float]]:
     """``(experts, anti_experts, one weight per pair)`` from the flags, checked before anything loads: an
     expert is a model's directory or hub id, or an :class:`~proxytune.engine.adapters.Adapter` read from
@@ -109,6 +136,7 @@ def pairs(args: argparse.Namespace, *, required: bool = False) -> tuple[list, li
         raise CliError(f"{args.command} needs at least one --expert and --anti-expert pair")
     from proxytune.engine.adapter_experts import pair_anti_experts
 
+    _check_short_form(order, adapters, args.anti_expert or [], getattr(args, "anti_after", None) or [])
     try:
         antis = pair_anti_experts(adapters, args.anti_expert or [], experts_name="--expert",
                                   adapters_name="--expert-adapter", anti_name="--anti-expert")  # fmt: skip

@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from proxytune.engine.members import Member
+from proxytune.remote.client import RemoteError
 from proxytune.remote.rows import check_tail, dense_rows
 
 __all__ = ["RemoteModel", "RemoteRunner", "MAX_BLOCK", "FIRST_BLOCK", "check_logprobs", "check_tail_choice", "check_block"]
@@ -153,7 +154,10 @@ class RemoteModel(Member):
             return
         self.client.check_model()
         self.source = f"{self.client.url} ({self.client.model})"
-        self._limit = self.client.max_model_len()
+        served = self.client.max_model_len()
+        # Every request asks for at least one position past what it sends (max_tokens >= 1): the server takes
+        # at most max_model_len - 1 fed positions, scoring's count (a local model's limit counts fed positions).
+        self._limit = None if served is None else served - 1
         self._connected = True
 
     def join(self, tokenizer: Any, vocab_size: int, device: torch.device) -> None:
@@ -191,7 +195,8 @@ class RemoteModel(Member):
             tops = c.map(lambda ids: c.next_tops(ids, count, logprobs=self.k), rows)
         for ids, t in zip(rows, tops):
             if len(t) != count:
-                raise RuntimeError(f"{self.name}: the server gave {len(t)} positions for a row of {len(ids)} tokens")
+                raise RemoteError(f"{self.name}: {c.url} gave {len(t)} positions for a row of {len(ids)} tokens, "
+                                  f"asked for {count}", url=c.url)  # fmt: skip
         return self.rows([x for t in tops for x in t]).view(len(rows), count, -1)
 
     def score_logits(self, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
@@ -273,7 +278,7 @@ class RemoteRunner:
         for r, c in enumerate(done):
             got = len(c.tokens)
             if not 1 <= got <= sizes[r]:
-                raise RuntimeError(f"{m.name}: asked {m.client.url} for {sizes[r]} tokens, got {got}")
+                raise RemoteError(f"{m.name}: asked {m.client.url} for {sizes[r]} tokens, got {got}", url=m.client.url)
             ids[r, :got] = torch.tensor(c.tokens, dtype=torch.int64)
             rows[r, :got] = m.rows(c.top)
             lengths.append(got)

@@ -180,6 +180,9 @@ class ProxyTuneLM(LM):
                 "base_block, expert, anti_expert, expert_adapter, weights, dtype, tokenizer, expert_template, "
                 "max_gen_toks, max_length, backend, trust_remote_code (and lm-eval's --device, --batch_size)"
             )
+        if tuner is not None and (base is not None or served["base_url"] is not None or expert is not None
+                                  or anti_expert is not None or expert_adapter is not None):  # fmt: skip
+            raise ValueError("give tuner= or base= / base_url= (with expert= / anti_expert= / expert_adapter=), not both")
         base = self._served_base(base, **served)
         if isinstance(batch_size, str) and batch_size.strip().isdigit():
             batch_size = int(batch_size)
@@ -192,8 +195,6 @@ class ProxyTuneLM(LM):
         if tuner is None:
             tuner = self._build(base, expert, anti_expert, expert_adapter, weights, dtype, device, tokenizer,
                                 expert_template, backend, parse_bool(trust_remote_code, "trust_remote_code"))  # fmt: skip
-        elif base is not None or expert is not None or anti_expert is not None or expert_adapter is not None:
-            raise ValueError("give tuner= or base= / base_url= (with expert= / anti_expert= / expert_adapter=), not both")
         self.tuner = tuner
         self._device = tuner.device
         self._max_length = max_length or self._model_max_length()
@@ -211,7 +212,9 @@ class ProxyTuneLM(LM):
         if base is not None:
             raise ValueError("give base= (a model) or base_url= (a served model), not both")
         from proxytune.engine.remote_base import RemoteModel, check_block, check_logprobs, check_tail_choice
+        from proxytune.remote.client import check_url
 
+        check_url(base_url, "base_url")
         logprobs = check_logprobs(20 if base_logprobs is None else base_logprobs, "base_logprobs")
         tail = check_tail_choice(base_tail or "drop", "base_tail")
         block = check_block(base_block, "all" if logprobs == "all" else tail, "base_block", "base_tail")

@@ -29,13 +29,28 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["RemoteError", "RemoteUnreachable", "Completion", "Scored", "CompletionsClient", "parse_token_key",
-           "check_same_tokenizer", "PROBE_TEXTS"]
+__all__ = ["RemoteError", "RemoteUnreachable", "Completion", "Scored", "CompletionsClient", "check_url",
+           "parse_token_key", "check_same_tokenizer", "PROBE_TEXTS"]
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 MAX_BACKOFF_S, MAX_RETRY_AFTER_S = 8.0, 30.0
 VLLM_LOGPROB_FLOOR = -9999.0  # vLLM writes -inf log-probs as -9999.0 (JSON has no infinity): read back as -inf
 _TOKEN_ID_PREFIX = "token_id:"
+
+
+def check_url(url: Any, name: str = "url") -> str:
+    """The rule for a server's address: a text ``http://HOST[:PORT][/PATH]`` or ``https://...``; ``ValueError``
+    naming ``name`` otherwise."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        ok = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:  # a port that is not a number or out of range, a broken [IPv6] address
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be an http:// or https:// address with a host (http://HOST:PORT), got {url!r}")
+    return url
 
 
 class RemoteError(RuntimeError):
@@ -124,9 +139,7 @@ class CompletionsClient:
             import httpx
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("a served base needs httpx: pip install 'proxytune[remote]'") from e
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ValueError(f"url must start with http:// or https://, got {url!r}")
-        base = url.rstrip("/")
+        base = check_url(url).rstrip("/")
         if base.endswith("/v1"):
             base = base[: -len("/v1")]
         checks = (("timeout", timeout, timeout > 0), ("max_retries", max_retries, max_retries >= 0),
@@ -270,6 +283,9 @@ class CompletionsClient:
             raise ValueError("prompt_ids must be a non-empty list of token ids (integers >= 0)")
         body = {"model": self._model(), "prompt": list(prompt_ids), "max_tokens": int(max_tokens),
                 "temperature": float(temperature), "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+                # no penalties: a server fills what a request leaves out from the model's generation_config
+                # (vLLM's default), and a penalised draw is not the law its raw log-probs give
+                "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                 "return_tokens_as_token_ids": True, "stream": False}  # fmt: skip
         # logprobs=0 when no top-k is wanted: the server then still lists each token, as an id, with its log-prob
         body["logprobs"] = 0 if logprobs is None else int(logprobs)
