@@ -4,6 +4,7 @@ whole vocabulary equals local proxy-tuning; top-k ``drop`` equals an independent
 request per token for greedy rows in fewer requests and are exact in distribution for sampled rows; scoring;
 speculative decoding with the served base verifying; bad input. The real vLLM server: tests/test_remote_server.py."""
 
+import json
 import math
 import socket
 import time
@@ -81,7 +82,8 @@ def test_top_k_drop_equals_an_independent_loop_and_blocks_need_fewer_requests(ll
     blocks, fake4 = _ensemble(llama, tok, weight=w, logprobs=k, block=4)
     assert ids(ProxyTuner(single).generate(PROMPTS, max_new_tokens=n, temperature=0.0)) == want
     assert ids(ProxyTuner(blocks).generate(PROMPTS, max_new_tokens=n, temperature=0.0)) == want
-    assert len(fake1.log) == len(PROMPTS) * n  # one request per token (the first from the prefill)
+    assert fake1.log[0]["prompt"] == [0]  # the probe when it joined (the logprobs cap), then
+    assert len(fake1.log) - 1 == len(PROMPTS) * n  # one request per token (the first from the prefill)
     assert len(fake4.log) < len(fake1.log)
     assert all(body["logprobs"] == k and body.get("ignore_eos") for body in fake4.log)
     assert max(body["max_tokens"] for body in fake4.log) == 4
@@ -200,9 +202,8 @@ def test_the_servers_refusals_are_named(llama, tok):
     e, a = LocalModel.adopt(expert, "expert 0"), LocalModel.adopt(anti, "anti-expert 0")
     with pytest.raises(RemoteError, match="does not serve the model 'other'; it serves: base"):
         Ensemble(RemoteModel(URL, "other", transport=fake.transport()), [e], [a], tokenizer=tok)
-    ens = Ensemble(RemoteModel(URL, logprobs=50, transport=fake.transport()), [e], [a], tokenizer=tok)
-    with pytest.raises(RemoteError, match="greater than max allowed: 20"):
-        ProxyTuner(ens).generate(PROMPTS[0], max_new_tokens=2)
+    with pytest.raises(RemoteError, match="logprobs=50 .*greater than max allowed: 20"):  # when it joins
+        Ensemble(RemoteModel(URL, logprobs=50, transport=fake.transport()), [e], [a], tokenizer=tok)
 
 
 def test_another_tokenizer_is_refused_before_generating(llama, tok):
@@ -214,7 +215,7 @@ def test_another_tokenizer_is_refused_before_generating(llama, tok):
     e, a = LocalModel.adopt(expert, "expert 0"), LocalModel.adopt(anti, "anti-expert 0")
     with pytest.raises(RemoteError, match="needs the same tokenizer"):
         Ensemble(RemoteModel(URL, transport=fake.transport()), [e], [a], tokenizer=tok)
-    assert fake.log == []  # refused before any completion
+    assert [b["prompt"] for b in fake.log] == [[0]]  # refused before generating (after the logprobs probe)
 
 
 def test_a_dead_url_is_one_clear_error_within_seconds(llama, tok):
@@ -280,3 +281,56 @@ def test_a_server_that_breaks_the_protocol_is_a_remote_error(llama, tok):
         member = RemoteModel(URL, logprobs="all", block=block, transport=httpx.MockTransport(empty))
         with pytest.raises(RemoteError, match="served.test:8000"):
             ProxyTuner(Ensemble(member, [e], [a], tokenizer=tok)).generate(PROMPTS[0], max_new_tokens=4, seed=1)
+
+
+def _rewriting(fake, rewrite):
+    """A transport in front of ``fake`` whose completion answers pass through ``rewrite(body, choice)``."""
+    import httpx
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        r = fake(request)
+        if request.url.path != "/v1/completions" or r.status_code != 200:
+            return r
+        data = r.json()
+        rewrite(json.loads(request.content), data["choices"][0])
+        return httpx.Response(200, json=data)
+
+    return httpx.MockTransport(handler)
+
+
+def test_a_draft_outside_the_local_vocabulary_ends_its_block_and_is_rejected(llama, tok):
+    """A server drafting an id the local models do not have (a wider served vocabulary): the block ends there
+    (the local models are never fed it), the draft is rejected (target probability 0) and the target's own
+    token drawn: greedy ids equal local proxy-tuning, sampled ids stay in the vocabulary."""
+    base, expert, anti = llama
+    v = len(tok)
+
+    def widen(body, choice):
+        lp = choice["logprobs"]
+        if body["max_tokens"] > 1 and len(lp["tokens"]) > 1:
+            lp["tokens"][1] = f"token_id:{v + 3}"
+            lp["token_logprobs"][1] = -0.01
+            lp["top_logprobs"][1][f"token_id:{v + 3}"] = -0.01
+
+    e, a = LocalModel.adopt(expert, "expert 0"), LocalModel.adopt(anti, "anti-expert 0")
+    fake = FakeCompletions(base, tok, max_logprobs=-1)
+    member = RemoteModel(URL, logprobs="all", block=4, transport=_rewriting(fake, widen))
+    tuner = ProxyTuner(Ensemble(member, [e], [a], weights=[0.8], tokenizer=tok))
+    got = tuner.generate(PROMPTS, max_new_tokens=10, temperature=0.0)
+    assert ids(got) == ids(_local(llama, tok, 0.8).generate(PROMPTS, max_new_tokens=10, temperature=0.0))
+    sampled = tuner.generate(PROMPTS, max_new_tokens=10, temperature=1.0, seed=5)
+    assert all(0 <= t < v for g in sampled for t in g.token_ids)
+
+
+def test_a_position_with_no_token_in_the_local_vocabulary_is_a_remote_error(llama, tok):
+    base, expert, anti = llama
+    v = len(tok)
+
+    def outside(body, choice):
+        lp = choice["logprobs"]
+        lp["top_logprobs"] = [{f"token_id:{v + 1}": -0.1, f"token_id:{v + 2}": -0.2} for _ in lp["tokens"]]
+
+    e, a = LocalModel.adopt(expert, "expert 0"), LocalModel.adopt(anti, "anti-expert 0")
+    member = RemoteModel(URL, logprobs=2, block=1, transport=_rewriting(FakeCompletions(base, tok), outside))
+    with pytest.raises(RemoteError, match=f"returned no token below {v} .* in the top 2 of a position"):
+        ProxyTuner(Ensemble(member, [e], [a], tokenizer=tok)).generate(PROMPTS[0], max_new_tokens=3)

@@ -172,7 +172,12 @@ def test_string_keys_are_refused():
     c = CompletionsClient(URL, transport=httpx.MockTransport(handler))
     with pytest.raises(RemoteError, match=r"returned the token 'Ġthe' as a string, not an id"):
         c.complete([1], 1)
-    assert parse_token_key("token_id:16") == 16 and parse_token_key("42") == 42 and parse_token_key(7) == 7
+    assert parse_token_key("token_id:16") == 16
+    # a completion's bare "42" may be the text "42": only prompt_logprobs keys (ids) may be plain numbers
+    assert parse_token_key("42", plain_ok=True) == 42 and parse_token_key(7, plain_ok=True) == 7
+    for key, plain_ok in (("42", False), (7, False), ("\u00b2", True), ("token_id:x", False)):
+        with pytest.raises(RemoteError, match="as a string, not an id"):
+            parse_token_key(key, URL, plain_ok)
 
 
 def test_vllm_floor_reads_as_minus_infinity():
@@ -294,3 +299,139 @@ def test_no_top_k_still_gives_ids():
     r = c.complete([1], 2, logprobs=None, seed=2)
     assert json.loads(fake.completions()[0].content)["logprobs"] == 0
     assert r.tokens == [2, 3] and r.logprobs == [-0.5, -0.5] and r.top == [{}, {}]
+
+
+def _answering(body_of):
+    """A client of a server that lists ``base`` and answers every other request with ``body_of(request)`` (a
+    JSON-able object, or an ``httpx.Response``)."""
+
+    def handler(request):
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "base"}]})
+        out = body_of(request)
+        if isinstance(out, httpx.Response):
+            return out  # json.dumps writes NaN / Infinity, as a careless server would
+        return httpx.Response(200, content=json.dumps(out).encode(), headers={"content-type": "application/json"})
+
+    return CompletionsClient(URL, "base", transport=httpx.MockTransport(handler), max_retries=1, sleep=lambda s: None)
+
+
+def _edited(edit):
+    """A valid completion of token 1 (top 2), then ``edit(answer)``."""
+
+    def body(request):
+        answer = _completion([1], k=2)
+        edit(answer)
+        return answer
+
+    return body
+
+
+def _set(path, value):
+    def edit(answer):
+        at = answer
+        for key in path[:-1]:
+            at = at[key]
+        at[path[-1]] = value
+
+    return edit
+
+
+LP = ("choices", 0, "logprobs")
+
+
+@pytest.mark.parametrize("body, message", [
+    (_edited(_set(("choices",), [None])), "unexpected answer"),
+    (_edited(_set((*LP, "top_logprobs"), [[-1.0]])), "unexpected answer"),
+    (_edited(_set((*LP, "top_logprobs"), None)), "asked for the top 2 log-probs of each token, the server returned none"),
+    (_edited(_set((*LP, "tokens"), ["7"])), "returned the token '7' as a string, not an id"),
+    (_edited(_set((*LP, "token_logprobs"), [float("nan")])), "a log-prob must be <= 0, got nan"),
+    (_edited(_set((*LP, "token_logprobs"), [0.5])), "a log-prob must be <= 0, got 0.5"),
+    (_edited(_set((*LP, "top_logprobs"), [{"token_id:0": -1.0, "token_id:1": float("inf")}])), "must be <= 0, got inf"),
+    (_edited(_set((*LP, "top_logprobs"), [{"token_id:1": -1.0, "token_id:01": -2.0, "token_id:9": -5}])),
+     "the token id 1 is listed twice"),
+    (lambda r: {"error": {"message": "engine overloaded"}}, "the server answered with an error: engine overloaded"),
+    (lambda r: httpx.Response(200, content=b"notgzip", headers={"content-encoding": "gzip"}),
+     "the answer could not be decoded"),
+])  # fmt: skip
+def test_a_malformed_completion_is_a_remote_error_naming_the_url(body, message):
+    c = _answering(body)
+    with pytest.raises(RemoteError, match=message) as e:
+        c.complete([1], 1, logprobs=2)
+    assert URL in str(e.value) and type(e.value) is RemoteError  # an answer came: not "unreachable"
+
+
+def test_near_zero_log_probs_are_rounding():
+    c = _answering(_edited(_set((*LP, "token_logprobs"), [1e-7])))
+    assert c.complete([1], 1, logprobs=2).logprobs == [0.0]
+
+
+def _prompt_answer(entry):
+    """An answer scoring [1, 2, 3] with prompt_logprobs, position 2's entry replaced by ``entry``."""
+
+    def body(request):
+        plp = [None, {"2": {"logprob": -0.1}}, entry]
+        answer = _completion([5], k=1)
+        answer["choices"][0]["prompt_logprobs"] = plp
+        return answer
+
+    return body
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"3": {"lp": -1.0}}, "unexpected prompt_logprobs at position 2"),
+    (None, "unexpected prompt_logprobs at position 2"),
+    ([{"logprob": -1.0}], "unexpected prompt_logprobs at position 2"),
+    ({"\u00b2": {"logprob": -1.0}}, "as a string, not an id"),
+])  # fmt: skip
+def test_malformed_prompt_logprobs_are_a_remote_error(entry, message):
+    c = _answering(_prompt_answer(entry))
+    with pytest.raises(RemoteError, match=message):
+        c.score([1], [2, 3], logprobs=1)
+    with pytest.raises(RemoteError, match=message):
+        c.next_tops([1, 2, 3], 2, logprobs=1)
+
+
+def test_next_tops_without_a_token_is_a_remote_error():
+    c = _answering(_edited(_set((*LP,), None)))
+    with pytest.raises(RemoteError, match="asked for one token, the server returned none"):
+        c.next_tops([1, 2], 1, logprobs=2)
+
+
+def test_tokenize_answers_of_another_shape():
+    """A /tokenize of another shape is a RemoteError with the server's words; 405 or 422 (TGI's /tokenize
+    takes another body) mean no vLLM-style endpoint: no check (None)."""
+    c = _answering(lambda r: {"error": "tokenizer busy"})
+    with pytest.raises(RemoteError, match="the server answered with an error: tokenizer busy"):
+        c.tokenize("hello")
+    c = _answering(lambda r: [[1, 2]])
+    with pytest.raises(RemoteError, match="unexpected answer"):
+        c.tokenize("hello")
+    for status in (405, 422):
+        assert _answering(lambda r: httpx.Response(status, json={"detail": "no"})).tokenize("hello") is None
+
+
+def test_an_api_key_from_a_file_is_trimmed_and_a_broken_one_is_refused_unshown(monkeypatch):
+    monkeypatch.setenv("PROXYTUNE_API_KEY", KEY + "\n")
+    fake = Fake()
+    c, _ = client(fake, model="base")
+    c.models()
+    assert fake.seen[0].headers["authorization"] == f"Bearer {KEY}"
+    for bad, source in ((KEY[:5] + "\n" + KEY[5:], "PROXYTUNE_API_KEY"), (KEY + "é", "PROXYTUNE_API_KEY")):
+        monkeypatch.setenv("PROXYTUNE_API_KEY", bad)
+        with pytest.raises(ValueError, match=f"{source}: an API key must be printable ASCII") as e:
+            CompletionsClient(URL)
+        assert KEY[:5] not in str(e.value)
+    with pytest.raises(ValueError, match="api_key: an API key must be printable ASCII"):
+        CompletionsClient(URL, api_key="a b")
+
+
+def test_the_server_message_kept_on_the_error_is_scrubbed_too():
+    def body(request):
+        return httpx.Response(401, json={"error": {"message": f"bad key Bearer {KEY}"}})
+
+    c = CompletionsClient(URL, "base", api_key=KEY, transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, json={"data": [{"id": "base"}]}) if r.url.path == "/v1/models" else body(r)))
+    with pytest.raises(RemoteError) as e:
+        c.complete([1], 1)
+    assert KEY not in str(e.value) and KEY not in (e.value.server_message or "") and "<api key>" in e.value.server_message

@@ -138,6 +138,26 @@ def test_the_python_api_takes_a_served_base_by_url(dirs, served):
     assert "RemoteModel" not in repr(tuner) and served.url in repr(tuner)
 
 
+def test_the_python_api_reaches_the_server_before_loading_the_local_models(dirs, monkeypatch):
+    """A served base that refuses (a dead URL, a logprobs above its cap) fails before any local model loads."""
+    import proxytune.engine.loading as loading
+    from proxytune import ProxyTuner, RemoteModel
+    from proxytune.remote.client import RemoteError
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a local model loaded before the server was asked")
+
+    from transformers import AutoModelForCausalLM
+
+    capped = FakeCompletions(AutoModelForCausalLM.from_pretrained(dirs["base"], dtype="float32"), max_logprobs=20)
+    monkeypatch.setattr(loading, "load_model", no_load)
+    for member, message in [(RemoteModel(_dead_url(), max_retries=0), "cannot connect"),
+                            (RemoteModel("http://capped.test", logprobs=50, transport=capped.transport()),
+                             "logprobs=50 .*greater than max allowed: 20")]:  # fmt: skip
+        with pytest.raises(RemoteError, match=message):
+            ProxyTuner(member, dirs["expert"], dirs["anti"], device="cpu")
+
+
 def test_a_server_lost_mid_generation_is_one_clear_error(dirs):
     """The server answers a few completions, then the connection is refused for good: generation stops with one
     RemoteUnreachable naming the URL after the bounded retries; the CLI prints it as one line (exit 2)."""

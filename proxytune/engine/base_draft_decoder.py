@@ -89,6 +89,9 @@ class BaseDraftDecoder(EagerDecoder):
         tokens each was fed: ``[last, d_1 .. d_{n-1}]`` in one forward, or in the first round the prefill's
         logits and ``[d_1 .. d_{n-1}]``."""
         dev, n = self.state.step.device, ids.shape[1]
+        # A draft outside the common vocabulary (a wider served one) is always rejected (target probability 0)
+        # and the positions after it are never read, but the small models cannot be fed it: id 0 stands in.
+        ids = ids.masked_fill(ids >= self.vocab_size, 0)
         if self.first is None:
             fed = torch.cat([self.tokens[:, None], ids[:, : n - 1]], dim=1)
             return [to_device(r.extend(fed), dev) for r in self.runners[1:]], n

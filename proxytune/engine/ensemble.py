@@ -145,6 +145,9 @@ class Ensemble:
         planned = [plan_adapter_pair(i, e, a, dtype=dtype, device=device)
                    for i, (e, a, adapter) in enumerate(zip(experts, anti_experts, adapters)) if adapter]  # fmt: skip
         check_not_shared(planned, named)
+        for _, spec in named:  # a member made by the caller (a served base) reaches its server before the models
+            if isinstance(spec, Member):
+                spec.connect()
         if isinstance(tokenizer, (str, os.PathLike)):  # before the models: a bad path fails at once
             tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         if progress and len(named) > 1:

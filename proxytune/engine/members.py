@@ -66,6 +66,10 @@ class Member:
             return None
         return self.template.token_ids(self.tokenizer or shared_tokenizer, self.name)
 
+    def connect(self) -> None:
+        """Called by :meth:`Ensemble.load <proxytune.engine.ensemble.Ensemble.load>` before the other members
+        load, for what can fail fast (a served base asks its server); nothing by default."""
+
     def join(self, tokenizer: Any, vocab_size: int, device: torch.device) -> None:
         """Called once by the ensemble with the shared tokenizer, the common vocabulary and the sampling
         device (a served base checks its server here); nothing by default."""

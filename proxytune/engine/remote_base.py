@@ -98,8 +98,9 @@ class RemoteModel(Member):
     device : where its rows land (default: the ensemble's sampling device, the first local member's)
     transport : an ``httpx`` transport (tests)
 
-    Nothing is contacted until the member joins an ensemble (:meth:`join`): then the model name, the position
-    limit and the tokenizer are checked against the server.
+    Nothing is contacted until :meth:`connect` (``Ensemble.load`` and the entry points call it before the
+    local models load: the model name, the position limit and the ``logprobs`` cap) or :meth:`join` (then the
+    tokenizer too is checked against the server).
     """
 
     tokenizer = None
@@ -148,8 +149,10 @@ class RemoteModel(Member):
         return self._limit
 
     def connect(self) -> None:
-        """Ask the server once for its models: the name checked (the list it serves, if not) and the position
-        limit read. Entry points call it before loading the local models, so a wrong URL fails in seconds."""
+        """Ask the server for its models (the name checked: the list it serves, if not; the position limit
+        read), then for one token with the top ``logprobs`` (a ``logprobs`` above the server's cap: the
+        server's refusal, naming ``logprobs``). Entry points call it before loading the local models, so a
+        wrong URL or ``logprobs`` fails in seconds."""
         if self._connected:
             return
         self.client.check_model()
@@ -158,6 +161,13 @@ class RemoteModel(Member):
         # Every request asks for at least one position past what it sends (max_tokens >= 1): the server takes
         # at most max_model_len - 1 fed positions, scoring's count (a local model's limit counts fed positions).
         self._limit = None if served is None else served - 1
+        try:
+            self.client.complete([0], 1, logprobs=self.k, temperature=0.0, extra={"ignore_eos": True})
+        except RemoteError as e:
+            if e.status is None or not 400 <= e.status < 500:
+                raise
+            raise RemoteError(f"logprobs={self.logprobs} (the top-k asked per position): {e}", url=e.url,
+                              status=e.status, server_message=e.server_message) from None  # fmt: skip
         self._connected = True
 
     def join(self, tokenizer: Any, vocab_size: int, device: torch.device) -> None:
@@ -178,10 +188,17 @@ class RemoteModel(Member):
         return RemoteRunner(self)
 
     def rows(self, tops: Sequence[dict], tail: Optional[str] = None) -> torch.Tensor:
-        """Dense fp32 rows ``[N, V]`` of ``N`` positions' top-k sets, on this member's device."""
+        """Dense fp32 rows ``[N, V]`` of ``N`` positions' top-k sets, on this member's device. A position
+        whose set has no token below ``V`` is a :class:`~proxytune.remote.client.RemoteError`."""
         if self.vocab_size is None:
             raise RuntimeError(f"{self.name}: the remote model must join an ensemble before it runs")
-        return dense_rows(tops, self.vocab_size, tail or self.tail, device=self.device)
+        out = dense_rows(tops, self.vocab_size, tail or self.tail)
+        empty = (~torch.isfinite(out).any(dim=1)).nonzero()
+        if len(empty):
+            raise RemoteError(f"{self.name}: {self.client.url} returned no token below {self.vocab_size} (the local "
+                              f"vocabulary) in the top {self.k} of a position: nothing can be drawn there",
+                              url=self.client.url)  # fmt: skip
+        return out if self.device is None else out.to(self.device)
 
     def next_rows(self, rows: Sequence[list[int]], count: int = 1) -> torch.Tensor:
         """``[B, count, V]``: the rows after each of the last ``count`` positions of each row of ids, one

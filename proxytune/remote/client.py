@@ -35,6 +35,8 @@ __all__ = ["RemoteError", "RemoteUnreachable", "Completion", "Scored", "Completi
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 MAX_BACKOFF_S, MAX_RETRY_AFTER_S = 8.0, 30.0
 VLLM_LOGPROB_FLOOR = -9999.0  # vLLM writes -inf log-probs as -9999.0 (JSON has no infinity): read back as -inf
+LOGPROB_ROUNDING = 1e-3  # a returned log-prob above 0 by at most this is rounding (clamped to 0); above it, an error
+MISSING_STATUSES = (404, 405, 422)  # an endpoint this server does not have (422: TGI's /tokenize takes another body)
 _TOKEN_ID_PREFIX = "token_id:"
 
 
@@ -53,6 +55,24 @@ def check_url(url: Any, name: str = "url") -> str:
     return url
 
 
+def _api_key(given: Optional[str]) -> Optional[str]:
+    """The key: ``given``, else ``PROXYTUNE_API_KEY``, else ``OPENAI_API_KEY`` (surrounding whitespace, such as
+    a file's newline, dropped); None when none is set. A key with other characters than printable ASCII is a
+    ``ValueError`` naming its source, never showing the key."""
+    for source, key in (("api_key", given), ("PROXYTUNE_API_KEY", os.environ.get("PROXYTUNE_API_KEY")),
+                        ("OPENAI_API_KEY", os.environ.get("OPENAI_API_KEY"))):  # fmt: skip
+        if key is None or (isinstance(key, str) and not key.strip()):
+            continue
+        if not isinstance(key, str):
+            raise ValueError(f"{source} must be a string, got {type(key).__name__}")
+        key = key.strip()
+        if not all(33 <= ord(c) <= 126 for c in key):
+            raise ValueError(f"{source}: an API key must be printable ASCII without spaces (the key given has "
+                             f"other characters; it is not shown)")  # fmt: skip
+        return key
+    return None
+
+
 class RemoteError(RuntimeError):
     """A served model failed or refused a request. ``url`` the endpoint, ``status`` the HTTP status (None
     when no response came), ``server_message`` the server's own words (None when it said nothing)."""
@@ -66,15 +86,16 @@ class RemoteUnreachable(RemoteError, ConnectionError):
     """No response at all: the server refused or dropped every connection, or timed out, through every retry."""
 
 
-def parse_token_key(key: Any, url: str = "") -> int:
-    """A top-k key as a token id: ``"token_id:N"`` (vLLM's ``return_tokens_as_token_ids``), or an int / a
-    decimal string (``prompt_logprobs`` keys). Anything else is a token *string*, which cannot be mapped to an
-    id safely (byte-level strings collide): a :class:`RemoteError`."""
-    if isinstance(key, int) and not isinstance(key, bool):
+def parse_token_key(key: Any, url: str = "", plain_ok: bool = False) -> int:
+    """A top-k key as a token id: ``"token_id:N"`` (vLLM's ``return_tokens_as_token_ids``), or, with
+    ``plain_ok`` (``prompt_logprobs`` keys, which are ids), an int or a decimal string. Anything else is a token
+    *string* (a completion's ``"7"`` may be the text "7"), which cannot be mapped to an id safely (byte-level
+    strings collide): a :class:`RemoteError`."""
+    if plain_ok and isinstance(key, int) and not isinstance(key, bool):
         return key
     if isinstance(key, str):
-        s = key[len(_TOKEN_ID_PREFIX):] if key.startswith(_TOKEN_ID_PREFIX) else key
-        if s.isdigit():
+        s = key[len(_TOKEN_ID_PREFIX):] if key.startswith(_TOKEN_ID_PREFIX) else key if plain_ok else ""
+        if s.isascii() and s.isdigit():
             return int(s)
     raise RemoteError(
         f"{url} returned the token {key!r} as a string, not an id: token strings collide for byte-level tokens, "
@@ -84,8 +105,34 @@ def parse_token_key(key: Any, url: str = "") -> int:
 
 
 def _logprob(x: Any) -> float:
+    """A returned log-prob: a number <= 0 (up to rounding, clamped), or vLLM's -9999 for -inf; ``ValueError``
+    for NaN, +inf or a clearly positive value (the caller names the server)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"a log-prob must be a number, got {x!r}")
     v = float(x)
-    return -math.inf if v <= VLLM_LOGPROB_FLOOR else v
+    if math.isnan(v) or v > LOGPROB_ROUNDING:
+        raise ValueError(f"a log-prob must be <= 0, got {x!r}")
+    return -math.inf if v <= VLLM_LOGPROB_FLOOR else min(v, 0.0)
+
+
+def _top_set(entries: Any, url: str, plain_ok: bool = False) -> dict[int, float]:
+    """One position's ``{token_id: logprob}`` from a server's mapping (``prompt_logprobs`` values may be
+    ``{"logprob": ...}`` records); two keys for one id are an error."""
+    top: dict[int, float] = {}
+    for key, v in entries.items():
+        tid = parse_token_key(key, url, plain_ok)
+        if tid in top:
+            raise ValueError(f"the token id {tid} is listed twice at one position")
+        top[tid] = _logprob(v["logprob"] if isinstance(v, dict) else v)
+    return top
+
+
+def _unexpected(url: str, data: Any, e: Exception) -> "RemoteError":
+    """A 2xx answer of the wrong shape: the server's own error text where the body carries one."""
+    said = _error_text(data)
+    if said is not None:
+        return RemoteError(f"{url}: the server answered with an error: {said}", url=url, server_message=said)
+    return RemoteError(f"{url}: unexpected answer ({type(e).__name__}: {e})", url=url)
 
 
 @dataclass
@@ -150,7 +197,7 @@ class CompletionsClient:
         self.url, self.model = base, model
         self.timeout, self.max_retries, self.backoff = float(timeout), int(max_retries), float(backoff)
         self.max_concurrency = int(max_concurrency)
-        self._key = api_key or os.environ.get("PROXYTUNE_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+        self._key = _api_key(api_key)
         self._sleep = sleep
         self.requests = 0  # completed HTTP exchanges (for tests and measurements)
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
@@ -185,7 +232,7 @@ class CompletionsClient:
         ``missing_ok``. Raises :class:`RemoteError` (no response at all: :class:`RemoteUnreachable`)."""
         httpx = self._httpx
         endpoint = self.url + path
-        last, status, server_msg = "", None, None
+        last, status, server_msg, answered = "", None, None, False
         for attempt in range(self.max_retries + 1):
             wait = min(MAX_BACKOFF_S, self.backoff * 2**attempt)
             try:
@@ -196,21 +243,26 @@ class CompletionsClient:
                 last, status = f"cannot connect ({self._scrub(str(e)) or type(e).__name__})", None
             except httpx.TransportError as e:  # dropped connection, protocol error, read/write error
                 last, status = f"the connection failed ({type(e).__name__}: {self._scrub(str(e))})", None
+            except httpx.DecodingError as e:  # an answer came, in an encoding it says it is not in
+                last, status, answered = f"the answer could not be decoded ({self._scrub(str(e))})", None, True
+            except httpx.RequestError as e:  # anything else httpx raises for a request (redirect loops, ...)
+                last, status, answered = f"the request failed ({type(e).__name__}: {self._scrub(str(e))})", None, True
             else:
+                answered = True
                 status = r.status_code
                 if status in RETRY_STATUSES:
-                    server_msg = _server_message(r)
-                    last = f"HTTP {status}" + (f": the server says: {self._scrub(server_msg)}" if server_msg else "")
+                    server_msg = self._scrub(_server_message(r))
+                    last = f"HTTP {status}" + (f": the server says: {server_msg}" if server_msg else "")
                     retry_after = r.headers.get("retry-after", "")
                     if retry_after.replace(".", "", 1).isdigit():
                         wait = min(MAX_RETRY_AFTER_S, float(retry_after))
-                elif status == 404 and missing_ok:
+                elif status in MISSING_STATUSES and missing_ok:
                     return None
                 elif status >= 400:
-                    server_msg = _server_message(r)
+                    server_msg = self._scrub(_server_message(r))
                     raise RemoteError(
                         f"{endpoint}: {what} was refused (HTTP {status})"
-                        + (f"; the server says: {self._scrub(server_msg)}" if server_msg else ""),
+                        + (f"; the server says: {server_msg}" if server_msg else ""),
                         url=endpoint, status=status, server_message=server_msg,
                     )  # fmt: skip
                 else:
@@ -224,7 +276,7 @@ class CompletionsClient:
             if attempt < self.max_retries:
                 self._sleep(wait)
         tries = f"{self.max_retries + 1} attempt{'s' if self.max_retries else ''}"
-        cls = RemoteUnreachable if status is None else RemoteError
+        cls = RemoteError if answered else RemoteUnreachable
         raise cls(f"{endpoint}: {what} failed after {tries}: {last}", url=endpoint, status=status,
                   server_message=server_msg)  # fmt: skip
 
@@ -269,13 +321,16 @@ class CompletionsClient:
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> Optional[list[int]]:
         """The server's token ids for ``text`` (vLLM's ``POST /tokenize``); None where the server has no such
-        endpoint (404)."""
+        endpoint (HTTP 404, 405, or 422 for this body)."""
         data = self._request("POST", "/tokenize", "tokenizing",
                              {"model": self._model(), "prompt": text, "add_special_tokens": add_special_tokens},
                              missing_ok=True)  # fmt: skip
         if data is None:
             return None
-        return [int(t) for t in data["tokens"]]
+        tokens = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise _unexpected(self.url + "/tokenize", data, ValueError("no list of token ids under 'tokens'"))
+        return tokens
 
     def _body(self, prompt_ids: Sequence[int], max_tokens: int, logprobs: Optional[int], temperature: float,
               seed: Optional[int], extra: Optional[dict]) -> dict:  # fmt: skip
@@ -320,25 +375,30 @@ class CompletionsClient:
             return [f.result() for f in futures]
 
     def _parse_completion(self, data: dict, k: Optional[int]) -> Completion:
+        """The first choice of a completion answer; a :class:`RemoteError` naming the endpoint for any answer
+        of another shape, a token not given as an id, a log-prob that is not one, or (``k`` asked) a position
+        without its top-k set."""
         endpoint = self.url + "/v1/completions"
         try:
             choice = data["choices"][0]
             lp = choice.get("logprobs") or {}
-            raw_tokens = lp.get("tokens") or []
-            tokens = [parse_token_key(t, endpoint) for t in raw_tokens]
+            tokens = [parse_token_key(t, endpoint) for t in lp.get("tokens") or []]
             logprobs = [_logprob(x) for x in (lp.get("token_logprobs") or [])]
             tops = []
             for tok, entries in zip(tokens, lp.get("top_logprobs") or [None] * len(tokens)):
-                top = {parse_token_key(key, endpoint): _logprob(v) for key, v in (entries or {}).items()}
-                tops.append(_strip_extra(top, tok, k) if k else {})  # k = 0: the server lists only the token
+                if k and not entries:
+                    raise RemoteError(f"{endpoint}: asked for the top {k} log-probs of each token, the server "
+                                      "returned none (does it support logprobs?)", url=endpoint)  # fmt: skip
+                tops.append(_strip_extra(_top_set(entries, endpoint), tok, k) if k else {})  # k = 0: the token only
+            finish = choice.get("finish_reason")
         except RemoteError:
             raise
-        except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise RemoteError(f"{endpoint}: unexpected completion answer ({e!r})", url=endpoint) from e
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise _unexpected(endpoint, data, e) from None
         if len(logprobs) != len(tokens) or len(tops) != len(tokens):
             raise RemoteError(f"{endpoint}: the answer has {len(tokens)} tokens but {len(logprobs)} log-probs and "
                               f"{len(tops)} top-k lists", url=endpoint)  # fmt: skip
-        return Completion(tokens=tokens, logprobs=logprobs, top=tops, finish_reason=choice.get("finish_reason"))
+        return Completion(tokens=tokens, logprobs=logprobs, top=tops, finish_reason=finish)
 
     def next_tops(self, ids: Sequence[int], count: int, *, logprobs: int = 20) -> list[dict[int, float]]:
         """The top-``logprobs`` sets (``-1``: the whole vocabulary) of the next-token distributions after each
@@ -353,7 +413,11 @@ class CompletionsClient:
             extra["prompt_logprobs"] = int(logprobs)
         body = self._body(list(ids), 1, logprobs, 0.0, None, extra)
         data = self._request("POST", "/v1/completions", "a completion with prompt log-probs", body)
-        last = self._parse_completion(data, logprobs).top[0]
+        done = self._parse_completion(data, logprobs)
+        if not done.tokens:
+            raise RemoteError(f"{self.url}/v1/completions: asked for one token, the server returned none",
+                              url=self.url + "/v1/completions")  # fmt: skip
+        last = done.top[0]
         if count == 1:
             return [last]
         given = list(ids)[len(ids) - count + 1 :]
@@ -365,16 +429,20 @@ class CompletionsClient:
         endpoint = self.url + "/v1/completions"
         try:
             plp = data["choices"][0].get("prompt_logprobs")
-        except (KeyError, IndexError, TypeError) as e:
-            raise RemoteError(f"{endpoint}: unexpected answer ({e!r})", url=endpoint) from e
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            raise _unexpected(endpoint, data, e) from None
         if not isinstance(plp, list) or len(plp) != n_ids:
             raise RemoteError(f"{endpoint}: the server gave no prompt_logprobs for {n_ids} prompt tokens, so it "
                               "cannot score given tokens (vLLM can)", url=endpoint)  # fmt: skip
         out = []
         for pos, tok in zip(range(first, n_ids), given):
-            top = {}
-            for key, v in (plp[pos] or {}).items():
-                top[parse_token_key(key, endpoint)] = _logprob(v["logprob"] if isinstance(v, dict) else v)
+            try:
+                top = _top_set(plp[pos], endpoint, plain_ok=True)
+            except RemoteError:
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise RemoteError(f"{endpoint}: unexpected prompt_logprobs at position {pos} "
+                                  f"({type(e).__name__}: {e})", url=endpoint) from None  # fmt: skip
             if tok not in top:
                 raise RemoteError(f"{endpoint}: position {pos} lacks the given token {tok}", url=endpoint)
             out.append((top[tok], _strip_extra(top, tok, k)))
@@ -420,21 +488,28 @@ def check_same_tokenizer(client: CompletionsClient, tokenizer, texts: Sequence[s
     return True
 
 
+def _error_text(data: Any) -> Optional[str]:
+    """The error text of a JSON body: OpenAI's ``{"error": {"message": ...}}`` or ``{"error": "..."}``, vLLM's
+    older ``{"message": ...}``, FastAPI's ``{"detail": ...}``; None for a body without one."""
+    if not isinstance(data, dict):
+        return None
+    err = data.get("error")
+    if isinstance(err, dict) and err.get("message"):
+        return str(err["message"])
+    if isinstance(err, str) and err:
+        return err
+    for key in ("message", "detail"):
+        if data.get(key):
+            return str(data[key])
+    return None
+
+
 def _server_message(r) -> Optional[str]:
-    """The error text of a response: OpenAI's ``{"error": {"message": ...}}``, vLLM's older
-    ``{"message": ...}``, FastAPI's ``{"detail": ...}``, else the start of the body."""
+    """The error text of a response (:func:`_error_text`), else the start of its body."""
     try:
         data = r.json()
     except Exception:
         text = (r.text or "").strip()
         return text[:500] or None
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-        for key in ("message", "detail"):
-            if data.get(key):
-                return str(data[key])
-    return json.dumps(data)[:500]
+    said = _error_text(data)
+    return said if said is not None else json.dumps(data)[:500]
