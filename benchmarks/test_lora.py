@@ -140,7 +140,8 @@ class LoraTable:
         if saving(config):
             rows = [asdict(r) for r in self.steps] + [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in self.e2e]
             paths = write_results("lora", device_name("cpu"), {"dtype": "float32", "peft": peft.__version__,
-                                                               "load_average_start": self.load_start},
+                                                               "load_average_start": self.load_start,
+                                                               "threads": THREADS},  # the runs' (the fixture's)
                                   rows, lines=lines)  # fmt: skip
             terminalreporter.write_line(f"saved {', '.join(map(str, paths))}")
 
