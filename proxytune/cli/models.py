@@ -213,12 +213,11 @@ def load_tuner(args: argparse.Namespace, experts, antis, weights, progress: bool
         hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     small_device = args.expert_device or args.device
     base = ModelSpec(args.base, device=args.base_device or args.device)
-    if getattr(args, "base_url", None) is not None:  # a served base: asked for its models before anything loads
+    if getattr(args, "base_url", None) is not None:  # a served base: Ensemble.load asks its server before loading
         from proxytune.engine.remote_base import RemoteModel
 
         base = RemoteModel(args.base_url, args.base_model, logprobs=args.base_logprobs or 20,
                            tail=args.base_tail or "drop", block=args.base_block)  # fmt: skip
-        base.connect()
     return ProxyTuner(
         base,
         [ModelSpec(e, device=small_device, template=args.expert_template) if isinstance(e, str)  # an adapter:

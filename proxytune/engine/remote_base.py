@@ -98,8 +98,7 @@ class RemoteModel(Member):
     device : where its rows land (default: the ensemble's sampling device, the first local member's)
     transport : an ``httpx`` transport (tests)
 
-    Nothing is contacted until :meth:`connect` (``Ensemble.load`` and the entry points call it before the
-    local models load: the model name, the position limit and the ``logprobs`` cap) or :meth:`join` (then the
+    Nothing is contacted until :meth:`connect` (``Ensemble.load`` calls it before the local models load: the model name, the position limit and the ``logprobs`` cap) or :meth:`join` (then the
     tokenizer too is checked against the server).
     """
 
@@ -151,8 +150,8 @@ class RemoteModel(Member):
     def connect(self) -> None:
         """Ask the server for its models (the name checked: the list it serves, if not; the position limit
         read), then for one token with the top ``logprobs`` (a ``logprobs`` above the server's cap: the
-        server's refusal, naming ``logprobs``). Entry points call it before loading the local models, so a
-        wrong URL or ``logprobs`` fails in seconds."""
+        server's refusal, naming ``logprobs``). ``Ensemble.load`` calls it before loading the local models, so
+        a wrong URL or ``logprobs`` fails in seconds."""
         if self._connected:
             return
         self.client.check_model()
@@ -193,8 +192,7 @@ class RemoteModel(Member):
         if self.vocab_size is None:
             raise RuntimeError(f"{self.name}: the remote model must join an ensemble before it runs")
         out = dense_rows(tops, self.vocab_size, tail or self.tail)
-        empty = (~torch.isfinite(out).any(dim=1)).nonzero()
-        if len(empty):
+        if not torch.isfinite(out).any(dim=1).all():
             raise RemoteError(f"{self.name}: {self.client.url} returned no token below {self.vocab_size} (the local "
                               f"vocabulary) in the top {self.k} of a position: nothing can be drawn there",
                               url=self.client.url)  # fmt: skip

@@ -201,8 +201,8 @@ class ProxyTuneLM(LM):
 
     @staticmethod
     def _served_base(base, base_url, base_model, base_logprobs, base_tail, base_block):
-        """``base``, or the served base of ``base_url=`` (its options by the engine's rules, the server asked for
-        its models before anything loads); the ``base_*`` options only with ``base_url=``."""
+        """``base``, or the served base of ``base_url=`` (its options by the engine's rules; ``Ensemble.load``
+        asks its server before the local models load); the ``base_*`` options only with ``base_url=``."""
         given = [k for k, v in (("base_model", base_model), ("base_logprobs", base_logprobs), ("base_tail", base_tail),
                                 ("base_block", base_block)) if v is not None]  # fmt: skip
         if base_url is None:
@@ -218,9 +218,7 @@ class ProxyTuneLM(LM):
         logprobs = check_logprobs(20 if base_logprobs is None else base_logprobs, "base_logprobs")
         tail = check_tail_choice(base_tail or "drop", "base_tail")
         block = check_block(base_block, "all" if logprobs == "all" else tail, "base_block", "base_tail")
-        member = RemoteModel(str(base_url), base_model, logprobs=logprobs, tail=tail, block=block)
-        member.connect()
-        return member
+        return RemoteModel(str(base_url), base_model, logprobs=logprobs, tail=tail, block=block)
 
     @staticmethod
     def _build(base, expert, anti_expert, expert_adapter, weights, dtype, device, tokenizer, expert_template, backend,
